@@ -1,0 +1,129 @@
+"""The memory ledger: what the plan predicted, what loading measured, and what the device holds right now.
+
+Plain dataclasses, no prometheus_client and no torch: `server.metrics` turns a `MemoryLedger` into gauges at
+scrape time. `make_ledger_fn` binds the start-up facts (plan, load report) to a function that reads the
+device's memory afresh on every call, through `quant.budget.read_device_memory`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Labels of `fitserve_model_info`: what is being served and how."""
+
+    model: str
+    precision: str
+    quant_method: str  # "none", "bitsandbytes", ...
+    dtype: str  # compute dtype, e.g. "bfloat16"
+    device: str  # "cuda:0", "cpu", ...
+
+
+@dataclass(frozen=True)
+class MemoryLedger:
+    """One reading of the memory accounts of a device, in bytes.
+
+    `torch_*` fields are None where torch keeps no allocator statistics (CPU); they are then exported as
+    absent series, never as zero.
+    """
+
+    device: str
+    budget_bytes: int
+    total_bytes: int
+    used_bytes: int  # CUDA: used per NVML / mem_get_info; CPU: this process's RSS
+    weights_bytes: int  # measured after loading
+    predicted_weights_bytes: int
+    predicted_kv_cache_bytes: int
+    predicted_overhead_bytes: int
+    torch_allocated_bytes: int | None = None
+    torch_reserved_bytes: int | None = None
+    torch_peak_bytes: int | None = None
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Budget left: `budget - used` (negative when the process is over budget)."""
+        return self.budget_bytes - self.used_bytes
+
+    @property
+    def predicted_total_bytes(self) -> int:
+        """Everything the plan expected to need: weights + KV cache + overhead."""
+        return self.predicted_weights_bytes + self.predicted_kv_cache_bytes + self.predicted_overhead_bytes
+
+    @property
+    def weights_prediction_error_bytes(self) -> int:
+        """Measured minus predicted weight bytes (positive: the plan under-estimated)."""
+        return self.weights_bytes - self.predicted_weights_bytes
+
+
+class DeviceMemoryLike(Protocol):
+    """The fields of `quant.budget.DeviceMemory` the ledger reads."""
+
+    total_bytes: int
+    used_bytes: int
+    torch_allocated_bytes: int | None
+    torch_reserved_bytes: int | None
+    torch_peak_bytes: int | None
+
+
+class PlanLike(Protocol):
+    """The fields of `quant.plan.Plan` the ledger reads."""
+
+    budget_bytes: int
+    weights_bytes: int
+    kv_bytes_per_token: int
+    kv_capacity_tokens: int
+    overhead_bytes: int
+
+
+class LoadReportLike(Protocol):
+    """The fields of `quant.load.LoadReport` the ledger reads."""
+
+    measured_weights_bytes: int
+
+
+def build_ledger(device: str, plan: PlanLike, load_report: LoadReportLike, memory: DeviceMemoryLike) -> MemoryLedger:
+    """Combine the plan, the load report and one device-memory reading into a ledger."""
+    return MemoryLedger(
+        device=device,
+        budget_bytes=int(plan.budget_bytes),
+        total_bytes=int(memory.total_bytes),
+        used_bytes=int(memory.used_bytes),
+        weights_bytes=int(load_report.measured_weights_bytes),
+        predicted_weights_bytes=int(plan.weights_bytes),
+        predicted_kv_cache_bytes=int(plan.kv_bytes_per_token) * int(plan.kv_capacity_tokens),
+        predicted_overhead_bytes=int(plan.overhead_bytes),
+        torch_allocated_bytes=_optional_int(memory.torch_allocated_bytes),
+        torch_reserved_bytes=_optional_int(memory.torch_reserved_bytes),
+        torch_peak_bytes=_optional_int(memory.torch_peak_bytes),
+    )
+
+
+def make_ledger_fn(
+    plan: PlanLike,
+    load_report: LoadReportLike,
+    device: str,
+    *,
+    read_memory: Callable[[str], DeviceMemoryLike] | None = None,
+) -> Callable[[], MemoryLedger]:
+    """A function that returns a fresh `MemoryLedger` each call (the metrics collector calls it per scrape).
+
+    `read_memory` defaults to `quant.budget.read_device_memory`; tests pass a fake.
+    """
+    if read_memory is None:
+        from quant.budget import read_device_memory
+
+        read_memory = read_device_memory
+    reader = read_memory
+
+    def ledger() -> MemoryLedger:
+        return build_ledger(device, plan, load_report, reader(device))
+
+    return ledger
+
+
+def _optional_int(value: int | None) -> int | None:
+    return None if value is None else int(value)
