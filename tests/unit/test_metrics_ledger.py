@@ -1,0 +1,73 @@
+"""MemoryLedger arithmetic and make_ledger_fn reading device memory at call time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.ledger import MemoryLedger, build_ledger, make_ledger_fn
+
+MiB = 2**20
+
+
+@dataclass
+class FakePlan:
+    budget_bytes: int = 4096 * MiB
+    weights_bytes: int = 260 * MiB
+    kv_bytes_per_token: int = 92_160
+    kv_capacity_tokens: int = 8192
+    overhead_bytes: int = 300 * MiB
+
+
+@dataclass
+class FakeLoadReport:
+    measured_weights_bytes: int = 257 * MiB
+    predicted_weights_bytes: int = 260 * MiB
+
+
+@dataclass
+class FakeMemory:
+    total_bytes: int
+    used_bytes: int
+    torch_allocated_bytes: int | None = None
+    torch_reserved_bytes: int | None = None
+    torch_peak_bytes: int | None = None
+
+
+def test_ledger_arithmetic() -> None:
+    ledger = build_ledger("cpu", FakePlan(), FakeLoadReport(), FakeMemory(total_bytes=24 * 1024 * MiB, used_bytes=900 * MiB))
+    assert ledger.device == "cpu"
+    assert ledger.budget_bytes == 4096 * MiB
+    assert ledger.headroom_bytes == (4096 - 900) * MiB
+    assert ledger.weights_bytes == 257 * MiB
+    assert ledger.predicted_weights_bytes == 260 * MiB
+    assert ledger.predicted_kv_cache_bytes == 92_160 * 8192
+    assert ledger.predicted_overhead_bytes == 300 * MiB
+    assert ledger.predicted_total_bytes == 560 * MiB + 92_160 * 8192
+    assert ledger.weights_prediction_error_bytes == -3 * MiB
+    assert ledger.torch_allocated_bytes is None and ledger.torch_peak_bytes is None
+
+
+def test_headroom_goes_negative_over_budget() -> None:
+    ledger = MemoryLedger("cpu", 100, 1000, 150, 10, 10, 10, 10)
+    assert ledger.headroom_bytes == -50
+
+
+def test_make_ledger_fn_reads_memory_for_its_device_on_every_call() -> None:
+    readings = [FakeMemory(80 * 1024 * MiB, 1024 * MiB, 700 * MiB, 800 * MiB, 750 * MiB),
+                FakeMemory(80 * 1024 * MiB, 2048 * MiB, 1700 * MiB, 1800 * MiB, 1750 * MiB)]  # fmt: skip
+    asked: list[str] = []
+
+    def read_memory(device: str) -> FakeMemory:
+        asked.append(device)
+        return readings[len(asked) - 1]
+
+    ledger_fn = make_ledger_fn(FakePlan(), FakeLoadReport(), "cuda:0", read_memory=read_memory)
+    assert asked == []  # nothing is read until a scrape asks
+    first, second = ledger_fn(), ledger_fn()
+    assert asked == ["cuda:0", "cuda:0"]
+    assert first.used_bytes == 1024 * MiB and second.used_bytes == 2048 * MiB
+    assert first.headroom_bytes - second.headroom_bytes == 1024 * MiB
+    assert second.torch_allocated_bytes == 1700 * MiB
+    assert second.torch_reserved_bytes == 1800 * MiB
+    assert second.torch_peak_bytes == 1750 * MiB
+    assert first.weights_bytes == second.weights_bytes == 257 * MiB
