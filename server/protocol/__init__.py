@@ -1,0 +1,1 @@
+"""OpenAI-compatible request/response schemas, one module per endpoint family (no torch, no engine)."""

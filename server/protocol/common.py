@@ -1,0 +1,131 @@
+"""Schema pieces shared by the completion and chat endpoints: sampling fields, usage, stream options."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from server.engine.types import FinishReason, SamplingParams
+
+MAX_N = 16
+MAX_STOP_SEQUENCES = 16
+MAX_LOGPROBS = 20
+
+FinishReasonName = Literal["stop", "length"]
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: only `include_usage` is meaningful."""
+
+    include_usage: bool = False
+
+
+class Usage(BaseModel):
+    """Token accounting of a response."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        """Usage with the total filled in."""
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class SamplingRequest(BaseModel):
+    """Fields every generation request shares; unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 disables")
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(None, description="vLLM extension")
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(False, description="vLLM extension")
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        """At most MAX_STOP_SEQUENCES non-empty stop strings."""
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {len(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> SamplingRequest:
+        """OpenAI rejects stream_options on non-streaming requests."""
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        """The stop strings as a tuple, empty strings dropped."""
+        if self.stop is None:
+            return ()
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return tuple(s for s in stops if s)
+
+    def requested_max_tokens(self) -> int | None:
+        """The client's completion-length cap (chat also accepts `max_completion_tokens`)."""
+        return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        """Top-k logprobs to ask the engine for; None when not requested."""
+        return None
+
+    def to_params(self, default_max_tokens: int, seed_offset: int = 0) -> SamplingParams:
+        """Engine parameters for one choice; `seed_offset` makes the n choices of a seeded request differ."""
+        requested = self.requested_max_tokens()
+        return SamplingParams(
+            max_tokens=requested if requested is not None else max(1, default_max_tokens),
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k if self.top_k is not None and self.top_k > 0 else None,
+            seed=None if self.seed is None else self.seed + seed_offset,
+            stop=self.stop_sequences(),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logprobs=self.requested_logprobs(),
+        )
+
+
+def finish_reason_name(reason: FinishReason | None) -> FinishReasonName | None:
+    """OpenAI's finish_reason for an engine finish reason (abort/error never reach a successful response)."""
+    if reason is None:
+        return None
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+def new_id(prefix: str) -> str:
+    """A response id such as `cmpl-3f2a...`."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    """Unix time in whole seconds, for `created`."""
+    return int(time.time())

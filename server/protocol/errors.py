@@ -1,0 +1,102 @@
+"""OpenAI-shaped errors: the schema every non-2xx body follows, and the exception that carries one.
+
+Every error the server returns is `{"error": {"message", "type", "param", "code"}}`; handlers in
+`server.app` turn `APIError` (and framework/engine errors) into that body.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel
+
+from server.engine.types import EngineError, PromptTooLongError, QueueFullError
+
+
+class ErrorType(str, enum.Enum):
+    """OpenAI's `error.type` values used by this server."""
+
+    INVALID_REQUEST = "invalid_request_error"
+    AUTHENTICATION = "authentication_error"
+    NOT_FOUND = "not_found_error"
+    RATE_LIMIT = "rate_limit_error"
+    SERVER = "server_error"
+    SERVICE_UNAVAILABLE = "service_unavailable_error"
+
+
+class ErrorDetail(BaseModel):
+    """The inner object of an error body."""
+
+    message: str
+    type: ErrorType
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+_TYPE_BY_STATUS: dict[int, ErrorType] = {
+    400: ErrorType.INVALID_REQUEST,
+    401: ErrorType.AUTHENTICATION,
+    404: ErrorType.INVALID_REQUEST,  # OpenAI reports unknown models as invalid_request_error
+    405: ErrorType.INVALID_REQUEST,
+    413: ErrorType.INVALID_REQUEST,
+    429: ErrorType.RATE_LIMIT,
+    503: ErrorType.SERVICE_UNAVAILABLE,
+}
+
+
+def error_type_for(status_code: int) -> ErrorType:
+    """The conventional error type for an HTTP status."""
+    if status_code in _TYPE_BY_STATUS:
+        return _TYPE_BY_STATUS[status_code]
+    return ErrorType.SERVER if status_code >= 500 else ErrorType.INVALID_REQUEST
+
+
+class APIError(Exception):
+    """An error to report to the client with a given HTTP status and OpenAI body."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        error_type: ErrorType | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.code = code
+        self.param = param
+        self.error_type = error_type or error_type_for(status_code)
+        self.headers = headers or {}
+
+    def to_response(self) -> ErrorResponse:
+        """The OpenAI error body."""
+        return ErrorResponse(
+            error=ErrorDetail(message=self.message, type=self.error_type, param=self.param, code=self.code)
+        )
+
+    @classmethod
+    def invalid(cls, message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+        """A 400 for a bad parameter value."""
+        return cls(400, message, code=code, param=param)
+
+    @classmethod
+    def from_engine(cls, error: EngineError, prompt_param: str | None = None) -> APIError:
+        """Map an engine error to its HTTP status, code and headers (Retry-After on 429).
+
+        `prompt_param` names the request field blamed for a too-long prompt ("prompt" or "messages").
+        """
+        headers: dict[str, str] = {}
+        if isinstance(error, QueueFullError):
+            headers["Retry-After"] = str(max(1, int(error.retry_after_s)))
+        param = prompt_param if isinstance(error, PromptTooLongError) else None
+        return cls(error.http_status, str(error) or error.code, code=error.code, param=param, headers=headers)

@@ -1,0 +1,23 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from server.engine.types import EngineClient
+from server.protocol.completions import CompletionRequest, CompletionResponse
+from server.routes.deps import get_engine
+from server.serving.completions import CompletionServing
+
+router = APIRouter(tags=["completions"])
+
+
+@router.post("/v1/completions", response_model=CompletionResponse)
+async def create_completion(
+    body: CompletionRequest, request: Request, engine: Annotated[EngineClient, Depends(get_engine)]
+) -> Response:
+    """OpenAI legacy completions (JSON, or SSE when `stream` is true)."""
+    return await CompletionServing(engine).create(body, request)

@@ -1,0 +1,28 @@
+"""POST /tokenize and POST /detokenize."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from server.engine.types import EngineClient
+from server.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.routes.deps import get_engine
+from server.serving.tokenize import TokenizeServing
+
+router = APIRouter(tags=["tokenize"])
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, engine: Annotated[EngineClient, Depends(get_engine)]) -> TokenizeResponse:
+    """Text or chat messages to token ids."""
+    return TokenizeServing(engine).tokenize(body)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(
+    body: DetokenizeRequest, engine: Annotated[EngineClient, Depends(get_engine)]
+) -> DetokenizeResponse:
+    """Token ids to text."""
+    return TokenizeServing(engine).detokenize(body)

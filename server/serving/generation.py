@@ -1,0 +1,148 @@
+"""Run the n engine requests behind one HTTP request and merge their outputs.
+
+`ChoiceGeneration` starts one engine request per choice, waits until every choice has either produced its
+first output or been refused (so admission errors such as 429 become real HTTP statuses, even for streaming),
+then yields `(choice_index, RequestOutput)` in arrival order. Closing it cancels the pumps, which stops
+iterating the engine generators, and aborts every request id explicitly as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from server.engine.types import EngineClient, EngineError, FinishReason, RequestOutput, SamplingParams
+from server.protocol.errors import APIError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """One engine request: the prompt and parameters of one choice."""
+
+    index: int
+    prompt_token_ids: Sequence[int]
+    params: SamplingParams
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Done:
+    """Pump marker: the engine generator ended."""
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """Pump marker: the engine generator raised."""
+
+    error: BaseException
+
+
+_Item = RequestOutput | _Done | _Failed
+
+
+class ChoiceGeneration:
+    """The merged output stream of several engine requests."""
+
+    def __init__(self, engine: EngineClient, choices: Sequence[ChoiceRequest], prompt_param: str) -> None:
+        self._engine = engine
+        self._choices = list(choices)
+        self._prompt_param = prompt_param
+        self._queue: asyncio.Queue[tuple[int, _Item]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._buffer: list[tuple[int, _Item]] = []
+        self._finished: set[int] = set()
+        self._closed = False
+        self._abort_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Submit every choice; raise `APIError` (after aborting the rest) if any is refused."""
+        self._tasks = [asyncio.create_task(self._pump(choice)) for choice in self._choices]
+        started: set[int] = set()
+        try:
+            while len(started) < len(self._choices):
+                index, item = await self._queue.get()
+                if isinstance(item, _Failed):
+                    raise self._to_api_error(item.error)
+                started.add(index)
+                self._buffer.append((index, item))
+        except BaseException:
+            self.close()
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Yield outputs until every choice finished; raise `APIError` if one fails midway."""
+        while len(self._finished) < len(self._choices):
+            if self._buffer:
+                index, item = self._buffer.pop(0)
+            else:
+                index, item = await self._queue.get()
+            if isinstance(item, _Failed):
+                raise self._to_api_error(item.error)
+            if isinstance(item, _Done):
+                if index not in self._finished:  # generator ended without a finished output
+                    raise APIError(500, "the engine ended a request without finishing it", code="internal_error")
+                continue
+            if item.finished:
+                self._finished.add(index)
+                _raise_for_failed_finish(item.finish_reason)
+            yield index, item
+
+    def close(self) -> None:
+        """Stop every engine request that has not finished (idempotent, never awaits)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        unfinished = [c.request_id for c in self._choices if c.index not in self._finished]
+        if unfinished:
+            # Cancelling a pump already closes its engine generator (which aborts the request); the
+            # explicit abort also covers engines that only clean up on abort(). It runs detached because
+            # close() is called from cancelled tasks, where awaiting is not possible.
+            self._abort_task = asyncio.ensure_future(self._abort_all(unfinished))
+
+    async def _pump(self, choice: ChoiceRequest) -> None:
+        generator = self._engine.generate(choice.prompt_token_ids, choice.params, choice.request_id)
+        try:
+            async for output in generator:
+                await self._queue.put((choice.index, output))
+            await self._queue.put((choice.index, _Done()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - forwarded to the consumer, which maps it
+            await self._queue.put((choice.index, _Failed(error)))
+        finally:
+            aclose = getattr(generator, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except (Exception, asyncio.CancelledError):  # noqa: BLE001 - best effort while cancelling
+                    pass
+
+    async def _abort_all(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            try:
+                await self._engine.abort(request_id)
+            except Exception:  # noqa: BLE001 - abort is best effort
+                logger.exception("aborting request %s failed", request_id)
+
+    def _to_api_error(self, error: BaseException) -> APIError:
+        if isinstance(error, APIError):
+            return error
+        if isinstance(error, EngineError):
+            return APIError.from_engine(error, prompt_param=self._prompt_param)
+        logger.error("engine request failed", exc_info=error)
+        return APIError(500, "internal error while generating", code="internal_error")
+
+
+def _raise_for_failed_finish(reason: FinishReason | None) -> None:
+    """A request that finished by abort or error has no valid answer."""
+    if reason is FinishReason.ABORT:
+        raise APIError(503, "the request was aborted (server shutting down)", code="request_aborted")
+    if reason is FinishReason.ERROR:
+        raise APIError(503, "the engine failed while generating this request", code="generation_failed")
+

@@ -1,0 +1,35 @@
+"""`/tokenize` and `/detokenize` against the served model's tokenizer."""
+
+from __future__ import annotations
+
+from server.engine.types import EngineClient
+from server.protocol.errors import APIError
+from server.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.serving.common import check_model, check_token_ids, render_chat, tokenize_text
+
+
+class TokenizeServing:
+    """Tokenizer endpoints; they never touch the engine loop."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self._engine = engine
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """Text (or chat messages through the template) to token ids."""
+        check_model(self._engine, request.model)
+        if request.messages is not None:
+            messages = [message.to_template() for message in request.messages]
+            tokens = render_chat(self._engine, messages, add_generation_prompt=request.add_generation_prompt)
+        else:
+            tokens = tokenize_text(self._engine, request.prompt or "", add_special_tokens=request.add_special_tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=self._engine.max_model_len, tokens=tokens)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """Token ids to text."""
+        check_model(self._engine, request.model)
+        check_token_ids(self._engine, request.tokens, param="tokens")
+        try:
+            text = self._engine.detokenize(request.tokens)
+        except Exception as error:  # noqa: BLE001 - tokenizer errors carry no stable type
+            raise APIError.invalid(f"could not detokenize: {error}", param="tokens") from error
+        return DetokenizeResponse(prompt=text)
