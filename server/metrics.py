@@ -347,8 +347,9 @@ class ServerMetrics:
     def record_request(self, stats: RequestStats) -> None:
         """Count one finished, rejected, aborted or failed request and observe its latencies. Never raises."""
         try:
-            self._requests.labels(status=stats.status).inc()
-            if stats.status != RequestStatus.REJECTED.value:  # a rejected prompt was never processed
+            status = str(getattr(stats.status, "value", stats.status))  # a str or a str-valued enum
+            self._requests.labels(status=status).inc()
+            if status != RequestStatus.REJECTED.value:  # a rejected prompt was never processed
                 self._prompt_tokens.inc(stats.prompt_tokens)
             self._generation_tokens.inc(stats.generation_tokens)
             if stats.queue_s is not None:

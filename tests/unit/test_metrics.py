@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.engine.types import EngineSnapshot, RequestStats, StepStats
 from server.ledger import MemoryLedger, ModelInfo
-from server.metrics import METRICS, TTFT_BUCKETS_S, MetricKind, ServerMetrics, exposed_sample_names
+from server.metrics import METRICS, TTFT_BUCKETS_S, MetricKind, RequestStatus, ServerMetrics, exposed_sample_names
 
 # The issue's metric list is the contract: these exact names must be exported.
 ISSUE_METRICS = (
@@ -238,13 +238,15 @@ def test_request_counters_by_status_and_tokens() -> None:
     metrics.record_request(RequestStats("ok", 7, 2, 0.0, 0.1, 0.5))
     metrics.record_request(RequestStats("aborted", 5, 1, 0.0, 0.1, 0.2))
     metrics.record_request(RequestStats("rejected", 5000, 0, None, None, None))
+    metrics.record_request(RequestStats(RequestStatus.LENGTH, 3, 2, 0.0, 0.1, 0.3))  # type: ignore[arg-type]
     families = scrape(metrics)
     assert sample_value(families, "fitserve_requests_total", status="ok") == 2
     assert sample_value(families, "fitserve_requests_total", status="aborted") == 1
     assert sample_value(families, "fitserve_requests_total", status="rejected") == 1
+    assert sample_value(families, "fitserve_requests_total", status="length") == 1  # enum value, not its repr
     assert sample_value(families, "fitserve_requests_total", status="error") == 0
-    assert sample_value(families, "fitserve_prompt_tokens_total") == 22  # the rejected prompt was never run
-    assert sample_value(families, "fitserve_generation_tokens_total") == 7
+    assert sample_value(families, "fitserve_prompt_tokens_total") == 25  # the rejected prompt was never run
+    assert sample_value(families, "fitserve_generation_tokens_total") == 9
 
 
 def test_batch_size_histogram_from_steps() -> None:

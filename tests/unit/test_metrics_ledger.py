@@ -71,3 +71,16 @@ def test_make_ledger_fn_reads_memory_for_its_device_on_every_call() -> None:
     assert second.torch_reserved_bytes == 1800 * MiB
     assert second.torch_peak_bytes == 1750 * MiB
     assert first.weights_bytes == second.weights_bytes == 257 * MiB
+
+
+def test_default_reader_on_cpu_reports_rss_and_no_torch_stats() -> None:
+    import psutil
+
+    ledger = make_ledger_fn(FakePlan(), FakeLoadReport(), "cpu")()
+    assert ledger.total_bytes == psutil.virtual_memory().total
+    rss = psutil.Process().memory_info().rss
+    assert 0.5 * rss < ledger.used_bytes < 2 * rss
+    assert ledger.torch_allocated_bytes is None
+    assert ledger.torch_reserved_bytes is None
+    assert ledger.torch_peak_bytes is None
+    assert ledger.headroom_bytes == FakePlan().budget_bytes - ledger.used_bytes
