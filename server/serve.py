@@ -1,0 +1,196 @@
+"""`fitserve serve` wiring: settings -> plan -> load -> Engine -> ServerMetrics -> app -> uvicorn.
+
+The only module of `server/` that imports `quant` and `server.engine.engine`, lazily, at start-up. Planning and
+loading run before uvicorn starts, so a model that does not fit (or does not exist) ends the command with a
+clear message and exit status 2 instead of a traceback. The engine itself starts inside the app's lifespan
+(it needs the running event loop) and stops there on shutdown. SIGTERM/SIGINT: the app stops admitting work
+(503, /ready 503), uvicorn waits up to `shutdown_timeout_s` for running requests, then the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from server.app import BuiltEngine, create_app
+from server.routes.deps import ServerState
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_RUNTIME_ERROR = 1
+EXIT_CANNOT_LOAD = 2
+
+
+@dataclass
+class LoadedServing:
+    """What planning and loading produced, ready to become an engine."""
+
+    model_dir: Path
+    served_model_name: str
+    plan: Any  # quant.plan.Plan
+    loaded: Any  # quant.load.LoadedModel
+
+
+class StartupError(Exception):
+    """The model cannot be planned or loaded; the message says why."""
+
+
+def plan_and_load(settings: Settings) -> LoadedServing:
+    """Resolve the model, plan its precision within the budget, and load it (blocking)."""
+    from quant.budget import parse_size
+    from quant.load import load_model
+    from quant.model_store import ModelNotFoundError, resolve_model
+    from quant.plan import NothingFitsError, PlanRequest, make_plan
+
+    try:
+        model_dir = resolve_model(settings.model)
+        budget_bytes = parse_size(settings.memory_budget) if settings.memory_budget else None
+        plan = make_plan(
+            PlanRequest(
+                model=model_dir,
+                memory_budget_bytes=budget_bytes,
+                max_model_len=settings.max_model_len,
+                min_concurrency=settings.min_concurrency,
+                precision=settings.precision,
+                force=settings.force,
+            )
+        )
+    except (ModelNotFoundError, NothingFitsError, ValueError) as error:
+        raise StartupError(str(error)) from error
+    logger.info("memory plan for %s:\n%s", model_dir, format_plan(plan))
+    loaded = load_model(model_dir, plan, trust_remote_code=settings.trust_remote_code)
+    logger.info("loaded %s: %s", model_dir, loaded.report)
+    name = settings.served_model_name or Path(model_dir).name
+    return LoadedServing(model_dir=Path(model_dir), served_model_name=name, plan=plan, loaded=loaded)
+
+
+def format_plan(plan: Any) -> str:
+    """The plan as a small table; uses quant's own rendering when it offers one."""
+    render = getattr(plan, "table", None) or getattr(plan, "format_table", None)
+    if callable(render):
+        return str(render())
+    rows = [
+        ("precision", getattr(plan, "precision", "?")),
+        ("device", getattr(plan, "device", "?")),
+        ("budget_bytes", getattr(plan, "budget_bytes", "?")),
+        ("weights_bytes", getattr(plan, "weights_bytes", "?")),
+        ("overhead_bytes", getattr(plan, "overhead_bytes", "?")),
+        ("kv_bytes_per_token", getattr(plan, "kv_bytes_per_token", "?")),
+        ("kv_capacity_tokens", getattr(plan, "kv_capacity_tokens", "?")),
+        ("max_model_len", getattr(plan, "max_model_len", "?")),
+        ("reason", getattr(plan, "reason", "")),
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"  {key.ljust(width)}  {getattr(value, 'value', value)}" for key, value in rows)
+
+
+async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngine:
+    """Build metrics and the engine around a loaded model, start the engine loop."""
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from server.ledger import ModelInfo, make_ledger_fn
+    from server.metrics import ServerMetrics
+
+    plan, loaded = serving.plan, serving.loaded
+    device = str(getattr(plan, "device", "cpu"))
+    report = loaded.report
+    metrics = ServerMetrics(
+        model_info=ModelInfo(
+            model=serving.served_model_name,
+            precision=str(getattr(plan.precision, "value", plan.precision)),
+            quant_method=str(getattr(report, "quant_method", "none")),
+            dtype=str(getattr(report, "dtype", "unknown")).removeprefix("torch."),
+            device=device,
+        )
+    )
+    config_kwargs: dict[str, Any] = {}
+    if settings.max_prefill_tokens is not None:
+        config_kwargs["max_prefill_tokens"] = settings.max_prefill_tokens
+    config = EngineConfig(
+        served_model_name=serving.served_model_name,
+        max_model_len=int(plan.max_model_len),
+        kv_capacity_tokens=int(plan.kv_capacity_tokens),
+        max_batch_size=settings.max_batch_size,
+        max_waiting=settings.max_waiting,
+        oom_inject_steps=settings.oom_inject_steps,
+        device=device,
+        **config_kwargs,
+    )
+    engine = Engine(loaded.model, loaded.tokenizer, config, stats_sink=metrics)
+    await engine.start()
+    metrics.attach_snapshot(engine.snapshot)
+    try:
+        metrics.attach_ledger(make_ledger_fn(plan, report, device))
+    except Exception:  # noqa: BLE001 - the ledger is informative; serving must not depend on it
+        logger.warning("memory ledger unavailable", exc_info=True)
+
+    async def stop() -> None:
+        logger.info("stopping the engine (timeout %.1fs)", settings.shutdown_timeout_s)
+        await engine.stop(settings.shutdown_timeout_s)
+
+    logger.info(
+        "engine started: model=%s max_model_len=%d kv_capacity_tokens=%d max_batch_size=%s max_waiting=%d",
+        serving.served_model_name, config.max_model_len, config.kv_capacity_tokens,
+        config.max_batch_size, config.max_waiting,
+    )  # fmt: skip
+    return BuiltEngine(engine=engine, metrics=metrics, close=stop)
+
+
+async def build_engine(settings: Settings) -> BuiltEngine:
+    """Plan, load (in a worker thread) and start: the app's default engine factory."""
+    serving = await asyncio.to_thread(plan_and_load, settings)
+    return await start_engine(serving, settings)
+
+
+def run(settings: Settings) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the process exit status."""
+    if settings.log_level is not None:
+        logging.getLogger().setLevel(settings.log_level.value)
+    try:
+        serving = plan_and_load(settings)
+    except StartupError as error:
+        logger.error("cannot serve: %s", error)
+        return EXIT_CANNOT_LOAD
+
+    async def factory(app_settings: Settings) -> BuiltEngine:
+        return await start_engine(serving, app_settings)
+
+    app = create_app(settings, engine_factory=factory)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep the CLI's logging configuration
+        access_log=logging.getLogger().isEnabledFor(logging.DEBUG),
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        lifespan="on",
+    )
+    server = _DrainingServer(config, app.state.server)
+    logger.info("serving %s on http://%s:%d", serving.served_model_name, settings.host, settings.port)
+    server.run()
+    if not server.started:
+        return EXIT_RUNTIME_ERROR
+    logger.info("server stopped")
+    return EXIT_OK
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn.Server that marks the app as draining as soon as a shutdown signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """Stop admitting new requests, then let uvicorn drain the running ones."""
+        if not self._state.draining:
+            logger.info("shutdown signal %s: no longer admitting requests", sig)
+        self._state.draining = True
+        super().handle_exit(sig, frame)

@@ -1,0 +1,75 @@
+"""The `fitserve serve` subcommand: flags -> `Settings` (flags override FITSERVE_* env) -> `server.serve.run`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pydantic import ValidationError
+
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Flags whose destination differs from their Settings field.
+_RENAMED = {"serve_log_level": "log_level"}
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `serve` to the top-level parser. Unset flags stay absent so env vars and defaults apply."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Plan the precision that fits the memory budget, load the model and serve it.",
+        argument_default=argparse.SUPPRESS,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="model directory or hub id (default: the cached SmolLM2-135M-Instruct)")
+    model.add_argument("--served-model-name", help="name clients send as `model` (default: the model dir name)")
+    model.add_argument("--trust-remote-code", action="store_true", help="allow the model repo to run its own code")
+    plan = parser.add_argument_group("memory plan")
+    plan.add_argument("--memory-budget", help="memory budget, e.g. 2GiB (default: what the device has free)")
+    plan.add_argument("--max-model-len", type=int, help="context length cap in tokens")
+    plan.add_argument("--min-concurrency", type=int, help="full-length sequences the KV cache must hold")
+    plan.add_argument("--precision", help="weight precision (default: auto, the best that fits)")
+    plan.add_argument("--force", action="store_true", help="load even when the plan says it does not fit")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-batch-size", type=int, help="most sequences decoded per step")
+    engine.add_argument("--max-waiting", type=int, help="queued requests beyond which new ones get 429 (256)")
+    engine.add_argument("--max-prefill-tokens", type=int, help="prompt tokens computed per step")
+    engine.add_argument(
+        "--oom-inject-steps", help="fault injection: comma-separated engine steps that raise OOM (off by default)"
+    )
+    http = parser.add_argument_group("http")
+    http.add_argument("--host", help="bind address (default 127.0.0.1)")
+    http.add_argument("--port", type=int, help="port (default 8000)")
+    http.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1 routes")
+    http.add_argument("--max-body-bytes", type=int, help="request bodies above this get 413 (default 1 MiB)")
+    http.add_argument(
+        "--shutdown-timeout", dest="shutdown_timeout_s", type=float, metavar="SECONDS", help="seconds to drain requests on SIGTERM"
+    )
+    http.add_argument("--log-level", dest="serve_log_level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ...")
+    parser.set_defaults(func=run_serve)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings with every explicitly given flag overriding the environment."""
+    overrides = {
+        _RENAMED.get(key, key): value
+        for key, value in vars(args).items()
+        if key not in ("func", "command", "log_level")
+    }
+    return Settings(**overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Entry point of `fitserve serve`; returns the exit status."""
+    from server.serve import EXIT_CANNOT_LOAD, run
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        logger.error("invalid serve settings:\n%s", error)
+        return EXIT_CANNOT_LOAD
+    return run(settings)
