@@ -1,0 +1,44 @@
+"""The engine's configuration: one frozen dataclass, built once by the serve wiring (or a test)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the continuous-batching engine needs to know besides the model and tokenizer.
+
+    Token budgets are in tokens, times in seconds. `max_batch_size=None` means "as many running sequences as the
+    KV cache admits"; after an OOM the engine lowers its own cap below this value.
+    """
+
+    served_model_name: str
+    max_model_len: int
+    kv_capacity_tokens: int
+    max_batch_size: int | None = None
+    max_waiting: int = 256
+    max_prefill_tokens: int = 512  # prompt tokens computed per step (chunked prefill budget)
+    oom_inject_steps: tuple[int, ...] = ()  # fault injection: steps (1-based) whose forward raises OOM
+    device: str = "cpu"
+    block_size_tokens: int = 16  # KV cache page size
+    max_oom_retries: int = 2  # times one sequence may be re-queued after an OOM before it fails with 503
+    idle_wait_s: float = 0.05  # how long the loop sleeps when there is nothing to do (woken early by new work)
+    num_threads: int | None = None  # torch intra-op threads for the engine thread; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        if self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.kv_capacity_tokens < self.block_size_tokens:
+            raise ValueError(
+                f"kv_capacity_tokens ({self.kv_capacity_tokens}) must hold at least one block "
+                f"of {self.block_size_tokens} tokens"
+            )
+        if self.max_batch_size is not None and self.max_batch_size <= 0:
+            raise ValueError(f"max_batch_size must be positive or None, got {self.max_batch_size}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_prefill_tokens <= 0:
+            raise ValueError(f"max_prefill_tokens must be positive, got {self.max_prefill_tokens}")
+        if self.block_size_tokens <= 0:
+            raise ValueError(f"block_size_tokens must be positive, got {self.block_size_tokens}")

@@ -1,0 +1,122 @@
+"""The preallocated paged KV cache and the attention function that reads and writes it.
+
+Layout: per layer one K and one V tensor of shape [num_blocks * block_size, num_kv_heads, head_dim] ("slots").
+A sequence owns a list of blocks (its block table); token position p lives in slot
+`block_table[p // block_size] * block_size + p % block_size`.
+
+The attention function is registered with `transformers.AttentionInterface` under `ATTENTION_NAME`. The HF model
+runs on a packed batch (`input_ids` [1, total_tokens], per-token `position_ids`) and receives the step's
+`PackedBatch` through the forward `**kwargs`; each attention layer writes its new K/V into the cache (indexed by
+`module.layer_idx`) and computes attention per sequence over its cached keys. Because the name is not a known mask
+implementation, transformers builds no 4D mask at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "fitserve_paged"
+BATCH_KWARG = "fitserve_batch"
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's chunk inside the packed batch: packed rows [row, row+length), positions from `start`."""
+
+    row: int
+    length: int
+    start: int
+    slots: torch.Tensor | None  # [start + length] cache slots of positions 0 .. start+length-1; None when start == 0
+    mask: torch.Tensor | None  # [length, start + length] bool for a chunk on top of a cached prefix, else None
+
+
+@dataclass
+class PackedBatch:
+    """Per-step metadata shared by every layer: where to write new K/V and what each query attends to."""
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [total_tokens] cache slot of each packed token
+    slices: list[SeqSlice]
+
+
+class PagedKVCache:
+    """K/V tensors for every layer, allocated once from the token capacity."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        num_slots = num_blocks * block_size
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the paged cache for a packed batch. query [1, H, T, D], key/value [1, KVH, T, D].
+
+    Returns the attention output as [1, T, H, D] (the layout transformers' attention modules expect).
+    Without a `PackedBatch` in kwargs (e.g. a plain `model.generate`) it falls back to transformers' SDPA.
+    """
+    batch = kwargs.get(BATCH_KWARG)
+    if not isinstance(batch, PackedBatch):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+    layer = module.layer_idx
+    k_cache, v_cache = batch.cache.k[layer], batch.cache.v[layer]
+    new_k = key[0].transpose(0, 1)  # [T, KVH, D]
+    new_v = value[0].transpose(0, 1)
+    k_cache.index_copy_(0, batch.slot_mapping, new_k)
+    v_cache.index_copy_(0, batch.slot_mapping, new_v)
+
+    # Each sequence is attended on its own, with exactly the SDPA call transformers makes for a lone sequence
+    # (causal prefill without a mask; a decode token over its whole context without a mask; GQA inside SDPA), so
+    # a token's output does not depend on what else is in the batch.
+    pieces: list[torch.Tensor] = []  # each [tokens, H, D], in packing order
+    for s in batch.slices:
+        q = query[:, :, s.row : s.row + s.length]  # [1, H, c, D]
+        if s.slots is None:  # the chunk is the whole context so far
+            k = key[:, :, s.row : s.row + s.length]
+            v = value[:, :, s.row : s.row + s.length]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s.length > 1, scale=scaling, enable_gqa=True)
+        else:
+            k = k_cache[s.slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
+            v = v_cache[s.slots].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=s.mask, scale=scaling, enable_gqa=True)
+        pieces.append(out[0].transpose(0, 1))  # [c, H, D]
+    attn = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+    return attn.unsqueeze(0), None
+
+
+def register_attention() -> str:
+    """Register the paged attention function with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+    return ATTENTION_NAME

@@ -1,0 +1,164 @@
+"""The model runner: the only place in server/ that runs the model.
+
+`ModelRunner.run(batch)` packs the step's chunks into one sequence (`input_ids` [1, total_tokens] with per-token
+`position_ids`), runs the HF model with the paged attention function (see kv_cache.py), keeps only the hidden
+states of the tokens that sample (`logits_to_keep`), and samples the next token of each such sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.config import EngineConfig
+from server.engine.kv_cache import BATCH_KWARG, PackedBatch, PagedKVCache, SeqSlice, register_attention
+from server.engine.sampling import SampledToken, make_generator, sample
+from server.engine.scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+_CPU_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "not enough memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for the out-of-memory errors a step can raise: CUDA OOM, or CPU allocation failures."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _CPU_OOM_MARKERS)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the KV cache needs to know about the model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: object) -> ModelShape:
+        """Read layer/head sizes from a transformers config (text part for multimodal configs)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        return cls(text.num_hidden_layers, kv_heads, head_dim)
+
+
+def kv_bytes_per_token(shape: ModelShape, dtype: torch.dtype) -> int:
+    """Bytes of K+V one token takes across all layers."""
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class ModelRunner:
+    """Owns the model, the KV cache and sampling state; turns a `ScheduledBatch` into sampled tokens."""
+
+    def __init__(self, model: torch.nn.Module, config: EngineConfig) -> None:
+        self.config = config
+        self.model = model.eval()
+        self.device = torch.device(config.device)
+        self.model.set_attn_implementation(register_attention())
+        self.shape = ModelShape.from_config(model.config)
+        self.dtype = model.get_input_embeddings().weight.dtype
+        if not self.dtype.is_floating_point:
+            self.dtype = getattr(model.config, "dtype", None) or torch.float16
+        self.block_size = config.block_size_tokens
+        num_blocks = config.kv_capacity_tokens // self.block_size
+        self.cache = PagedKVCache(
+            self.shape.num_layers,
+            num_blocks,
+            self.block_size,
+            self.shape.num_kv_heads,
+            self.shape.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.oom_inject_steps = frozenset(config.oom_inject_steps)
+        logger.info(
+            "KV cache: %d blocks x %d tokens, %s, %.1f MiB",
+            num_blocks,
+            self.block_size,
+            self.dtype,
+            self.cache.nbytes / 2**20,
+        )
+
+    # ---- input preparation -------------------------------------------------------------------------------------
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Cache slots of positions [start, end) of a sequence with this block table."""
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
+        return blocks * self.block_size + positions % self.block_size
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch]:
+        """Packed input ids, position ids, the rows to keep for logits, and the attention metadata."""
+        ids: list[int] = []
+        positions: list[int] = []
+        keep: list[int] = []
+        slot_parts: list[torch.Tensor] = []
+        slices: list[SeqSlice] = []
+        dev = self.device
+        for c in batch.chunks:
+            row = len(ids)
+            end = c.start + c.num_tokens
+            ids.extend(c.seq.token_ids[c.start : end])
+            positions.extend(range(c.start, end))
+            if c.sample:
+                keep.append(row + c.num_tokens - 1)
+            slots = self._slots(c.seq.block_table, 0, end)
+            slot_parts.append(slots[c.start :])
+            mask = None
+            if c.start > 0 and c.num_tokens > 1:
+                mask = torch.arange(c.start, end).unsqueeze(1) >= torch.arange(end).unsqueeze(0)
+            ctx_slots = None if c.start == 0 else slots.to(dev)
+            slices.append(SeqSlice(row, c.num_tokens, c.start, ctx_slots, _to(mask, dev)))
+        meta = PackedBatch(cache=self.cache, slot_mapping=torch.cat(slot_parts).to(dev), slices=slices)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        position_ids = torch.tensor([positions], dtype=torch.long, device=dev)
+        return input_ids, position_ids, torch.tensor(keep, dtype=torch.long, device=dev), meta
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run the model on the batch; returns logits [num_sampled, vocab] of the sampling chunks."""
+        if batch.step in self.oom_inject_steps:
+            raise torch.OutOfMemoryError(f"injected OOM at step {batch.step} (EngineConfig.oom_inject_steps)")
+        input_ids, position_ids, keep, meta = self.prepare(batch)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=keep,
+            **{BATCH_KWARG: meta},
+        )
+        return out.logits[0]
+
+    def run(self, batch: ScheduledBatch) -> list[SampledToken]:
+        """One step: forward + sampling. Returns one `SampledToken` per chunk with `sample=True`, in order."""
+        logits = self.forward_logits(batch)
+        sampling = [c.seq for c in batch.chunks if c.sample]
+        if not sampling:
+            return []
+        generators = []
+        for seq in sampling:
+            if seq.params.temperature > 0 and seq.sampling_state is None:
+                seq.sampling_state = make_generator(seq.params.seed, logits.device)
+            generators.append(seq.sampling_state)
+        with torch.inference_mode():
+            return sample(
+                logits,
+                [s.params for s in sampling],
+                [s.token_ids[s.num_prompt_tokens :] if _penalised(s.params) else () for s in sampling],
+                generators,
+            )
+
+
+def _penalised(params: object) -> bool:
+    return bool(getattr(params, "presence_penalty", 0.0) or getattr(params, "frequency_penalty", 0.0))
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)

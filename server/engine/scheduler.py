@@ -1,0 +1,364 @@
+"""Iteration-level scheduling and KV block accounting. Plain Python, no torch.
+
+One engine step is `schedule()` -> runner -> `postprocess()`. The scheduler owns the waiting queue, the running
+set and the KV block pool. Admission is by KV memory: a request reserves `prompt + max_tokens` tokens worth of
+blocks when it is admitted, so a running sequence can never run out of cache and nothing is ever preempted for
+room (only an OOM makes the scheduler evict sequences, which then recompute from their tokens).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence as SequenceT
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.config import EngineConfig
+from server.engine.types import (
+    FinishReason,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+)
+
+
+class SequenceStatus(enum.Enum):
+    """Where a sequence is in its life."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens, KV blocks and timing. `token_ids` is prompt + generated tokens."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    arrival_s: float
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    oom_retries: int = 0
+    first_scheduled_s: float | None = None
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    finished_s: float | None = None
+    inter_token_latencies_s: list[float] = field(default_factory=list)
+    sampling_state: Any = None  # owned by the runner (e.g. a torch.Generator); the scheduler never reads it
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens generated so far."""
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """The generated tokens (a copy)."""
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV tokens this sequence may ever need: prompt + max_tokens."""
+        return self.num_prompt_tokens + self.params.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the sequence has left the scheduler."""
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`num_tokens` tokens of `seq` starting at position `start` to compute this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    sample: bool  # True when the chunk ends at the sequence's last token, so a new token is sampled
+
+    @property
+    def is_decode(self) -> bool:
+        """A single new token on top of cached context (the batched decode path)."""
+        return self.num_tokens == 1 and self.start > 0
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    """What one step computes: decode chunks first, then prefill chunks, packed in this order."""
+
+    step: int
+    decodes: tuple[ScheduledChunk, ...]
+    prefills: tuple[ScheduledChunk, ...]
+
+    @property
+    def chunks(self) -> tuple[ScheduledChunk, ...]:
+        """All chunks in packing order."""
+        return self.decodes + self.prefills
+
+    @property
+    def is_empty(self) -> bool:
+        """True when there is nothing to compute."""
+        return not self.decodes and not self.prefills
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Prompt (or recompute) tokens in this step."""
+        return sum(c.num_tokens for c in self.prefills)
+
+    @property
+    def num_sampled(self) -> int:
+        """How many new tokens this step samples."""
+        return sum(1 for c in self.chunks if c.sample)
+
+
+class BlockAllocator:
+    """A free list of fixed-size KV cache blocks."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        """Blocks not owned by any sequence."""
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """Take `n` blocks; the caller checked `num_free` first."""
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, blocks: Iterable[int]) -> None:
+        """Give blocks back (lowest ids are reused first, which keeps tables contiguous more often)."""
+        self._free.extend(blocks)
+
+
+class Scheduler:
+    """Waiting queue + running set + KV block pool; decides what each step computes."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        eos_token_ids: Iterable[int] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.block_size = config.block_size_tokens
+        self.allocator = BlockAllocator(config.kv_capacity_tokens // self.block_size)
+        self.capacity_tokens = self.allocator.num_blocks * self.block_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.clock = clock
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.batch_cap: int | None = config.max_batch_size
+        self.oom_events_total = 0
+        self.preemptions_total = 0
+        self._step = 0
+        self._reserved_tokens = 0
+
+    # ---- admission -------------------------------------------------------------------------------------------
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise `PromptTooLongError` if such a request could never be admitted."""
+        if num_prompt_tokens <= 0:
+            raise InvalidRequestError("The prompt is empty; at least one token is required.")
+        if max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}.")
+        total = num_prompt_tokens + max_tokens
+        if total > self.config.max_model_len:
+            raise PromptTooLongError(num_prompt_tokens, max_tokens, self.config.max_model_len, "model's context length")
+        if total > self.capacity_tokens:
+            raise PromptTooLongError(num_prompt_tokens, max_tokens, self.capacity_tokens, "KV cache capacity")
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence, or raise `PromptTooLongError` / `QueueFullError` / `InvalidRequestError`."""
+        self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(self.config.max_waiting)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        if self.batch_cap is not None and len(self.running) >= self.batch_cap:
+            return False
+        return self._blocks_for(seq.reserved_tokens) <= self.allocator.num_free
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.block_table = self.allocator.allocate(self._blocks_for(seq.reserved_tokens))
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_s is None:
+            seq.first_scheduled_s = self.clock()
+        self._reserved_tokens += seq.reserved_tokens
+        self.running.append(seq)
+
+    # ---- one step --------------------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        """Pick this step's work: every decoding sequence, then prefill chunks up to `max_prefill_tokens`."""
+        self._step += 1
+        budget = self.config.max_prefill_tokens
+        decodes: list[ScheduledChunk] = []
+        prefills: list[ScheduledChunk] = []
+        for seq in self.running:
+            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            if remaining == 1 and seq.num_computed_tokens > 0:
+                decodes.append(ScheduledChunk(seq, seq.num_computed_tokens, 1, True))
+            elif self._fits_budget(remaining, budget):
+                n = min(remaining, budget)
+                budget -= n
+                prefills.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n == remaining))
+        while self.waiting and self._can_admit(self.waiting[0]):
+            seq = self.waiting[0]
+            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            if not self._fits_budget(remaining, budget):
+                break
+            self.waiting.popleft()
+            self._admit(seq)
+            n = min(remaining, budget)
+            budget -= n
+            prefills.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n == remaining))
+        return ScheduledBatch(self._step, tuple(decodes), tuple(prefills))
+
+    def _fits_budget(self, remaining: int, budget: int) -> bool:
+        """Whether to prefill (part of) a sequence with `remaining` uncomputed tokens in this step.
+
+        A remainder that fits one step's budget is never split: it waits for a step with enough budget left,
+        so short prompts are prefilled in one piece, exactly as a lone `model.generate` would. Only remainders
+        larger than `max_prefill_tokens` are chunked.
+        """
+        if budget <= 0:
+            return False
+        return remaining <= budget or remaining > self.config.max_prefill_tokens
+
+    def postprocess(self, batch: ScheduledBatch, sampled: SequenceT[int]) -> list[tuple[Sequence, int]]:
+        """Advance the batch's sequences by the computed chunks and append the sampled tokens.
+
+        `sampled` holds one token per chunk with `sample=True`, in packing order. Sequences that hit EOS, a stop
+        token id, max_tokens or the context length are finished and their KV freed. Returns (sequence, new token)
+        pairs, including for sequences that just finished.
+        """
+        now = self.clock()
+        produced: list[tuple[Sequence, int]] = []
+        it = iter(sampled)
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if seq.is_finished:  # aborted while the step ran; skip its token if it had one
+                if chunk.sample:
+                    next(it)
+                continue
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            if not chunk.sample:
+                continue
+            token = next(it)
+            seq.token_ids.append(token)
+            if seq.first_token_s is None:
+                seq.first_token_s = now
+            else:
+                seq.inter_token_latencies_s.append(now - (seq.last_token_s or now))
+            seq.last_token_s = now
+            produced.append((seq, token))
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+        return produced
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # ---- leaving -----------------------------------------------------------------------------------------------
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Remove a sequence (running or waiting) for good and free its KV blocks. Idempotent."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finished_s = self.clock()
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish a sequence with ABORT; returns it, or None for an unknown / already finished id."""
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                self.finish(seq, FinishReason.ABORT)
+                return seq
+        return None
+
+    def _release(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        self._reserved_tokens -= seq.reserved_tokens
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Evict a running sequence back to the front of the queue; it will recompute from its tokens."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions_total += 1
+
+    def handle_oom(self, batch: ScheduledBatch) -> list[Sequence]:
+        """React to an out-of-memory step: lower the batch cap, evict over-cap sequences, fail hopeless ones.
+
+        The failed step wrote nothing the scheduler relies on (`num_computed_tokens` did not advance), so the
+        batch's sequences simply run again. Each gets one more OOM strike; a sequence over `max_oom_retries`
+        strikes is finished with ERROR and returned so the engine can fail it with 503.
+        """
+        self.oom_events_total += 1
+        self.batch_cap = max(1, len(self.running) // 2)
+        failed: list[Sequence] = []
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if seq.is_finished:
+                continue
+            seq.oom_retries += 1
+            if seq.oom_retries > self.config.max_oom_retries:
+                self.finish(seq, FinishReason.ERROR)
+                failed.append(seq)
+        while len(self.running) > self.batch_cap:
+            self._preempt(self.running[-1])
+        return failed
+
+    # ---- gauges ----------------------------------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        """True while anything is running or waiting."""
+        return bool(self.running or self.waiting)
+
+    @property
+    def kv_used_tokens(self) -> int:
+        """Tokens whose K/V are written in the cache."""
+        return sum(seq.num_computed_tokens for seq in self.running)
+
+    @property
+    def kv_reserved_tokens(self) -> int:
+        """Tokens reserved by running sequences (prompt + max_tokens each)."""
+        return self._reserved_tokens
+
+    @property
+    def effective_batch_cap(self) -> int:
+        """The current cap on running sequences (the block count when no cap is set)."""
+        return self.batch_cap if self.batch_cap is not None else self.allocator.num_blocks
