@@ -46,29 +46,38 @@ def plan_and_load(settings: Settings) -> LoadedServing:
     """Resolve the model, plan its precision within the budget, and load it (blocking)."""
     from quant.budget import parse_size
     from quant.load import load_model
-    from quant.model_store import ModelNotFoundError, resolve_model
+    from quant.model_store import FetchError, ModelNotFoundError, resolve_model
     from quant.plan import NothingFitsError, PlanRequest, make_plan
 
     try:
         model_dir = resolve_model(settings.model)
         budget_bytes = parse_size(settings.memory_budget) if settings.memory_budget else None
-        plan = make_plan(
-            PlanRequest(
-                model=model_dir,
-                memory_budget_bytes=budget_bytes,
-                max_model_len=settings.max_model_len,
-                min_concurrency=settings.min_concurrency,
-                precision=settings.precision,
-                force=settings.force,
-            )
-        )
-    except (ModelNotFoundError, NothingFitsError, ValueError) as error:
+        plan = make_plan(PlanRequest(model=model_dir, **plan_options(settings, budget_bytes)))
+    except (ModelNotFoundError, FetchError, NothingFitsError, ValueError) as error:
         raise StartupError(str(error)) from error
     logger.info("memory plan for %s:\n%s", model_dir, format_plan(plan))
     loaded = load_model(model_dir, plan, trust_remote_code=settings.trust_remote_code)
     logger.info("loaded %s: %s", model_dir, loaded.report)
     name = settings.served_model_name or Path(model_dir).name
     return LoadedServing(model_dir=Path(model_dir), served_model_name=name, plan=plan, loaded=loaded)
+
+
+def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]:
+    """PlanRequest fields from the settings; unset options keep the planner's defaults."""
+    options: dict[str, Any] = {
+        "memory_budget_bytes": budget_bytes,
+        "min_concurrency": settings.min_concurrency,
+        "precision": settings.precision,
+        "force": settings.force,
+        "max_num_seqs": settings.max_batch_size,
+    }
+    if settings.max_model_len is not None:
+        options["max_model_len"] = settings.max_model_len
+    if settings.max_kv_tokens is not None:
+        options["max_kv_tokens"] = settings.max_kv_tokens
+    if settings.max_prefill_tokens is not None:
+        options["max_batch_tokens"] = settings.max_prefill_tokens + settings.max_batch_size
+    return options
 
 
 def format_plan(plan: Any) -> str:

@@ -31,6 +31,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     plan.add_argument("--memory-budget", help="memory budget, e.g. 2GiB (default: what the device has free)")
     plan.add_argument("--max-model-len", type=int, help="context length cap in tokens")
     plan.add_argument("--min-concurrency", type=int, help="full-length sequences the KV cache must hold")
+    plan.add_argument("--max-kv-tokens", type=int, help="cap the KV cache (default: all the budget leaves)")
     plan.add_argument("--precision", help="weight precision (default: auto, the best that fits)")
     plan.add_argument("--force", action="store_true", help="load even when the plan says it does not fit")
     engine = parser.add_argument_group("engine")

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     memory_budget: str | None = Field(None, description="e.g. '2GiB'; None: detect from the device")
     max_model_len: int | None = Field(None, ge=1, description="context length cap; None: the model's own")
     min_concurrency: int = Field(1, ge=1, description="full-length sequences the KV cache must hold")
+    max_kv_tokens: int | None = Field(None, ge=1, description="cap on KV cache tokens; None: all the budget allows")
     precision: str = Field("auto", description="weight precision for the planner, or 'auto'")
     force: bool = Field(False, description="load even if the plan says it does not fit")
     max_batch_size: int = Field(8, ge=1, description="most sequences decoded in one step")

@@ -64,7 +64,7 @@ def test_cli_flags_cover_the_issue_list() -> None:
             "serve", "--model", "/m", "--served-model-name", "m", "--host", "0.0.0.0", "--api-key", "k",
             "--memory-budget", "2GiB", "--max-model-len", "512", "--min-concurrency", "2", "--precision", "int8",
             "--max-waiting", "8", "--max-body-bytes", "100", "--trust-remote-code", "--oom-inject-steps", "5",
-            "--log-level", "warning",
+            "--log-level", "warning", "--max-kv-tokens", "4096",
         ]
     )  # fmt: skip
     settings = settings_from_args(args)
@@ -75,6 +75,7 @@ def test_cli_flags_cover_the_issue_list() -> None:
     assert settings.trust_remote_code is True
     assert settings.oom_inject_steps == (5,)
     assert settings.log_level is LogLevel.WARNING
+    assert settings.max_kv_tokens == 4096
 
 
 def test_invalid_values_are_rejected() -> None:

@@ -1,0 +1,52 @@
+"""Settings -> the planner's PlanRequest (the one place serve hands settings to quant)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from quant.plan import PlanRequest
+from quant.schemes import Precision
+from server.serve import format_plan, plan_options
+from server.settings import Settings
+
+
+def test_plan_options_pass_explicit_settings() -> None:
+    settings = Settings(precision="nf4", max_model_len=512, min_concurrency=3, max_kv_tokens=4096, force=True,
+                        max_batch_size=4, max_prefill_tokens=256)  # fmt: skip
+    request = PlanRequest(model="m", **plan_options(settings, 2 * 1024**3))
+    assert request.precision is Precision.NF4
+    assert request.memory_budget_bytes == 2 * 1024**3
+    assert (request.max_model_len, request.min_concurrency, request.max_kv_tokens) == (512, 3, 4096)
+    assert request.force is True
+    assert request.max_num_seqs == 4
+    assert request.max_batch_tokens == 260
+
+
+def test_unset_settings_keep_planner_defaults() -> None:
+    request = PlanRequest(model="m", **plan_options(Settings(), None))
+    defaults = PlanRequest(model="m")
+    assert request.max_model_len == defaults.max_model_len
+    assert request.max_kv_tokens == defaults.max_kv_tokens
+    assert request.precision == "auto"
+
+
+def test_unknown_precision_is_a_plan_input_error() -> None:
+    with pytest.raises(ValidationError):
+        PlanRequest(model="m", **plan_options(Settings(precision="int3"), None))
+
+
+def test_format_plan_lists_the_decision() -> None:
+    class FakePlan:
+        precision = Precision.INT8
+        device = "cpu"
+        budget_bytes = 10
+        weights_bytes = 4
+        overhead_bytes = 1
+        kv_bytes_per_token = 2
+        kv_capacity_tokens = 2
+        max_model_len = 2
+        reason = "int8 fits"
+
+    table = format_plan(FakePlan())
+    assert "int8" in table and "kv_capacity_tokens" in table and "int8 fits" in table
