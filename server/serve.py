@@ -10,7 +10,10 @@ clear message and exit status 2 instead of a traceback. The engine itself starts
 from __future__ import annotations
 
 import asyncio
+import inspect
+import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +59,8 @@ def plan_and_load(settings: Settings) -> LoadedServing:
     except (ModelNotFoundError, FetchError, NothingFitsError, ValueError) as error:
         raise StartupError(str(error)) from error
     logger.info("memory plan for %s:\n%s", model_dir, format_plan(plan))
-    loaded = load_model(model_dir, plan, trust_remote_code=settings.trust_remote_code)
-    logger.info("loaded %s: %s", model_dir, loaded.report)
+    loaded = _load(load_model, plan, settings)
+    logger.info("load report:\n%s", render_table(loaded.report))
     name = settings.served_model_name or Path(model_dir).name
     return LoadedServing(model_dir=Path(model_dir), served_model_name=name, plan=plan, loaded=loaded)
 
@@ -80,13 +83,33 @@ def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]
     return options
 
 
+def _load(load_model: Callable[..., Any], plan: Any, settings: Settings) -> Any:
+    """Call quant's loader, passing trust_remote_code only where the loader accepts it."""
+    if "trust_remote_code" in inspect.signature(load_model).parameters:
+        return load_model(plan, trust_remote_code=settings.trust_remote_code)
+    if settings.trust_remote_code:
+        logger.warning("--trust-remote-code given but quant.load.load_model has no such option; ignored")
+    return load_model(plan)
+
+
+def render_table(obj: Any) -> str:
+    """Text of `obj.to_table()` (a rich table) when it has one, else `str(obj)`."""
+    to_table = getattr(obj, "to_table", None)
+    if not callable(to_table):
+        return str(obj)
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(to_table())
+    return console.file.getvalue().rstrip()  # type: ignore[attr-defined]
+
+
 def format_plan(plan: Any) -> str:
-    """The plan as a small table; uses quant's own rendering when it offers one."""
-    render = getattr(plan, "table", None) or getattr(plan, "format_table", None)
-    if callable(render):
-        return str(render())
+    """The plan as a small table: the decision, then one line per candidate precision."""
+    if callable(getattr(plan, "to_table", None)):
+        return render_table(plan)
     rows = [
-        ("precision", getattr(plan, "precision", "?")),
+        ("precision", _value(getattr(plan, "precision", "?"))),
         ("device", getattr(plan, "device", "?")),
         ("budget_bytes", getattr(plan, "budget_bytes", "?")),
         ("weights_bytes", getattr(plan, "weights_bytes", "?")),
@@ -97,7 +120,18 @@ def format_plan(plan: Any) -> str:
         ("reason", getattr(plan, "reason", "")),
     ]
     width = max(len(key) for key, _ in rows)
-    return "\n".join(f"  {key.ljust(width)}  {getattr(value, 'value', value)}" for key, value in rows)
+    lines = [f"  {key.ljust(width)}  {value}" for key, value in rows]
+    for candidate in getattr(plan, "candidates", None) or ():
+        lines.append(
+            f"  candidate {_value(getattr(candidate, 'precision', '?')):>5}: "
+            f"total {getattr(candidate, 'total_bytes', '?')} bytes, fits={getattr(candidate, 'fits', '?')}, "
+            f"kv_capacity_tokens={getattr(candidate, 'kv_capacity_tokens', '?')}"
+        )
+    return "\n".join(lines)
+
+
+def _value(obj: Any) -> Any:
+    return getattr(obj, "value", obj)
 
 
 async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngine:
@@ -114,8 +148,8 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         model_info=ModelInfo(
             model=serving.served_model_name,
             precision=str(getattr(plan.precision, "value", plan.precision)),
-            quant_method=str(getattr(report, "quant_method", "none")),
-            dtype=str(getattr(report, "dtype", "unknown")).removeprefix("torch."),
+            quant_method=_quant_method(plan.precision),
+            dtype=str(getattr(plan, "kv_dtype", "unknown")).removeprefix("torch."),
             device=device,
         )
     )
@@ -150,6 +184,14 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         config.max_batch_size, config.max_waiting,
     )  # fmt: skip
     return BuiltEngine(engine=engine, metrics=metrics, close=stop)
+
+
+def _quant_method(precision: Any) -> str:
+    """The `quant_method` label for a precision."""
+    name = str(_value(precision))
+    if name in ("int8", "nf4"):
+        return "bitsandbytes"
+    return "gptq" if name == "gptq" else "none"
 
 
 async def build_engine(settings: Settings) -> BuiltEngine:
