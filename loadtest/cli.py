@@ -119,6 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=None, help="write results.json, results.csv and PNG plots here")
+    out.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG plots (matplotlib is slow)")
     out.add_argument("--quiet", action="store_true", help="no live progress")
 
 
@@ -230,6 +231,6 @@ def run_loadtest(args: argparse.Namespace) -> int:
     stdout = Console()
     print_summary(state, stdout if stdout.is_terminal else Console(width=200))
     if args.out is not None:
-        for path in write_results(state, config_dict(args), args.out):
+        for path in write_results(state, config_dict(args), args.out, plots=not args.no_plots):
             logger.info("wrote %s", path)
     return status

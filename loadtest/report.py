@@ -90,15 +90,15 @@ def results_dict(state: SweepState, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_results(state: SweepState, config: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write results.json, results.csv and the plots into `out_dir`; returns the paths written."""
+def write_results(state: SweepState, config: dict[str, Any], out_dir: Path, plots: bool = True) -> list[Path]:
+    """Write results.json, results.csv and (unless `plots` is False) the PNG plots; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps(results_dict(state, config), indent=2) + "\n", encoding="utf-8")
     csv_path = out_dir / "results.csv"
     write_csv(state.levels, csv_path)
     written = [json_path, csv_path]
-    if state.levels:
+    if plots and state.levels:
         written += write_plots(state.levels, out_dir)
     return written
 
@@ -159,8 +159,9 @@ def write_plots(levels: list[LevelResult], out_dir: Path) -> list[Path]:
     ax_tp.set_xlabel(xlabel)
     ax_tp.set_ylabel("output tokens/s")
     ax_rps = ax_tp.twinx()
-    ax_rps.plot(xs, [lv.requests_per_s for lv in done], marker="s", color="tab:green", label="requests/s")
+    ax_rps.plot(xs, [lv.requests_per_s for lv in done], "--", marker="s", color="tab:green", label="requests/s")
     ax_rps.set_ylabel("requests/s")
+    ax_tp.legend(handles=ax_tp.get_lines() + ax_rps.get_lines(), loc="upper left", fontsize="small")
     ax_tp.set_title("Throughput")
     for lv in done:
         if not lv.passed:

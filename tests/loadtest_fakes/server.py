@@ -25,11 +25,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 class FakeBehaviour:
     """What the fake does. Each `*_above` triggers when more than that many requests are in flight on arrival."""
 
-    token_delay_s: float = 0.002
-    ttft_s: float = 0.002
+    token_delay_s: float = 0.02
+    ttft_s: float = 0.05
     reject_above: int | None = None  # answer `reject_status` instead of streaming
     reject_status: int = 503
-    slow_ttft_above: int | None = None  # first token after `slow_ttft_s` instead of `ttft_s`
+    slow_ttft_above: int | None = None  # more in flight at any time before its first token: add `slow_ttft_s`
     slow_ttft_s: float = 0.2
     batch_cap: int | None = None  # at most this many stream at once; the rest wait (queue)
     oom_above: int | None = None  # count an OOM event (the request still succeeds)
@@ -37,6 +37,11 @@ class FakeBehaviour:
     kv_capacity_tokens: int = 4096
     memory_budget_bytes: int = 2 * 1024**3
     prompt_tokens: int = 20
+
+
+@dataclass(eq=False)  # compared by identity: removed from `FakeState.prefilling` by `is`
+class _Prefill:
+    peak: int
 
 
 @dataclass
@@ -50,6 +55,8 @@ class FakeState:
     generated_tokens: int = 0
     max_in_flight: int = 0
     statuses: list[int] = field(default_factory=list)
+    # Requests before their first token, each with the most requests in flight it has seen so far.
+    prefilling: list[_Prefill] = field(default_factory=list)
 
 
 def create_fake_app(behaviour: FakeBehaviour) -> FastAPI:
@@ -83,10 +90,10 @@ def create_fake_app(behaviour: FakeBehaviour) -> FastAPI:
             state.oom_events += 1
         state.in_flight += 1
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        for other in state.prefilling:
+            other.peak = max(other.peak, state.in_flight)
         state.statuses.append(200)
-        slow = behaviour.slow_ttft_above is not None and arrived_with > behaviour.slow_ttft_above
-        ttft_s = behaviour.slow_ttft_s if slow else behaviour.ttft_s
-        return StreamingResponse(_stream(behaviour, state, gate, chat, max_tokens, ttft_s), media_type="text/event-stream")
+        return StreamingResponse(_stream(behaviour, state, gate, chat, max_tokens), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):  # noqa: ANN202
@@ -100,32 +107,52 @@ def create_fake_app(behaviour: FakeBehaviour) -> FastAPI:
 
 
 async def _stream(
-    b: FakeBehaviour, state: FakeState, gate: asyncio.Semaphore | None, chat: bool, max_tokens: int, ttft_s: float
+    b: FakeBehaviour, state: FakeState, gate: asyncio.Semaphore | None, chat: bool, max_tokens: int
 ) -> AsyncIterator[str]:
-    try:
-        if gate is not None:
-            state.waiting += 1
-            await gate.acquire()
-            state.waiting -= 1
-        state.running += 1
-        try:
-            await asyncio.sleep(ttft_s)
-            for i in range(max_tokens):
-                if i:
-                    await asyncio.sleep(b.token_delay_s)
-                state.generated_tokens += 1
-                choice = {"index": 0, "delta": {"content": f" w{i}"}} if chat else {"index": 0, "text": f" w{i}"}
-                yield f"data: {json.dumps({'choices': [choice]})}\n\n"
-            usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": max_tokens,
-                     "total_tokens": b.prompt_tokens + max_tokens}
-            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
+    """The SSE events of one request. Counters are released before the closing events, so a client that
+    sends its next request on `[DONE]` never overlaps with its previous one in `in_flight`."""
+    held = {"in_flight": True, "running": False}
+    prefill = _Prefill(peak=state.in_flight)
+    state.prefilling.append(prefill)
+
+    def release() -> None:
+        if held["running"]:
             state.running -= 1
             if gate is not None:
                 gate.release()
+            held["running"] = False
+        if held["in_flight"]:
+            state.in_flight -= 1
+            held["in_flight"] = False
+
+    try:
+        if gate is not None:
+            state.waiting += 1
+            try:
+                await gate.acquire()
+            finally:
+                state.waiting -= 1
+        state.running += 1
+        held["running"] = True
+        await asyncio.sleep(b.ttft_s)
+        if b.slow_ttft_above is not None and prefill.peak > b.slow_ttft_above:
+            await asyncio.sleep(b.slow_ttft_s)  # "prefill" of an overloaded batch
+        state.prefilling.remove(prefill)
+        for i in range(max_tokens):
+            if i:
+                await asyncio.sleep(b.token_delay_s)
+            state.generated_tokens += 1
+            choice = {"index": 0, "delta": {"content": f" w{i}"}} if chat else {"index": 0, "text": f" w{i}"}
+            yield f"data: {json.dumps({'choices': [choice]})}\n\n"
+        release()
+        usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": max_tokens,
+                 "total_tokens": b.prompt_tokens + max_tokens}
+        yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
     finally:
-        state.in_flight -= 1
+        if prefill in state.prefilling:
+            state.prefilling.remove(prefill)
+        release()
 
 
 def _exposition(b: FakeBehaviour, s: FakeState) -> str:
