@@ -84,6 +84,11 @@ class ModelRunner:
             self.cache.nbytes / 2**20,
         )
 
+    def configure_threads(self) -> None:
+        """Apply `EngineConfig.num_threads` (torch intra-op threads) from the engine thread."""
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)
+
     # ---- input preparation -------------------------------------------------------------------------------------
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
