@@ -1,0 +1,257 @@
+"""What a model needs, per precision, without loading a single weight.
+
+The skeleton is built from the config on the meta device (accelerate's `init_empty_weights`), and every
+parameter is sorted into "converted by the scheme" (the Linear layers bitsandbytes/GPTQ replace, chosen by
+the same rule transformers uses) or "kept dense" (embeddings, norms, lm_head; tied weights counted once).
+Formulas are in docs/memory-model.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quant.schemes import DType, GptqParams, LinearShape, Precision, dense_dtype_for, handler_for
+
+logger = logging.getLogger(__name__)
+
+CUDA_CONTEXT_BYTES = 512 << 20  # per GPU: CUDA context + cuBLAS workspace, measured order of magnitude
+SAMPLING_COPIES = 2  # fp32 logits + the fp32 probabilities sampling derives from them
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything the estimate needs from a model, gathered once from its meta-device skeleton."""
+
+    model_path: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int | None
+    tie_word_embeddings: bool
+    total_params: int  # unique parameters (tied ones once)
+    dense_params: int  # parameters no scheme converts (embeddings, norms, lm_head, biases of dense layers)
+    buffer_bytes: int  # registered buffers (e.g. rotary inv_freq), at their own dtype
+    linears: tuple[LinearShape, ...]  # the Linear layers INT8/NF4/GPTQ convert
+    prequantized: Precision | None = None  # GPTQ / bitsandbytes-serialized checkpoints
+    gptq: GptqParams | None = None
+    config_dtype: str | None = None
+
+    @property
+    def converted_params(self) -> int:
+        """Parameters inside converted Linear layers (weights and biases)."""
+        return sum(lin.numel + (lin.out_features if lin.has_bias else 0) for lin in self.linears)
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Runtime memory beyond weights and KV cache, with its parts (bytes)."""
+
+    activation_bytes: int
+    attention_bytes: int
+    logits_bytes: int
+    dequant_bytes: int
+    cuda_context_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of the parts."""
+        return (self.activation_bytes + self.attention_bytes + self.logits_bytes + self.dequant_bytes
+                + self.cuda_context_bytes)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PrecisionEstimate:
+    """The bytes one precision needs."""
+
+    precision: Precision
+    compute_dtype: DType  # dtype of dense tensors, activations and the KV cache
+    weights_bytes: int  # what `get_memory_footprint()` will report (parameters + buffers)
+    quant_state_bytes: int  # quantization scales kept outside parameters (real memory, not in the footprint)
+    kv_bytes_per_token: int
+    overhead: Overhead = field(repr=False)
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Runtime overhead total."""
+        return self.overhead.total_bytes
+
+
+def _load_config(model: str | Path) -> Any:
+    from quant.model_store import load_config
+
+    return load_config(model)
+
+
+def _gptq_params(qcfg: dict[str, Any]) -> GptqParams:
+    return GptqParams(
+        bits=int(qcfg.get("bits", 4)),
+        group_size=int(qcfg.get("group_size", 128)),
+        desc_act=bool(qcfg.get("desc_act", False)),
+        sym=bool(qcfg.get("sym", True)),
+    )
+
+
+def _prequantized(config: Any) -> tuple[Precision | None, GptqParams | None, dict[str, Any]]:
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg is None:
+        return None, None, {}
+    qdict = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    method = str(qdict.get("quant_method", "")).lower()
+    if method == "gptq":
+        return Precision.GPTQ, _gptq_params(qdict), qdict
+    if method == "bitsandbytes":
+        if qdict.get("load_in_8bit"):
+            return Precision.INT8, None, qdict
+        if qdict.get("load_in_4bit") and qdict.get("bnb_4bit_quant_type", "nf4") == "nf4":
+            return Precision.NF4, None, qdict
+    raise ValueError(f"unsupported pre-quantized checkpoint (quant_method={method!r}); fitserve loads GPTQ, "
+                     f"bitsandbytes INT8/NF4 or unquantized checkpoints")  # fmt: skip
+
+
+def _skip_patterns(model: Any, qdict: dict[str, Any]) -> list[str]:
+    """Module names the quantizer leaves dense, by transformers' own rule when it is importable."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        patterns = list(get_keys_to_not_convert(model))
+    except ImportError:  # pragma: no cover - older/newer transformers layout
+        out = model.get_output_embeddings()
+        patterns = [n for n, m in model.named_modules() if out is not None and m is out]
+    patterns += list(qdict.get("llm_int8_skip_modules") or qdict.get("modules_to_not_convert") or [])
+    patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if qdict.get("quant_method") == "gptq" and qdict.get("lm_head"):
+        patterns = [p for p in patterns if p != "lm_head"]
+    return patterns
+
+
+def _should_convert(name: str, patterns: list[str]) -> bool:
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return bool(should_convert_module(name, patterns))
+    except ImportError:  # pragma: no cover
+        return not any(name == p or name.startswith(p + ".") or name.endswith(p) for p in patterns)
+
+
+def inspect_model(model: str | Path) -> ModelShape:
+    """Build the model skeleton on the meta device and measure it (no weights are read)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = _load_config(model)
+    prequantized, gptq, qdict = _prequantized(config)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # tied embeddings must share one parameter to be counted once
+    patterns = _skip_patterns(skeleton, qdict)
+    linears: list[LinearShape] = []
+    converted_ids: set[int] = set()
+    for name, module in skeleton.named_modules():
+        if type(module) is torch.nn.Linear and name and _should_convert(name, patterns):
+            linears.append(LinearShape(module.out_features, module.in_features, module.bias is not None))
+            converted_ids.update(id(p) for p in module.parameters(recurse=False))
+    params = list(skeleton.parameters())  # unique: tied parameters appear once
+    total = sum(p.numel() for p in params)
+    dense = sum(p.numel() for p in params if id(p) not in converted_ids)
+    buffers = sum(b.numel() * b.element_size() for b in skeleton.buffers())
+    heads = int(text_config.num_attention_heads)
+    hidden = int(text_config.hidden_size)
+    head_dim = int(getattr(text_config, "head_dim", None) or hidden // heads)
+    dtype = getattr(config, "dtype", None)
+    return ModelShape(
+        model_path=str(model),
+        architecture=type(skeleton).__name__,
+        num_layers=int(text_config.num_hidden_layers),
+        hidden_size=hidden,
+        intermediate_size=int(getattr(text_config, "intermediate_size", 4 * hidden)),
+        num_attention_heads=heads,
+        num_kv_heads=int(getattr(text_config, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        vocab_size=int(text_config.vocab_size),
+        max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        total_params=total,
+        dense_params=dense,
+        buffer_bytes=buffers,
+        linears=tuple(linears),
+        prequantized=prequantized,
+        gptq=gptq,
+        config_dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+    )
+
+
+def kv_bytes_per_token(shape: ModelShape, kv_dtype: DType) -> int:
+    """KV cache bytes per token: 2 (K and V) x layers x kv_heads x head_dim x dtype bytes (GQA aware)."""
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * kv_dtype.bytes
+
+
+def weights_bytes(shape: ModelShape, precision: Precision, compute_dtype: DType,
+                  double_quant: bool = False) -> tuple[int, int]:  # fmt: skip
+    """(footprint bytes, quant-state bytes) of the weights in `precision`.
+
+    footprint = dense params x dense dtype bytes + buffers + sum over converted Linears of the scheme's
+    per-layer bytes (16/32-bit schemes convert nothing, so every parameter is dense). quant-state = the
+    scheme's scales kept outside parameters (INT8 per-row fp32 SCB; NF4 absmax), not in the footprint.
+    """
+    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
+    dense_dtype = dense_dtype_for(precision, compute_dtype)
+    if not handler.converts_linears():
+        return shape.total_params * dense_dtype.bytes + shape.buffer_bytes, 0
+    footprint = shape.dense_params * dense_dtype.bytes + shape.buffer_bytes
+    footprint += sum(handler.linear_footprint_bytes(lin, dense_dtype) for lin in shape.linears)
+    side = sum(handler.linear_side_bytes(lin) for lin in shape.linears)
+    return footprint, side
+
+
+def overhead(shape: ModelShape, precision: Precision, compute_dtype: DType, *, max_batch_tokens: int,
+             max_num_seqs: int, max_model_len: int, n_cuda_devices: int = 0,
+             double_quant: bool = False) -> Overhead:  # fmt: skip
+    """Runtime overhead of serving, in bytes (a = activation dtype bytes, T = max_batch_tokens):
+
+    - activations: T x max(2h + 3i, 2h + (2 q_heads + 2 kv_heads) x head_dim) x a, the widest point of one
+      decoder layer in a packed prefill (residual + normed input + MLP gate/up/product, or Q/K/V/out);
+      layers run one after the other, so one layer's peak counts.
+    - attention: q_heads x T x max_model_len x 4, the fp32 score matrix of one layer if the attention
+      kernel materialises it (the math path does; flash kernels do not: an upper bound).
+    - logits: min(max_num_seqs, T) x vocab x 4 x 2 (fp32 logits of the last token of each sequence, and the
+      probabilities sampling derives from them).
+    - dequant: the largest converted weight dequantized to the compute dtype for one matmul (INT8/NF4/GPTQ).
+    - CUDA context: a fixed amount per GPU.
+    """
+    a = compute_dtype.bytes
+    h, i = shape.hidden_size, shape.intermediate_size
+    attn_width = (2 * shape.num_attention_heads + 2 * shape.num_kv_heads) * shape.head_dim
+    activation = max_batch_tokens * max(2 * h + 3 * i, 2 * h + attn_width) * a
+    attention = shape.num_attention_heads * max_batch_tokens * max_model_len * 4
+    rows = min(max_num_seqs, max_batch_tokens)
+    logits = rows * shape.vocab_size * 4 * SAMPLING_COPIES
+    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
+    dequant = handler.largest_dequant_bytes(list(shape.linears), compute_dtype) if handler.converts_linears() else 0
+    return Overhead(activation, attention, logits, dequant, CUDA_CONTEXT_BYTES * n_cuda_devices)
+
+
+def estimate_precision(shape: ModelShape, precision: Precision, compute_dtype: DType, *, max_batch_tokens: int,
+                       max_num_seqs: int, max_model_len: int, n_cuda_devices: int = 0,
+                       double_quant: bool = False) -> PrecisionEstimate:  # fmt: skip
+    """All the bytes one precision needs."""
+    dense_dtype = dense_dtype_for(precision, compute_dtype)
+    footprint, side = weights_bytes(shape, precision, dense_dtype, double_quant)
+    over = overhead(shape, precision, dense_dtype, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
+                    max_model_len=max_model_len, n_cuda_devices=n_cuda_devices, double_quant=double_quant)  # fmt: skip
+    return PrecisionEstimate(precision, dense_dtype, footprint, side, kv_bytes_per_token(shape, dense_dtype), over)
+
+
+__all__ = [
+    "ModelShape", "Overhead", "PrecisionEstimate", "inspect_model", "kv_bytes_per_token", "weights_bytes",
+    "overhead", "estimate_precision",
+]  # fmt: skip

@@ -1,0 +1,173 @@
+"""Load the planned model: the only place in fitserve that calls `from_pretrained`.
+
+Returns the model, its tokenizer and a `LoadReport` that compares the plan's predicted weight bytes with
+what the loaded model really holds (`get_memory_footprint()`, plus bitsandbytes' scales kept outside
+parameters), and device memory before and after.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from quant.budget import DeviceMemory, format_bytes, read_device_memory
+from quant.plan import Plan
+from quant.schemes import Precision, handler_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How right the plan was about the weights, and what loading cost."""
+
+    precision: Precision
+    device: str
+    predicted_weights_bytes: int
+    measured_weights_bytes: int  # model.get_memory_footprint(): parameters + buffers
+    predicted_quant_state_bytes: int
+    measured_quant_state_bytes: int  # bitsandbytes scales outside parameters (SCB, absmax, code books)
+    memory_before: DeviceMemory
+    memory_after: DeviceMemory
+    load_time_s: float
+
+    @property
+    def weights_error_ratio(self) -> float:
+        """(predicted - measured) / measured."""
+        return (self.predicted_weights_bytes - self.measured_weights_bytes) / max(self.measured_weights_bytes, 1)
+
+    @property
+    def memory_delta_bytes(self) -> int:
+        """Growth of device usage during the load (RSS on CPU; used memory on CUDA)."""
+        return self.memory_after.used_bytes - self.memory_before.used_bytes
+
+    def to_log_line(self) -> str:
+        """One line for the server log."""
+        line = (f"loaded {self.precision.value} on {self.device} in {self.load_time_s:.2f}s: weights predicted "
+                f"{format_bytes(self.predicted_weights_bytes)} measured {format_bytes(self.measured_weights_bytes)} "
+                f"({self.weights_error_ratio:+.2%}); quant state predicted "
+                f"{format_bytes(self.predicted_quant_state_bytes)} measured "
+                f"{format_bytes(self.measured_quant_state_bytes)}; {self._memory_label()} "
+                f"{format_bytes(self.memory_before.used_bytes)} -> {format_bytes(self.memory_after.used_bytes)}")  # fmt: skip
+        if self.memory_after.torch_allocated_bytes is not None:
+            line += (f"; torch allocated {format_bytes(self.memory_after.torch_allocated_bytes)}, reserved "
+                     f"{format_bytes(self.memory_after.torch_reserved_bytes or 0)}")  # fmt: skip
+        return line
+
+    def _memory_label(self) -> str:
+        return "process RSS" if self.device == "cpu" else "device used"
+
+    def to_table(self) -> Any:  # -> rich.table.Table
+        """A rich table of the same figures."""
+        from rich.table import Table
+
+        table = Table(title=f"load report: {self.precision.value} on {self.device}")
+        for col in ("", "predicted", "measured", "error"):
+            table.add_column(col, justify="right")
+        table.add_row("weights", format_bytes(self.predicted_weights_bytes), format_bytes(self.measured_weights_bytes),
+                      f"{self.weights_error_ratio:+.2%}")  # fmt: skip
+        table.add_row("quant state", format_bytes(self.predicted_quant_state_bytes),
+                      format_bytes(self.measured_quant_state_bytes), "")  # fmt: skip
+        table.add_row(f"{self._memory_label()} before/after", format_bytes(self.memory_before.used_bytes),
+                      format_bytes(self.memory_after.used_bytes), "")  # fmt: skip
+        table.add_row("load time", "", f"{self.load_time_s:.2f} s", "")
+        return table
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready figures."""
+        return {
+            "precision": self.precision.value,
+            "device": self.device,
+            "predicted_weights_bytes": self.predicted_weights_bytes,
+            "measured_weights_bytes": self.measured_weights_bytes,
+            "weights_error_ratio": self.weights_error_ratio,
+            "predicted_quant_state_bytes": self.predicted_quant_state_bytes,
+            "measured_quant_state_bytes": self.measured_quant_state_bytes,
+            "memory_before_used_bytes": self.memory_before.used_bytes,
+            "memory_after_used_bytes": self.memory_after.used_bytes,
+            "torch_allocated_bytes": self.memory_after.torch_allocated_bytes,
+            "torch_reserved_bytes": self.memory_after.torch_reserved_bytes,
+            "load_time_s": self.load_time_s,
+        }
+
+
+@dataclass
+class LoadedModel:
+    """What the server starts from."""
+
+    model: Any  # transformers PreTrainedModel, in eval mode
+    tokenizer: Any
+    report: LoadReport
+
+
+def measure_quant_state_bytes(model: Any) -> int:
+    """Bytes of bitsandbytes quantization state held outside parameters and buffers.
+
+    INT8: each `Int8Params` keeps its per-row scales in `.SCB`. NF4: each `Params4bit` keeps a `quant_state`
+    with absmax, code book and, with double quantization, the nested absmax and code book.
+    """
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+
+    def add(tensor: Any) -> None:
+        nonlocal total
+        if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+
+    for param in model.parameters():
+        add(getattr(param, "SCB", None))
+        state = getattr(param, "quant_state", None)
+        if state is None:
+            continue
+        add(getattr(state, "absmax", None))
+        add(getattr(state, "code", None))
+        nested = getattr(state, "state2", None)
+        if nested is not None:
+            add(getattr(nested, "absmax", None))
+            add(getattr(nested, "code", None))
+    return total
+
+
+def _load_kwargs(plan: Plan) -> dict[str, Any]:
+    handler = handler_for(plan.precision or Precision.BF16, double_quant=plan.double_quant)
+    kwargs = handler.load_kwargs(plan.compute_dtype)
+    if plan.prequantized:
+        kwargs.pop("quantization_config", None)  # the checkpoint's own config drives the load
+    kwargs["device_map"] = plan.device_map or plan.device
+    if plan.max_memory:
+        kwargs["max_memory"] = plan.max_memory
+    return kwargs
+
+
+def load_model(plan: Plan) -> LoadedModel:
+    """Load `plan.model_path` in `plan.precision` on the planned device(s) and measure it."""
+    if plan.precision is None:
+        raise ValueError("this plan chose no precision (nothing fits); nothing to load")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = _load_kwargs(plan)
+    before = read_device_memory(plan.device)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(plan.model_path, **kwargs)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(plan.model_path)
+    elapsed = time.perf_counter() - start
+    after = read_device_memory(plan.device)
+    report = LoadReport(
+        precision=plan.precision,
+        device=plan.device,
+        predicted_weights_bytes=plan.weights_bytes,
+        measured_weights_bytes=int(model.get_memory_footprint()),
+        predicted_quant_state_bytes=plan.quant_state_bytes,
+        measured_quant_state_bytes=measure_quant_state_bytes(model),
+        memory_before=before,
+        memory_after=after,
+        load_time_s=elapsed,
+    )
+    logger.info("%s", report.to_log_line())
+    return LoadedModel(model=model, tokenizer=tokenizer, report=report)

@@ -1,0 +1,239 @@
+"""Precisions and one small handler per scheme: bytes per converted weight, side tensors, load kwargs.
+
+Each handler answers three questions with no torch at import time:
+- how many bytes a converted Linear weight of `numel` elements takes inside `get_memory_footprint()`
+  (parameters and buffers),
+- how many bytes of side tensors the scheme keeps *outside* parameters and buffers (bitsandbytes' per-row
+  INT8 scales, NF4 per-block absmax), which are real memory but invisible to `get_memory_footprint()`,
+- which keyword arguments `from_pretrained` needs to load the model that way.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+class Precision(str, enum.Enum):
+    """How the model's weights are stored once loaded."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"  # bitsandbytes LLM.int8
+    NF4 = "nf4"  # bitsandbytes 4-bit NormalFloat
+    GPTQ = "gptq"  # a pre-quantized GPTQ checkpoint, loaded as it is
+
+    @property
+    def is_quantized(self) -> bool:
+        """True for schemes that convert Linear weights to fewer than 16 bits."""
+        return self in (Precision.INT8, Precision.NF4, Precision.GPTQ)
+
+
+class DType(str, enum.Enum):
+    """Floating-point dtypes the planner reasons about (names as torch spells them)."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+    @property
+    def bytes(self) -> int:
+        """Bytes per element."""
+        return 4 if self is DType.FLOAT32 else 2
+
+    def to_torch(self) -> Any:  # -> torch.dtype
+        """The torch dtype (imports torch)."""
+        import torch
+
+        return getattr(torch, self.value)
+
+
+NF4_BLOCK_SIZE = 64  # bitsandbytes 4-bit: one absmax per 64 weights
+NF4_NESTED_BLOCK_SIZE = 256  # double quantization: absmax quantized to 8 bits in blocks of 256
+NF4_QUANT_MAP_BYTES = 16 * 4  # the 16-entry fp32 code book per weight
+NF4_NESTED_QUANT_MAP_BYTES = 256 * 4  # the 256-entry fp32 code book of the nested quantization
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One Linear layer a scheme converts: out x in weight, optional bias."""
+
+    out_features: int
+    in_features: int
+    has_bias: bool = False
+
+    @property
+    def numel(self) -> int:
+        """Weight elements."""
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class GptqParams:
+    """What sizes a GPTQ checkpoint: read from its `quantization_config`."""
+
+    bits: int = 4
+    group_size: int = 128  # -1 in the config means one group per input row (we store in_features)
+    desc_act: bool = False
+    sym: bool = True
+
+
+class SchemeHandler:
+    """Base handler: a 16/32-bit dense scheme (no Linear is converted)."""
+
+    precision: Precision
+
+    def __init__(self, precision: Precision) -> None:
+        self.precision = precision
+
+    def converts_linears(self) -> bool:
+        """True when the scheme replaces Linear layers with quantized ones."""
+        return False
+
+    def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
+        """Bytes one converted Linear contributes to `get_memory_footprint()` (weight, bias, buffers)."""
+        return (linear.numel + (linear.out_features if linear.has_bias else 0)) * dense_dtype.bytes
+
+    def linear_side_bytes(self, linear: LinearShape) -> int:
+        """Bytes of quantization state kept outside parameters/buffers (not in the footprint)."""
+        return 0
+
+    def largest_dequant_bytes(self, linears: list[LinearShape], compute_dtype: DType) -> int:
+        """Transient bytes to dequantize the largest converted weight for a matmul (0 for dense)."""
+        return 0
+
+    def load_kwargs(self, compute_dtype: DType) -> dict[str, Any]:
+        """Keyword arguments for `from_pretrained` (imports torch/transformers lazily)."""
+        return {"dtype": compute_dtype.to_torch()}
+
+
+class Int8Handler(SchemeHandler):
+    """bitsandbytes LLM.int8: int8 weight (1 byte) + one fp32 scale per output row (`SCB`, outside params)."""
+
+    def converts_linears(self) -> bool:
+        return True
+
+    def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
+        bias = linear.out_features * dense_dtype.bytes if linear.has_bias else 0
+        return linear.numel + bias
+
+    def linear_side_bytes(self, linear: LinearShape) -> int:
+        return linear.out_features * 4
+
+    def largest_dequant_bytes(self, linears: list[LinearShape], compute_dtype: DType) -> int:
+        return max((lin.numel for lin in linears), default=0) * compute_dtype.bytes
+
+    def load_kwargs(self, compute_dtype: DType) -> dict[str, Any]:
+        from transformers import BitsAndBytesConfig
+
+        return {"dtype": compute_dtype.to_torch(), "quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+
+
+class Nf4Handler(SchemeHandler):
+    """bitsandbytes NF4: two weights per byte + fp32 absmax per 64-block (8-bit + nested fp32 with double quant)."""
+
+    def __init__(self, precision: Precision, double_quant: bool = False) -> None:
+        super().__init__(precision)
+        self.double_quant = double_quant
+
+    def converts_linears(self) -> bool:
+        return True
+
+    def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
+        bias = linear.out_features * dense_dtype.bytes if linear.has_bias else 0
+        return math.ceil(linear.numel / 2) + bias
+
+    def linear_side_bytes(self, linear: LinearShape) -> int:
+        blocks = math.ceil(linear.numel / NF4_BLOCK_SIZE)
+        if not self.double_quant:
+            return blocks * 4 + NF4_QUANT_MAP_BYTES
+        nested_blocks = math.ceil(blocks / NF4_NESTED_BLOCK_SIZE)
+        return blocks + nested_blocks * 4 + NF4_QUANT_MAP_BYTES + NF4_NESTED_QUANT_MAP_BYTES
+
+    def largest_dequant_bytes(self, linears: list[LinearShape], compute_dtype: DType) -> int:
+        return max((lin.numel for lin in linears), default=0) * compute_dtype.bytes
+
+    def load_kwargs(self, compute_dtype: DType) -> dict[str, Any]:
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype.to_torch(),
+        )
+        return {"dtype": compute_dtype.to_torch(), "quantization_config": config}
+
+
+class GptqHandler(SchemeHandler):
+    """A pre-quantized GPTQ checkpoint (GPTQModel QuantLinear; all tensors are buffers, so in the footprint).
+
+    Per converted Linear (in = in_features, out = out_features, b = bits, g = group size):
+    qweight int32 packed in*out*b/8, qzeros int32 (in/g)*out*b/8, scales fp16 (in/g)*out*2, g_idx int32 in*4.
+    """
+
+    def __init__(self, precision: Precision, params: GptqParams) -> None:
+        super().__init__(precision)
+        self.params = params
+
+    def converts_linears(self) -> bool:
+        return True
+
+    def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
+        bits = self.params.bits
+        group = linear.in_features if self.params.group_size <= 0 else self.params.group_size
+        groups = math.ceil(linear.in_features / group)
+        qweight = math.ceil(linear.in_features * bits / 32) * linear.out_features * 4
+        qzeros = groups * math.ceil(linear.out_features * bits / 32) * 4
+        scales = groups * linear.out_features * 2
+        g_idx = linear.in_features * 4
+        bias = linear.out_features * 2 if linear.has_bias else 0
+        return qweight + qzeros + scales + g_idx + bias
+
+    def largest_dequant_bytes(self, linears: list[LinearShape], compute_dtype: DType) -> int:
+        return max((lin.numel for lin in linears), default=0) * compute_dtype.bytes
+
+    def load_kwargs(self, compute_dtype: DType) -> dict[str, Any]:
+        # The checkpoint's own quantization_config drives the load; only the dense dtype is ours to pick.
+        return {"dtype": compute_dtype.to_torch()}
+
+
+def handler_for(
+    precision: Precision, *, double_quant: bool = False, gptq: GptqParams | None = None
+) -> SchemeHandler:
+    """The one factory: the handler for a precision."""
+    if precision is Precision.INT8:
+        return Int8Handler(precision)
+    if precision is Precision.NF4:
+        return Nf4Handler(precision, double_quant=double_quant)
+    if precision is Precision.GPTQ:
+        return GptqHandler(precision, gptq or GptqParams())
+    return SchemeHandler(precision)
+
+
+def dense_dtype_for(precision: Precision, compute_dtype: DType) -> DType:
+    """The dtype of the tensors a scheme leaves dense (embeddings, norms, lm_head, the whole model if 16/32-bit)."""
+    if precision is Precision.FP32:
+        return DType.FLOAT32
+    if precision is Precision.FP16:
+        return DType.FLOAT16
+    if precision is Precision.BF16:
+        return DType.BFLOAT16
+    return compute_dtype
+
+
+def parse_precision(value: str | Precision) -> Precision | None:
+    """Parse `--precision`: "auto" gives None, otherwise a Precision; raises ValueError naming the choices."""
+    if isinstance(value, Precision):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        return Precision(text)
+    except ValueError:
+        choices = ", ".join(["auto", *(p.value for p in Precision)])
+        raise ValueError(f"unknown precision {value!r}; choose one of: {choices}") from None
