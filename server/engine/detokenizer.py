@@ -2,8 +2,8 @@
 
 Byte-level BPE tokens can end in the middle of a UTF-8 character; decoding such a prefix yields U+FFFD. The
 detokenizer decodes a small window of recent tokens (the prefix/read offsets of vLLM and TGI) and holds text back
-while it ends in U+FFFD. Stop strings are searched in the decoded text; text that could still turn out to be the
-start of a stop string is held back too, so a stop string never reaches the client.
+while it ends in U+FFFD. Stop strings are searched in the decoded text; a tail of the text that could still grow
+into a stop string is held back too, so a stop string never reaches the client.
 """
 
 from __future__ import annotations
@@ -79,12 +79,20 @@ class IncrementalDetokenizer:
                 self._text = self._text[:hit]
                 self.stopped = True
                 return DetokenizedDelta(self._take(len(self._text)), True)
-            return DetokenizedDelta(self._take(len(self._text) - self._hold_chars), False)
+            return DetokenizedDelta(self._take(len(self._text) - self._partial_stop_len()), False)
         return DetokenizedDelta(self._take(len(self._text)), False)
 
     def _find_stop(self, search_from: int) -> int | None:
         hits = [i for s in self.stop if (i := self._text.find(s, search_from)) >= 0]
         return min(hits) if hits else None
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest tail of the text that could still grow into a stop string (held back)."""
+        for k in range(min(self._hold_chars, len(self._text)), 0, -1):
+            tail = self._text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
 
     def _take(self, upto: int) -> str:
         if upto <= self._emitted:

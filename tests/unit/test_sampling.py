@@ -1,0 +1,105 @@
+"""Sampling helpers: greedy, seeds, top-k / top-p masks, penalties, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from server.engine.sampling import apply_penalties, apply_top_k_top_p, make_generator, sample
+from server.engine.types import SamplingParams
+
+VOCAB = 50
+
+
+def logits_batch(rows: int = 4, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, VOCAB, generator=gen) * 3
+
+
+def test_greedy_is_argmax() -> None:
+    logits = logits_batch()
+    params = [SamplingParams(max_tokens=1, temperature=0)] * 4
+    out = sample(logits, params, [()] * 4, [None] * 4)
+    assert [s.token_id for s in out] == logits.argmax(-1).tolist()
+
+
+def test_seed_makes_sampling_reproducible() -> None:
+    logits = logits_batch(rows=1)
+    params = [SamplingParams(max_tokens=1, temperature=1.0, seed=1234)]
+
+    def draw(seed: int | None) -> list[int]:
+        gen = make_generator(seed)
+        return [sample(logits, params, [()], [gen])[0].token_id for _ in range(30)]
+
+    assert draw(1234) == draw(1234)
+    assert draw(1234) != draw(4321)
+    assert len(set(draw(1234))) > 1  # it really samples
+
+
+def test_top_k_keeps_exactly_k_best() -> None:
+    logits = logits_batch(rows=2)
+    masked = apply_top_k_top_p(logits, torch.tensor([3, VOCAB]), torch.tensor([1.0, 1.0]))
+    kept = torch.isfinite(masked)
+    assert kept[0].sum() == 3
+    assert set(kept[0].nonzero().flatten().tolist()) == set(logits[0].topk(3).indices.tolist())
+    assert kept[1].all()
+    assert torch.equal(masked[0][kept[0]], logits[0][kept[0]])
+
+
+def test_top_p_keeps_smallest_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    masked = apply_top_k_top_p(logits, torch.tensor([4]), torch.tensor([0.7]))
+    assert torch.isfinite(masked).tolist() == [[True, True, False, False]]
+    masked = apply_top_k_top_p(logits, torch.tensor([4]), torch.tensor([0.1]))
+    assert torch.isfinite(masked).tolist() == [[True, False, False, False]]  # always keeps the best token
+
+
+def test_sampling_respects_top_k() -> None:
+    logits = logits_batch(rows=1, seed=3)
+    params = [SamplingParams(max_tokens=1, temperature=2.0, top_k=2, seed=0)]
+    gen = make_generator(0)
+    allowed = set(logits[0].topk(2).indices.tolist())
+    seen = {sample(logits, params, [()], [gen])[0].token_id for _ in range(50)}
+    assert seen == allowed
+
+
+def test_presence_and_frequency_penalties() -> None:
+    logits = torch.zeros(2, VOCAB)
+    apply_penalties(logits, [[5, 5, 7], [5]], presence=[0.5, 0.0], frequency=[1.0, 0.0])
+    assert logits[0, 5].item() == -(2 * 1.0 + 0.5)
+    assert logits[0, 7].item() == -(1.0 + 0.5)
+    assert logits[0, 6].item() == 0.0
+    assert torch.count_nonzero(logits[1]) == 0
+
+
+def test_penalty_changes_greedy_choice() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 3] = 1.0
+    logits[0, 4] = 0.9
+    params = [SamplingParams(max_tokens=1, temperature=0, frequency_penalty=0.5)]
+    assert sample(logits, params, [[3]], [None])[0].token_id == 4
+    assert sample(logits, params, [[]], [None])[0].token_id == 3
+
+
+def test_logprobs_and_top_alternatives() -> None:
+    logits = logits_batch(rows=2)
+    params = [SamplingParams(max_tokens=1, temperature=0, logprobs=3), SamplingParams(max_tokens=1, temperature=0)]
+    a, b = sample(logits, params, [(), ()], [None, None])
+    ref = logits[0].log_softmax(-1)
+    assert a.token_id == int(ref.argmax())
+    assert math.isclose(a.logprob, ref.max().item(), rel_tol=1e-6)
+    assert [t for t, _ in a.top] == ref.topk(3).indices.tolist()
+    assert all(math.isclose(lp, ref[t].item(), rel_tol=1e-6) for t, lp in a.top)
+    assert b.logprob is None and b.top == ()
+
+
+def test_mixed_batch_greedy_rows_stay_greedy() -> None:
+    logits = logits_batch(rows=3)
+    params = [
+        SamplingParams(max_tokens=1, temperature=0),
+        SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, seed=1),
+        SamplingParams(max_tokens=1, temperature=0),
+    ]
+    out = sample(logits, params, [()] * 3, [None, make_generator(1), None])
+    assert out[0].token_id == int(logits[0].argmax()) and out[2].token_id == int(logits[2].argmax())
