@@ -10,10 +10,13 @@ clear message and exit status 2 instead of a traceback. The engine itself starts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import io
 import logging
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,6 +241,23 @@ class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self._state = state
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Handle SIGINT/SIGTERM as a graceful shutdown and exit normally afterwards.
+
+        uvicorn re-raises the captured signal once it has shut down, which would end the process "killed by
+        SIGTERM"; a drained, clean shutdown should exit 0 instead.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """Stop admitting new requests, then let uvicorn drain the running ones."""
