@@ -1,0 +1,285 @@
+"""The engine on the tiny random Llama: concurrency equivalence, aborts, admission errors, OOM, stats, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.types import (
+    EngineClient,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    FinishReason,
+    PromptTooLongError,
+    QueueFullError,
+    RequestOutput,
+    RequestStats,
+    SamplingParams,
+    StepStats,
+)
+
+
+class ListSink:
+    """A StatsSink that keeps everything."""
+
+    def __init__(self) -> None:
+        self.steps: list[StepStats] = []
+        self.requests: list[RequestStats] = []
+
+    def record_step(self, stats: StepStats) -> None:
+        self.steps.append(stats)
+
+    def record_request(self, stats: RequestStats) -> None:
+        self.requests.append(stats)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def make_engine(tiny, sink: ListSink | None = None, **overrides: object) -> Engine:  # type: ignore[no-untyped-def]
+    model, tokenizer = tiny
+    base: dict[str, object] = dict(
+        served_model_name="tiny", max_model_len=512, kv_capacity_tokens=2048, max_prefill_tokens=256
+    )
+    base.update(overrides)
+    return Engine(model, tokenizer, EngineConfig(**base), stats_sink=sink)  # type: ignore[arg-type]
+
+
+async def collect(stream: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
+    return [out async for out in stream]
+
+
+def greedy(max_tokens: int, **kw: object) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **kw)  # type: ignore[arg-type]
+
+
+def random_prompts(n: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(100, 40000, (int(k),), generator=gen).tolist() for k in torch.randint(2, 80, (n,), generator=gen)]
+
+
+def test_engine_is_an_engine_client(tiny) -> None:  # type: ignore[no-untyped-def]
+    engine = make_engine(tiny)
+    assert isinstance(engine, EngineClient)
+    assert engine.model_name == "tiny" and engine.max_model_len == 512 and not engine.is_ready
+    ids = engine.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert engine.detokenize(ids).endswith("assistant\n")
+    assert engine.tokenize("hello world", add_special_tokens=False) == tiny[1].encode("hello world")
+
+
+def test_concurrent_greedy_equals_generate(tiny) -> None:  # type: ignore[no-untyped-def]
+    model, _ = tiny
+    ps = random_prompts(8)
+    max_tokens = [4, 9, 6, 12, 3, 8, 10, 5]
+    with torch.inference_mode():
+        refs = [
+            model.generate(torch.tensor([p]), max_new_tokens=m, min_new_tokens=m, do_sample=False)[0, len(p) :].tolist()
+            for p, m in zip(ps, max_tokens)
+        ]
+    sink = ListSink()
+
+    async def main() -> list[list[RequestOutput]]:
+        engine = make_engine(tiny, sink)
+        await engine.start()
+
+        async def one(i: int) -> list[RequestOutput]:
+            await asyncio.sleep(0.01 * i)  # staggered arrivals join the running batch
+            return await collect(engine.generate(ps[i], greedy(max_tokens[i]), f"r{i}"))
+
+        results = await asyncio.gather(*(one(i) for i in range(len(ps))))
+        snap = engine.snapshot()
+        assert snap.running == 0 and snap.waiting == 0 and snap.kv_used_tokens == 0 and snap.kv_reserved_tokens == 0
+        await engine.stop(timeout_s=5)
+        return results
+
+    results = asyncio.run(main())
+    for outs, ref, m, p in zip(results, refs, max_tokens, ps):
+        tokens = [t for o in outs for t in o.token_ids_delta]
+        assert tokens == ref
+        assert outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH
+        assert outs[-1].completion_tokens == m and outs[-1].prompt_tokens == len(p)
+        assert not any(o.finished for o in outs[:-1])
+    assert max(s.batch_size for s in sink.steps) > 1  # requests really were batched
+    assert sum(s.decode_tokens for s in sink.steps) + len(ps) == sum(max_tokens)
+    assert sorted(r.status for r in sink.requests) == ["length"] * len(ps)
+    for r in sink.requests:
+        assert r.ttft_s is not None and r.queue_s is not None and r.e2e_s is not None
+        assert 0 <= r.queue_s <= r.ttft_s <= r.e2e_s
+        assert len(r.inter_token_latencies_s) == r.generation_tokens - 1
+
+
+def test_admission_errors_are_raised_before_any_output(tiny) -> None:  # type: ignore[no-untyped-def]
+    sink = ListSink()
+
+    async def main() -> None:
+        engine = make_engine(tiny, sink, max_model_len=64, max_waiting=1, max_batch_size=1)
+        with pytest.raises(EngineUnavailableError):
+            await collect(engine.generate([1, 2, 3], greedy(2), "early"))
+        await engine.start()
+        with pytest.raises(PromptTooLongError):
+            await collect(engine.generate(list(range(100, 160)), greedy(10), "long"))
+        # one runs, one waits, the third finds the queue full
+        first = engine.generate([5] * 10, greedy(40), "a")
+        second = engine.generate([6] * 10, greedy(5), "b")
+        task_a = asyncio.ensure_future(collect(first))
+        await asyncio.sleep(0.05)
+        task_b = asyncio.ensure_future(collect(second))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError):
+            await collect(engine.generate([7] * 10, greedy(5), "c"))
+        await asyncio.gather(task_a, task_b)
+        await engine.stop(timeout_s=5)
+
+    asyncio.run(main())
+    statuses = sorted(r.status for r in sink.requests)
+    assert statuses == ["length", "length", "rejected", "rejected"]
+
+
+def test_consumer_disconnect_aborts_and_frees_kv(tiny) -> None:  # type: ignore[no-untyped-def]
+    sink = ListSink()
+
+    async def main() -> None:
+        engine = make_engine(tiny, sink)
+        await engine.start()
+        stream = engine.generate([9] * 20, greedy(400), "gone")
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 3:
+                break
+        await stream.aclose()  # what the HTTP layer's disconnect does
+        for _ in range(200):
+            snap = engine.snapshot()
+            if snap.running == 0 and snap.kv_reserved_tokens == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert snap.running == 0 and snap.kv_used_tokens == 0 and snap.kv_reserved_tokens == 0
+        # explicit abort of a running request ends its stream with ABORT
+        outs: list[RequestOutput] = []
+
+        async def consume() -> None:
+            async for o in engine.generate([9] * 20, greedy(400), "explicit"):
+                outs.append(o)
+                if len(outs) == 2:
+                    await engine.abort("explicit")
+
+        await asyncio.wait_for(consume(), timeout=30)
+        assert outs[-1].finished and outs[-1].finish_reason is FinishReason.ABORT
+        await engine.abort("never-existed")
+        await engine.stop(timeout_s=5)
+
+    asyncio.run(main())
+    assert [r.status for r in sink.requests] == ["aborted", "aborted"]
+
+
+def test_stop_string_and_seeded_sampling(tiny) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> tuple[list[str], list[list[int]], str]:
+        engine = make_engine(tiny)
+        await engine.start()
+        params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True)
+        runs = [await collect(engine.generate([11, 12, 13], params, f"s{i}")) for i in range(2)]
+        texts = ["".join(o.text_delta for o in outs) for outs in runs]
+        tokens = [[t for o in outs for t in o.token_ids_delta] for outs in runs]
+        # choose a stop string from inside a known greedy output, then check it is cut there
+        full = "".join(o.text_delta for o in await collect(engine.generate([21, 22], greedy(20), "g")))
+        await engine.stop(timeout_s=5)
+        return texts, tokens, full
+
+    texts, tokens, full = asyncio.run(main())
+    assert tokens[0] == tokens[1] and texts[0] == texts[1]
+    assert len(full) > 6
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+
+    async def with_stop() -> list[RequestOutput]:
+        engine = make_engine(tiny)
+        await engine.start()
+        outs = await collect(engine.generate([21, 22], greedy(20, stop=(stop,)), "st"))
+        await engine.stop(timeout_s=5)
+        return outs
+
+    outs = asyncio.run(with_stop())
+    text = "".join(o.text_delta for o in outs)
+    assert text == full[: full.index(stop)]
+    assert outs[-1].finish_reason is FinishReason.STOP
+
+
+def test_logprobs_are_returned(tiny) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> list[RequestOutput]:
+        engine = make_engine(tiny)
+        await engine.start()
+        outs = await collect(engine.generate([3, 4, 5], greedy(3, logprobs=2), "lp"))
+        await engine.stop(timeout_s=5)
+        return outs
+
+    outs = asyncio.run(main())
+    for o in outs:
+        assert o.logprobs_delta is not None and len(o.logprobs_delta) == 1
+        lp = o.logprobs_delta[0]
+        assert lp.token_id == o.token_ids_delta[0] and lp.logprob <= 0
+        assert len(lp.top) == 2 and lp.top[0].token_id == lp.token_id  # greedy picks the top alternative
+
+
+def test_injected_oom_is_survived(tiny) -> None:  # type: ignore[no-untyped-def]
+    sink = ListSink()
+    ps = random_prompts(4)
+
+    async def main() -> tuple[list[list[RequestOutput]], int, int]:
+        engine = make_engine(tiny, sink, oom_inject_steps=(3,))
+        await engine.start()
+        results = await asyncio.gather(
+            *(collect(engine.generate(p, greedy(6), f"o{i}")) for i, p in enumerate(ps))
+        )
+        snap = engine.snapshot()
+        # still serving after the OOM
+        after = await collect(engine.generate([1, 2, 3], greedy(2), "after"))
+        await engine.stop(timeout_s=5)
+        return results + [after], snap.oom_events_total, snap.max_batch_size
+
+    results, ooms, cap = asyncio.run(main())
+    assert ooms == 1 and cap < 4
+    assert all(outs[-1].finish_reason is FinishReason.LENGTH for outs in results)
+    assert [sum(len(o.token_ids_delta) for o in outs) for outs in results] == [6, 6, 6, 6, 2]
+
+
+def test_oom_that_never_goes_away_fails_with_503(tiny) -> None:  # type: ignore[no-untyped-def]
+    sink = ListSink()
+
+    async def main() -> None:
+        engine = make_engine(tiny, sink, oom_inject_steps=(1, 2, 3, 4, 5), max_oom_retries=2)
+        await engine.start()
+        with pytest.raises(EngineOverloadedError) as ctx:
+            await collect(engine.generate([1, 2, 3], greedy(3), "doomed"))
+        assert ctx.value.http_status == 503
+        assert engine.snapshot().kv_reserved_tokens == 0
+        await engine.check_health()  # the engine itself is fine
+        await engine.stop(timeout_s=5)
+
+    asyncio.run(main())
+    assert [r.status for r in sink.requests] == ["error"]
+
+
+def test_stop_aborts_what_does_not_finish_in_time(tiny) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> list[RequestOutput]:
+        engine = make_engine(tiny)
+        await engine.start()
+        task = asyncio.ensure_future(collect(engine.generate([4] * 10, greedy(450), "long")))
+        await asyncio.sleep(0.2)
+        await engine.stop(timeout_s=0.2)
+        assert not engine.is_ready
+        with pytest.raises(EngineUnavailableError):
+            await engine.check_health()
+        return await asyncio.wait_for(task, timeout=10)
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and outs[-1].finish_reason is FinishReason.ABORT
