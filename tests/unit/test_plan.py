@@ -1,0 +1,243 @@
+"""The precision ladder on fake models and fake devices: choice, KV capacity, errors, multi-GPU split."""
+
+from __future__ import annotations
+
+import pytest
+
+from quant.budget import GIB, MIB, BudgetError
+from quant.estimate import ModelShape, estimate_precision
+from quant.plan import NothingFitsError, Plan, PlanInputError, PlanRequest, make_plan
+from quant.schemes import DType, GptqParams, LinearShape, Precision
+from tests.unit.test_budget import FakeProbe
+
+
+def fake_shape(prequantized: Precision | None = None) -> ModelShape:
+    """A 1B-ish Llama: 16 layers, hidden 2048, 8 KV heads of 64, vocab 32000, untied."""
+    layer = [LinearShape(2048, 2048), LinearShape(512, 2048), LinearShape(512, 2048), LinearShape(2048, 2048),
+             LinearShape(8192, 2048), LinearShape(8192, 2048), LinearShape(2048, 8192)]  # fmt: skip
+    linears = tuple(layer * 16)
+    dense = 2 * 32000 * 2048 + 33 * 2048  # embeddings + lm_head + norms
+    total = dense + sum(lin.numel for lin in linears)
+    return ModelShape(
+        model_path="/fake/model", architecture="LlamaForCausalLM", num_layers=16, hidden_size=2048,
+        intermediate_size=8192, num_attention_heads=32, num_kv_heads=8, head_dim=64, vocab_size=32000,
+        max_position_embeddings=4096, tie_word_embeddings=False, total_params=total, dense_params=dense,
+        buffer_bytes=256, linears=linears, prequantized=prequantized,
+        gptq=GptqParams(4, 128) if prequantized is Precision.GPTQ else None,
+    )  # fmt: skip
+
+
+SHAPE = fake_shape()
+
+
+def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, max_model_len: int = 2048) -> int:
+    """Minimum total bytes for one full-length sequence, computed independently of the planner."""
+    est = estimate_precision(SHAPE, precision, dtype, max_batch_tokens=2048, max_num_seqs=256,
+                             max_model_len=max_model_len, n_cuda_devices=n_cuda)  # fmt: skip
+    return est.weights_bytes + est.quant_state_bytes + est.overhead_bytes + est.kv_bytes_per_token * max_model_len
+
+
+def plan_for(budget_bytes: int, probe: FakeProbe | None = None, **kwargs: object) -> Plan:
+    request = PlanRequest(model="/fake/model", memory_budget_bytes=budget_bytes, **kwargs)
+    return make_plan(request, probe=probe or FakeProbe(), shape=SHAPE)
+
+
+def test_needs_are_ordered_like_the_ladder() -> None:
+    assert need(Precision.BF16) > need(Precision.INT8) > need(Precision.NF4)
+
+
+def test_big_budget_chooses_16_bit() -> None:
+    plan = plan_for(64 * GIB)
+    assert plan.precision is Precision.BF16 and plan.kv_dtype == "bfloat16"
+    assert [c.precision for c in plan.candidates] == [Precision.BF16, Precision.INT8, Precision.NF4]
+    assert all(c.fits for c in plan.candidates)
+
+
+def test_between_int8_and_16_bit_chooses_int8() -> None:
+    budget = (need(Precision.BF16) + need(Precision.INT8)) // 2
+    plan = plan_for(budget)
+    assert plan.precision is Precision.INT8
+    assert not plan.candidates[0].fits and plan.candidates[0].shortfall_bytes == need(Precision.BF16) - budget
+    assert "bf16 short by" in plan.reason
+
+
+def test_between_nf4_and_int8_chooses_nf4() -> None:
+    plan = plan_for((need(Precision.INT8) + need(Precision.NF4)) // 2)
+    assert plan.precision is Precision.NF4
+
+
+def test_exactly_the_need_fits() -> None:
+    plan = plan_for(need(Precision.NF4))
+    assert plan.precision is Precision.NF4 and plan.kv_capacity_tokens == 2048
+
+
+def test_kv_capacity_is_what_the_budget_leaves() -> None:
+    budget = 8 * GIB
+    plan = plan_for(budget)
+    fixed = plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes
+    assert plan.kv_bytes_per_token == 2 * 16 * 8 * 64 * 2
+    assert plan.kv_capacity_tokens == (budget - fixed) // plan.kv_bytes_per_token
+    assert plan.max_concurrent_seqs_full_context == plan.kv_capacity_tokens // 2048
+    assert plan.max_concurrent_seqs_typical == plan.kv_capacity_tokens // 512
+    assert plan.total_bytes <= budget
+
+
+def test_kv_capacity_capped_by_useful_tokens_and_max_kv_tokens() -> None:
+    assert plan_for(64 * GIB, max_num_seqs=4).kv_capacity_tokens == 4 * 2048
+    assert plan_for(64 * GIB, max_kv_tokens=5000).kv_capacity_tokens == 5000
+
+
+def test_min_concurrency_raises_the_need() -> None:
+    budget = need(Precision.BF16) + 1000
+    assert plan_for(budget).precision is Precision.BF16
+    plan = plan_for(budget, min_concurrency=4)
+    assert plan.precision is Precision.INT8 and plan.kv_capacity_tokens >= 4 * 2048
+
+
+def test_nothing_fits_names_need_budget_shortfall_and_remedies() -> None:
+    budget = 40 * MIB
+    with pytest.raises(NothingFitsError) as info:
+        plan_for(budget)
+    message = str(info.value)
+    nf4 = need(Precision.NF4)
+    assert "nf4" in message and str(nf4) in message and str(budget) in message
+    assert str(nf4 - budget) in message
+    assert "--max-model-len" in message and "--memory-budget" in message and "GPU" in message
+    plan = info.value.plan
+    assert plan.precision is None and plan.to_json()["chosen"] is None
+    assert len(plan.candidates) == 3 and not any(c.fits for c in plan.candidates)
+
+
+def test_nothing_fits_suggests_a_context_that_fits() -> None:
+    budget = need(Precision.NF4, max_model_len=1024)
+    with pytest.raises(NothingFitsError) as info:
+        plan_for(budget)
+    suggested = int(str(info.value).split("--max-model-len: ")[1].split()[0])
+    assert 1024 <= suggested < 2048
+    assert plan_for(budget, max_model_len=suggested).precision is Precision.NF4
+
+
+def test_forced_precision_that_does_not_fit_says_by_how_much() -> None:
+    budget = need(Precision.INT8)
+    with pytest.raises(NothingFitsError) as info:
+        plan_for(budget, precision="bf16")
+    assert str(need(Precision.BF16) - budget) in str(info.value) and "--force" in str(info.value)
+
+
+def test_force_loads_it_anyway() -> None:
+    plan = plan_for(need(Precision.INT8), precision="bf16", force=True)
+    assert plan.precision is Precision.BF16 and "--force" in plan.reason
+
+
+def test_forced_precision_that_fits() -> None:
+    plan = plan_for(64 * GIB, precision=Precision.NF4)
+    assert plan.precision is Precision.NF4 and [c.precision for c in plan.candidates] == [Precision.NF4]
+
+
+def test_fp32_forced_uses_fp32_everything() -> None:
+    plan = plan_for(64 * GIB, precision="fp32")
+    assert plan.kv_dtype == "float32" and plan.kv_bytes_per_token == 2 * 16 * 8 * 64 * 4
+    assert plan.weights_bytes == SHAPE.total_params * 4 + 256
+
+
+def test_fp16_on_a_gpu_without_bf16() -> None:
+    probe = FakeProbe(gpus=[(16 * GIB, 16 * GIB)], bf16=False)
+    plan = make_plan(PlanRequest(model="/fake/model"), probe=probe, shape=SHAPE)
+    assert plan.precision is Precision.FP16 and plan.kv_dtype == "float16"
+    assert plan.device == "cuda:0" and plan.device_map == "cuda:0" and plan.max_memory is None
+    assert plan.candidates[0].overhead_bytes > 512 * MIB  # CUDA context counted
+
+
+def test_bf16_on_a_gpu_with_bf16() -> None:
+    probe = FakeProbe(gpus=[(16 * GIB, 16 * GIB)], bf16=True)
+    assert make_plan(PlanRequest(model="/fake/model"), probe=probe, shape=SHAPE).precision is Precision.BF16
+
+
+def test_multi_gpu_device_map_and_max_memory() -> None:
+    probe = FakeProbe(gpus=[(6 * GIB, 8 * GIB), (3 * GIB, 8 * GIB)])
+    plan = make_plan(PlanRequest(model="/fake/model", device="cuda"), probe=probe, shape=SHAPE)
+    reserve = 512 * MIB
+    assert plan.device == "cuda" and plan.device_map == "auto"
+    assert plan.budget_bytes == 9 * GIB - 2 * reserve
+    assert plan.max_memory is not None and set(plan.max_memory) == {0, 1}
+    weights = plan.weights_bytes + plan.quant_state_bytes
+    assert sum(plan.max_memory.values()) >= weights  # room for every weight
+    assert plan.max_memory[0] <= 6 * GIB - reserve and plan.max_memory[1] <= 3 * GIB - reserve
+    assert plan.max_memory[0] > plan.max_memory[1]  # split follows the budget
+    assert plan.to_json()["max_memory"] == {"0": plan.max_memory[0], "1": plan.max_memory[1]}
+
+
+def test_prefer_fp32_on_cpu_without_native_bf16() -> None:
+    plan = plan_for(64 * GIB, probe=FakeProbe(native_bf16=False), prefer_fp32_on_cpu=True)
+    assert plan.precision is Precision.FP32 and "fp32 compute is faster" in plan.reason
+    assert [c.precision for c in plan.candidates][:2] == [Precision.FP32, Precision.BF16]
+    tight = plan_for(need(Precision.BF16), probe=FakeProbe(native_bf16=False), prefer_fp32_on_cpu=True)
+    assert tight.precision is Precision.BF16  # fp32 does not fit: the ladder goes on
+
+
+def test_prefer_fp32_ignored_on_cpu_with_native_bf16() -> None:
+    plan = plan_for(64 * GIB, probe=FakeProbe(native_bf16=True), prefer_fp32_on_cpu=True)
+    assert plan.precision is Precision.BF16
+
+
+def test_prequantized_gptq_is_loaded_as_it_is() -> None:
+    shape = fake_shape(Precision.GPTQ)
+    plan = make_plan(PlanRequest(model="/fake", memory_budget_bytes=8 * GIB), probe=FakeProbe(), shape=shape)
+    assert plan.precision is Precision.GPTQ and plan.prequantized
+    assert plan.weights_bytes < need(Precision.INT8)
+    with pytest.raises(PlanInputError, match="pre-quantized gptq"):
+        make_plan(PlanRequest(model="/fake", precision="bf16"), probe=FakeProbe(), shape=shape)
+
+
+def test_gptq_cannot_be_asked_of_a_dense_model() -> None:
+    with pytest.raises(PlanInputError, match="does not quantize to GPTQ"):
+        plan_for(8 * GIB, precision="gptq")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_model_len": 8192}, PlanInputError),  # beyond max_position_embeddings
+        ({"max_model_len": 0}, ValueError),
+        ({"min_concurrency": 0}, ValueError),
+        ({"precision": "int3"}, ValueError),
+        ({"max_kv_tokens": 100}, PlanInputError),
+        ({"max_num_seqs": 2, "min_concurrency": 3}, PlanInputError),
+    ],
+)
+def test_bad_requests(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        plan_for(8 * GIB, **kwargs)
+
+
+def test_bad_device() -> None:
+    with pytest.raises(BudgetError):
+        plan_for(8 * GIB, device="tpu:0")
+
+
+def test_none_means_default_for_server_settings() -> None:
+    request = PlanRequest(model="/m", max_num_seqs=None, max_batch_tokens=None)
+    assert request.max_num_seqs == 256 and request.max_batch_tokens == 2048
+
+
+def test_json_has_the_issue_keys() -> None:
+    out = plan_for((need(Precision.BF16) + need(Precision.INT8)) // 2).to_json()
+    for key in ("budget_bytes", "device", "chosen", "reason", "candidates"):
+        assert key in out
+    assert out["chosen"] == "int8"
+    for cand in out["candidates"]:
+        for key in ("precision", "weights_bytes", "kv_bytes_per_token", "overhead_bytes", "total_bytes", "fits",
+                    "kv_capacity_tokens"):  # fmt: skip
+            assert key in cand
+    assert [c["fits"] for c in out["candidates"]] == [False, True, True]
+
+
+def test_table_and_verdict_render() -> None:
+    from rich.console import Console
+
+    plan = plan_for(8 * GIB)
+    console = Console(width=200, record=True)
+    console.print(plan.to_table())
+    text = console.export_text()
+    assert "bf16" in text and "int8" in text and "nf4" in text and "yes" in text
+    assert plan.verdict().startswith("BF16 on cpu")

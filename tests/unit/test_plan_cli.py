@@ -1,0 +1,118 @@
+"""`fitserve plan` on the default model: the issue's acceptance budgets, exit codes, JSON keys, no weights read."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from quant.budget import MIB
+from quant.plan_cli import EXIT_BAD_INPUT, EXIT_NOTHING_FITS, EXIT_OK, add_plan_parser, run_plan
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fitserve")
+    add_plan_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["plan", *argv])
+
+
+def plan_json(model_dir: Path, budget: str, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, dict]:
+    args = parse("--model", str(model_dir), "--memory-budget", budget, "--json", *extra)
+    code = args.func(args)
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def needs(default_model_dir: Path) -> dict[str, int]:
+    """Minimum total bytes per precision on the default model, from a generous plan."""
+    from quant.plan import PlanRequest, make_plan
+
+    plan = make_plan(PlanRequest(model=default_model_dir, memory_budget_bytes=8 << 30))
+    return {c.precision.value: c.total_bytes for c in plan.candidates}
+
+
+def test_8gib_chooses_16_bit(default_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = plan_json(default_model_dir, "8GiB", capsys)
+    assert code == EXIT_OK and out["chosen"] == "bf16" and out["device"] == "cpu"
+    assert out["budget_bytes"] == 8 << 30 and out["reason"]
+    assert [c["precision"] for c in out["candidates"]] == ["bf16", "int8", "nf4"]
+    for cand in out["candidates"]:
+        assert {"precision", "weights_bytes", "kv_bytes_per_token", "overhead_bytes", "total_bytes", "fits",
+                "kv_capacity_tokens"} <= set(cand)  # fmt: skip
+        assert cand["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2
+
+
+def test_between_int8_and_16_bit_chooses_int8(default_model_dir: Path, needs: dict[str, int],
+                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    code, out = plan_json(default_model_dir, str((needs["bf16"] + needs["int8"]) // 2), capsys)
+    assert code == EXIT_OK and out["chosen"] == "int8"
+    assert [c["fits"] for c in out["candidates"]] == [False, True, True]
+
+
+def test_between_nf4_and_int8_chooses_nf4(default_model_dir: Path, needs: dict[str, int],
+                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    code, out = plan_json(default_model_dir, str((needs["int8"] + needs["nf4"]) // 2), capsys)
+    assert code == EXIT_OK and out["chosen"] == "nf4"
+
+
+def test_40mib_exits_3_with_the_message(default_model_dir: Path, needs: dict[str, int],
+                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    args = parse("--model", str(default_model_dir), "--memory-budget", "40MiB")
+    assert run_plan(args) == EXIT_NOTHING_FITS
+    err = capsys.readouterr().err
+    assert "nothing fits" in err and "nf4" in err and str(needs["nf4"]) in err
+    assert str(40 * MIB) in err and "short by" in err and str(needs["nf4"] - 40 * MIB) in err
+    assert "--max-model-len" in err and "--memory-budget" in err and "GPU" in err
+
+
+def test_40mib_json_has_chosen_null(default_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = plan_json(default_model_dir, "40MiB", capsys)
+    assert code == EXIT_NOTHING_FITS and out["chosen"] is None and not any(c["fits"] for c in out["candidates"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--memory-budget", "lots"),
+        ("--memory-budget=-1GiB",),
+        ("--max-model-len", "0"),
+        ("--max-model-len", "100000"),
+        ("--device", "tpu"),
+        ("--precision", "gptq"),
+    ],
+)
+def test_bad_input_exits_2(default_model_dir: Path, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]) -> None:
+    args = parse("--model", str(default_model_dir), *argv)
+    assert run_plan(args) == EXIT_BAD_INPUT
+    assert "error" in capsys.readouterr().err
+
+
+def test_missing_model_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse("--model", str(tmp_path), "--json")  # a directory without config.json
+    assert run_plan(args) == EXIT_BAD_INPUT
+    assert "config.json" in json.loads(capsys.readouterr().out)["error"]["message"]
+
+
+def test_human_output_has_table_and_verdict(default_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse("--model", str(default_model_dir), "--memory-budget", "8GiB")
+    assert run_plan(args) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "memory plan" in out and "nf4" in out and "BF16 on cpu" in out
+
+
+def test_plan_reads_no_weights(default_model_dir: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("fitserve plan must not read weights")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    code, out = plan_json(default_model_dir, "8GiB", capsys)
+    assert code == EXIT_OK and out["chosen"] == "bf16"
