@@ -37,6 +37,8 @@ class FakeBehaviour:
     kv_capacity_tokens: int = 4096
     memory_budget_bytes: int = 2 * 1024**3
     prompt_tokens: int = 20
+    send_usage: bool = True  # the usage chunk of stream_options.include_usage
+    truncate_stream: bool = False  # end the stream without `[DONE]`
 
 
 @dataclass(eq=False)  # compared by identity: removed from `FakeState.prefilling` by `is`
@@ -93,6 +95,12 @@ def create_fake_app(behaviour: FakeBehaviour) -> FastAPI:
         for other in state.prefilling:
             other.peak = max(other.peak, state.in_flight)
         state.statuses.append(200)
+        if not body.get("stream"):
+            state.in_flight -= 1
+            text = "".join(f" w{i}" for i in range(max_tokens))
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            usage = {"prompt_tokens": behaviour.prompt_tokens, "completion_tokens": max_tokens}
+            return JSONResponse({"choices": [choice], "usage": usage})
         return StreamingResponse(_stream(behaviour, state, gate, chat, max_tokens), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
@@ -145,9 +153,12 @@ async def _stream(
             choice = {"index": 0, "delta": {"content": f" w{i}"}} if chat else {"index": 0, "text": f" w{i}"}
             yield f"data: {json.dumps({'choices': [choice]})}\n\n"
         release()
-        usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": max_tokens,
-                 "total_tokens": b.prompt_tokens + max_tokens}
-        yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+        if b.truncate_stream:
+            return
+        if b.send_usage:
+            usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": max_tokens,
+                     "total_tokens": b.prompt_tokens + max_tokens}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         if prefill in state.prefilling:
