@@ -172,7 +172,8 @@ class GptqHandler(SchemeHandler):
     """A pre-quantized GPTQ checkpoint (GPTQModel QuantLinear; all tensors are buffers, so in the footprint).
 
     Per converted Linear (in = in_features, out = out_features, b = bits, g = group size):
-    qweight int32 packed in*out*b/8, qzeros int32 (in/g)*out*b/8, scales fp16 (in/g)*out*2, g_idx int32 in*4.
+    qweight int32 packed in*out*b/8, qzeros int32 (in/g)*out*b/8, scales fp16 (in/g)*out*2, g_idx int32 in*4,
+    and two int32 shift tables of 32/b entries (GPTQModel's torch kernel registers them as buffers).
     """
 
     def __init__(self, precision: Precision, params: GptqParams) -> None:
@@ -191,7 +192,8 @@ class GptqHandler(SchemeHandler):
         scales = groups * linear.out_features * 2
         g_idx = linear.in_features * 4
         bias = linear.out_features * 2 if linear.has_bias else 0
-        return qweight + qzeros + scales + g_idx + bias
+        shifts = 2 * (32 // bits) * 4  # GPTQModel's CPU kernel: two int32 bit-shift tables per layer
+        return qweight + qzeros + scales + g_idx + bias + shifts
 
     def largest_dequant_bytes(self, linears: list[LinearShape], compute_dtype: DType) -> int:
         return max((lin.numel for lin in linears), default=0) * compute_dtype.bytes

@@ -53,7 +53,8 @@ def test_gptq_4bit_group_128() -> None:
     qzeros = 4 * (256 * 4 // 32) * 4
     scales = 4 * 256 * 2
     g_idx = 512 * 4
-    assert gptq.linear_footprint_bytes(lin, DType.FLOAT16) == qweight + qzeros + scales + g_idx
+    shifts = 2 * 8 * 4
+    assert gptq.linear_footprint_bytes(lin, DType.FLOAT16) == qweight + qzeros + scales + g_idx + shifts
 
 
 def test_dense_dtype_per_precision() -> None:
