@@ -1,0 +1,183 @@
+"""Decode throughput of the engine alone (no HTTP) at several batch sizes.
+
+For each batch size B, B requests (same prompt length, ignore_eos, fixed max_tokens) are submitted at once and
+run to completion. Reported per B: output tokens/s over the whole run, decode tokens/s (decode-only steps:
+decode tokens / their step time), median TTFT and mean step time, plus a plain `model.generate` batch-1 baseline.
+
+    .venv/bin/python benchmarks/engine_throughput.py --dtype fp32 --batch-sizes 1,4,16 --out bench-out/engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import enum
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("engine_throughput")
+
+
+class DType(str, enum.Enum):
+    """Dense precisions worth comparing on CPU."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+@dataclass
+class Result:
+    """Numbers for one batch size."""
+
+    batch_size: int
+    output_tokens: int
+    wall_s: float
+    output_tokens_per_s: float
+    decode_tokens_per_s: float
+    mean_decode_step_s: float
+    median_ttft_s: float
+    steps: int
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.steps: list[Any] = []
+        self.requests: list[Any] = []
+
+    def record_step(self, stats: Any) -> None:
+        self.steps.append(stats)
+
+    def record_request(self, stats: Any) -> None:
+        self.requests.append(stats)
+
+
+def default_model_dir() -> Path:
+    """The converted default model (fetched by `fitserve model fetch`)."""
+    from quant.model_store import fetch_default_model
+
+    return fetch_default_model()
+
+
+def load(model_dir: Path, dtype: DType) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = torch.float32 if dtype is DType.FP32 else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def bench_engine(model: Any, tokenizer: Any, batch: int, prompt_tokens: int, max_tokens: int) -> Result:
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from server.engine.types import SamplingParams
+
+    sink = _Sink()
+    cfg = EngineConfig(
+        served_model_name="bench",
+        max_model_len=2048,
+        kv_capacity_tokens=max(4096, batch * (prompt_tokens + max_tokens) + 256),
+        max_prefill_tokens=max(512, prompt_tokens * batch),
+    )
+    prompts = [[100 + (7 * i + j) % 20000 for j in range(prompt_tokens)] for i in range(batch)]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def main() -> float:
+        engine = Engine(model, tokenizer, cfg, stats_sink=sink)
+        await engine.start()
+
+        async def one(i: int) -> int:
+            return sum([len(o.token_ids_delta) async for o in engine.generate(prompts[i], params, f"b{i}")])
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(i) for i in range(batch)))
+        wall = time.perf_counter() - t0
+        await engine.stop(timeout_s=5)
+        assert sum(counts) == batch * max_tokens
+        return wall
+
+    wall = asyncio.run(main())
+    decode_steps = [s for s in sink.steps if s.prefill_tokens == 0]
+    decode_time = sum(s.step_duration_s for s in decode_steps)
+    decode_tokens = sum(s.decode_tokens for s in decode_steps)
+    return Result(
+        batch_size=batch,
+        output_tokens=batch * max_tokens,
+        wall_s=wall,
+        output_tokens_per_s=batch * max_tokens / wall,
+        decode_tokens_per_s=decode_tokens / decode_time if decode_time else 0.0,
+        mean_decode_step_s=decode_time / len(decode_steps) if decode_steps else 0.0,
+        median_ttft_s=statistics.median(r.ttft_s for r in sink.requests),
+        steps=len(sink.steps),
+    )
+
+
+def bench_generate(model: Any, prompt_tokens: int, max_tokens: int) -> float:
+    """Plain `model.generate` at batch 1 (tokens/s), the single-stream baseline."""
+    import torch
+
+    ids = torch.tensor([[100 + j for j in range(prompt_tokens)]])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+        return max_tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument("--dtype", type=DType, default=DType.FP32, choices=list(DType))
+    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the model.generate batch-1 baseline")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/engine_throughput.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.model_dir or default_model_dir(), args.dtype)
+    baseline = None if args.no_baseline else bench_generate(model, args.prompt_tokens, args.max_tokens)
+    results = []
+    # warm-up (first forward allocates, first SDPA picks kernels)
+    bench_engine(model, tokenizer, 1, args.prompt_tokens, 4)
+    for b in (int(x) for x in args.batch_sizes.split(",")):
+        r = bench_engine(model, tokenizer, b, args.prompt_tokens, args.max_tokens)
+        results.append(r)
+        logger.info(
+            "batch %2d: %7.1f output tok/s, %7.1f decode tok/s, decode step %6.1f ms, median TTFT %6.3f s",
+            b,
+            r.output_tokens_per_s,
+            r.decode_tokens_per_s,
+            r.mean_decode_step_s * 1e3,
+            r.median_ttft_s,
+        )
+    if baseline is not None:
+        logger.info("model.generate batch 1: %.1f tok/s", baseline)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "dtype": args.dtype.value,
+                "threads": args.threads,
+                "prompt_tokens": args.prompt_tokens,
+                "max_tokens": args.max_tokens,
+                "generate_batch1_tokens_per_s": baseline,
+                "results": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+    )
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()

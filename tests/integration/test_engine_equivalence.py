@@ -1,0 +1,139 @@
+"""THE engine test: 16 concurrent greedy requests through the engine equal `model.generate` on each prompt alone.
+
+Requests of mixed prompt lengths and max_tokens arrive at different times, so they join a running batch
+mid-flight (continuous batching, packed prefill + decode in one step). With temperature 0 every request must
+produce token for token what `model.generate` (greedy) gives for its prompt alone, in the same precision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TOPICS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain how a hash map works.",
+    "List five fruits and one fact about each.",
+    "Tell me a story about a robot who learns to paint.",
+    "What are the main causes of the French Revolution?",
+    "How do I make a cup of tea?",
+    "Describe the water cycle for a ten year old.",
+]
+LONG_CONTEXT = (
+    "The following notes describe a small town. The town has a bakery, a library, a river with two bridges, "
+    "a school with three hundred pupils and a market every Saturday where farmers sell vegetables and cheese. "
+)
+
+
+class Precision(str, enum.Enum):
+    """The precisions this test loads the default model in."""
+
+    BF16 = "bf16"
+    FP32 = "fp32"
+    INT8 = "int8"
+    NF4 = "nf4"
+
+
+def load(model_dir: Path, precision: Precision) -> tuple[Any, Any]:
+    """The default model and tokenizer in the given precision (bitsandbytes for INT8/NF4, on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {}
+    if precision is Precision.BF16:
+        kwargs["dtype"] = torch.bfloat16
+    elif precision is Precision.FP32:
+        kwargs["dtype"] = torch.float32
+    elif precision is Precision.INT8:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = torch.float32
+    else:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        kwargs["dtype"] = torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def make_requests(tokenizer: Any, n: int = 16, seed: int = 0) -> list[tuple[list[int], int, float]]:
+    """(prompt ids, max_tokens, arrival delay) for n requests of mixed prompt lengths."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(n):
+        content = TOPICS[i % len(TOPICS)]
+        if i % 3 == 1:
+            content = LONG_CONTEXT * rng.randint(1, 6) + content
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        requests.append((list(ids), rng.choice([8, 16, 24, 32, 48]), rng.uniform(0.0, 3.0)))
+    return requests
+
+
+def reference(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, float]]) -> list[list[int]]:
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from server.engine.types import SamplingParams
+
+    config = EngineConfig(
+        served_model_name="smollm2-135m-instruct",
+        max_model_len=2048,
+        kv_capacity_tokens=16384,
+        max_batch_size=None,
+        max_waiting=256,
+        max_prefill_tokens=512,
+    )
+
+    async def main() -> list[list[int]]:
+        engine = Engine(model, tokenizer, config)
+        await engine.start()
+
+        async def one(i: int, prompt: list[int], max_tokens: int, delay_s: float) -> list[int]:
+            await asyncio.sleep(delay_s)
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+            return [t async for out in engine.generate(prompt, params, f"eq-{i}") for t in out.token_ids_delta]
+
+        try:
+            return list(await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests))))
+        finally:
+            await engine.stop(timeout_s=10)
+
+    return asyncio.run(main())
+
+
+def check_equivalence(model_dir: Path, precision: Precision) -> tuple[int, int, list[str]]:
+    """(exactly equal requests, total, diffs) for one precision."""
+    model, tokenizer = load(model_dir, precision)
+    requests = make_requests(tokenizer)
+    expected = [reference(model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
+    got = run_engine(model, tokenizer, requests)
+    diffs = [
+        f"request {i} (prompt {len(r[0])} tokens): engine {g} != generate {e}"
+        for i, (r, g, e) in enumerate(zip(requests, got, expected))
+        if g != e
+    ]
+    return len(requests) - len(diffs), len(requests), diffs
+
+
+@pytest.mark.timeout(1200)
+def test_bf16_engine_equals_generate_token_for_token(default_model_dir: Path) -> None:
+    exact, total, diffs = check_equivalence(default_model_dir, Precision.BF16)
+    assert not diffs, "\n".join(diffs)
+    assert exact == total == 16
