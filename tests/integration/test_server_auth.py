@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_api_key_from_flag_and_environment(default_model_dir: Path) -> None:
-    args = ["--model", str(default_model_dir), "--max-model-len", "256", "--served-model-name", "smol"]
+    args = ["--model", str(default_model_dir), "--max-model-len", "256", "--max-kv-tokens", "4096", "--served-model-name", "smol"]
     with live_server(args, env={"FITSERVE_API_KEY": "from-env"}) as base_url:
         anonymous = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as caught:

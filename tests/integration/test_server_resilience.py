@@ -18,7 +18,7 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 
 
 def test_injected_oom_keeps_serving(default_model_dir: Path) -> None:
-    args = ["--model", str(default_model_dir), "--served-model-name", SERVED, "--max-model-len", "256",
+    args = ["--model", str(default_model_dir), "--served-model-name", SERVED, "--max-model-len", "256", "--max-kv-tokens", "4096",
             "--max-batch-size", "4", "--oom-inject-steps", "3"]  # fmt: skip
     with live_server(args) as base_url, httpx.Client(base_url=base_url, timeout=120) as http:
         body = {"model": SERVED, "messages": CHAT, "max_tokens": 8, "temperature": 0}
@@ -65,7 +65,7 @@ async def _flood(base_url: str, count: int) -> list[tuple[str, object]]:
 
 
 def test_64_concurrent_streams_complete_or_get_429(default_model_dir: Path) -> None:
-    args = ["--model", str(default_model_dir), "--served-model-name", SERVED, "--max-model-len", "256",
+    args = ["--model", str(default_model_dir), "--served-model-name", SERVED, "--max-model-len", "256", "--max-kv-tokens", "4096",
             "--max-batch-size", "4", "--max-waiting", "8"]  # fmt: skip
     with live_server(args) as base_url:
         results = asyncio.run(_flood(base_url, 64))

@@ -21,7 +21,7 @@ def test_sigterm_finishes_running_stream_then_exits(default_model_dir: Path, tmp
     port = free_port()
     log_path = tmp_path / "serve.log"
     command = [sys.executable, "-m", "server", "serve", "--model", str(default_model_dir), "--served-model-name",
-               "smol", "--max-model-len", "256", "--port", str(port), "--shutdown-timeout", "120"]  # fmt: skip
+               "smol", "--max-model-len", "256", "--max-kv-tokens", "4096", "--port", str(port), "--shutdown-timeout", "120"]  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
