@@ -169,6 +169,8 @@ class SystemProbe:
     cgroup_root: Path = field(default_factory=lambda: Path("/sys/fs/cgroup"))
 
     def cuda_device_count(self) -> int:
+        if not nvidia_driver_present():
+            return 0  # no driver: no GPU, and no need to pay for importing torch
         try:
             import torch
         except ImportError:  # pragma: no cover
@@ -230,6 +232,11 @@ def read_cgroup_memory(root: Path) -> tuple[int, int] | None:
             usage = 0
         return limit, usage
     return None
+
+
+def nvidia_driver_present() -> bool:
+    """True when an NVIDIA kernel driver is loaded (cheap check before importing torch.cuda)."""
+    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:

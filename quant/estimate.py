@@ -8,8 +8,11 @@ Formulas are in docs/memory-model.md.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +144,74 @@ def _should_convert(name: str, patterns: list[str]) -> bool:
         return not any(name == p or name.startswith(p + ".") or name.endswith(p) for p in patterns)
 
 
-def inspect_model(model: str | Path) -> ModelShape:
+SHAPE_CACHE_VERSION = 1
+
+
+def _shape_cache_file(model: str | Path, cache_dir: Path) -> Path | None:
+    """Cache file for a local model: keyed by its config.json bytes and the transformers version."""
+    config_file = Path(model) / "config.json"
+    if not config_file.is_file():
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tf_version = version("transformers")
+    except PackageNotFoundError:  # pragma: no cover
+        tf_version = "unknown"
+    digest = hashlib.sha256(config_file.read_bytes() + f"|{tf_version}|{SHAPE_CACHE_VERSION}".encode()).hexdigest()
+    return cache_dir / f"{digest[:32]}.json"
+
+
+def shape_to_json(shape: ModelShape) -> dict[str, Any]:
+    """A JSON-ready dict of a ModelShape (Linear layers as [out, in, bias] triples)."""
+    out = asdict(shape)
+    out["linears"] = [[lin.out_features, lin.in_features, lin.has_bias] for lin in shape.linears]
+    out["prequantized"] = shape.prequantized.value if shape.prequantized else None
+    return out
+
+
+def shape_from_json(data: dict[str, Any]) -> ModelShape:
+    """Inverse of shape_to_json."""
+    fields = dict(data)
+    fields["linears"] = tuple(LinearShape(int(o), int(i), bool(b)) for o, i, b in data["linears"])
+    fields["prequantized"] = Precision(data["prequantized"]) if data.get("prequantized") else None
+    fields["gptq"] = GptqParams(**data["gptq"]) if data.get("gptq") else None
+    return ModelShape(**fields)
+
+
+def inspect_model(model: str | Path, cache_dir: Path | None = None, use_cache: bool = True) -> ModelShape:
+    """The model's shape, from the on-disk shape cache or by building its meta-device skeleton.
+
+    The cache (default `$FITSERVE_HOME/shapes`) holds one small JSON per local model, keyed by the bytes of
+    its config.json and the transformers version, so `fitserve plan` skips torch/transformers after the first
+    run. A missing or unreadable entry is rebuilt; hub ids are never cached.
+    """
+    cache_file = None
+    if use_cache:
+        if cache_dir is None:
+            from quant.model_store import fitserve_home
+
+            cache_dir = fitserve_home() / "shapes"
+        cache_file = _shape_cache_file(model, cache_dir)
+    if cache_file is not None and cache_file.is_file():
+        try:
+            shape = shape_from_json(json.loads(cache_file.read_text()))
+            return replace(shape, model_path=str(model))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("ignoring unreadable shape cache %s (%s)", cache_file, error)
+    shape = build_shape(model)
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(shape_to_json(shape)))
+            tmp.replace(cache_file)
+        except OSError as error:  # a read-only home must not break planning
+            logger.debug("could not write shape cache %s: %s", cache_file, error)
+    return shape
+
+
+def build_shape(model: str | Path) -> ModelShape:
     """Build the model skeleton on the meta device and measure it (no weights are read)."""
     import torch
     from accelerate import init_empty_weights

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from quant.estimate import ModelShape, inspect_model, kv_bytes_per_token, overhead, weights_bytes
+from quant.estimate import ModelShape, inspect_model, kv_bytes_per_token, overhead, shape_to_json, weights_bytes
 from quant.load import measure_quant_state_bytes
 from quant.schemes import DType, Precision, handler_for
 
 
 @pytest.fixture(scope="module")
 def tiny_shape(tiny_model_dir: Path) -> ModelShape:
-    return inspect_model(tiny_model_dir)
+    return inspect_model(tiny_model_dir, use_cache=False)
 
 
 def test_shape_read_from_config_and_skeleton(tiny_shape: ModelShape) -> None:
@@ -72,3 +72,26 @@ def test_overhead_parts(tiny_shape: ModelShape) -> None:
                      max_model_len=256, n_cuda_devices=2)  # fmt: skip
     assert quant.dequant_bytes == 128 * 64 * 2  # largest converted weight (gate/up/down) in bf16
     assert quant.cuda_context_bytes == 2 * 512 * (1 << 20)
+
+
+def test_shape_cache_round_trip(tiny_model_dir: Path, tiny_shape: ModelShape, tmp_path: Path) -> None:
+    first = inspect_model(tiny_model_dir, cache_dir=tmp_path)
+    (entry,) = list(tmp_path.glob("*.json"))
+    assert first == tiny_shape
+    second = inspect_model(tiny_model_dir, cache_dir=tmp_path)  # served from the cache
+    assert second == tiny_shape and shape_to_json(second) == shape_to_json(tiny_shape)
+    entry.write_text("{not json")
+    assert inspect_model(tiny_model_dir, cache_dir=tmp_path) == tiny_shape  # unreadable entry: rebuilt
+
+
+def test_shape_cache_key_follows_config(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    cache = tmp_path / "cache"
+    inspect_model(copy, cache_dir=cache)
+    config = (copy / "config.json").read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3')
+    (copy / "config.json").write_text(config)
+    assert inspect_model(copy, cache_dir=cache).num_layers == 3
+    assert len(list(cache.glob("*.json"))) == 2

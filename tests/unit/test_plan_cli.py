@@ -103,7 +103,8 @@ def test_human_output_has_table_and_verdict(default_model_dir: Path, capsys: pyt
 
 
 def test_plan_reads_no_weights(default_model_dir: Path, capsys: pytest.CaptureFixture[str],
-                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # fmt: skip
+    monkeypatch.setenv("FITSERVE_HOME", str(tmp_path))  # cold shape cache: the skeleton is really built
     import safetensors
     import safetensors.torch
     import torch
@@ -116,3 +117,4 @@ def test_plan_reads_no_weights(default_model_dir: Path, capsys: pytest.CaptureFi
     monkeypatch.setattr(torch, "load", refuse)
     code, out = plan_json(default_model_dir, "8GiB", capsys)
     assert code == EXIT_OK and out["chosen"] == "bf16"
+    assert list((tmp_path / "shapes").glob("*.json"))  # built, then cached

@@ -1,0 +1,47 @@
+"""`fitserve plan` as a user runs it: a separate process, the installed console script, wall-clock time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
+    exe = shutil.which("fitserve", path=str(Path(sys.executable).parent))
+    cmd = [exe, "plan", *argv] if exe else [sys.executable, "-m", "quant", *argv]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+    return proc, time.perf_counter() - start
+
+
+def test_plan_json_cold_then_warm(default_model_dir: Path, tmp_path: Path) -> None:
+    env = {"FITSERVE_HOME": str(tmp_path)}
+    cold, cold_s = run_cli("--model", str(default_model_dir), "--memory-budget", "8GiB", "--json", env=env)
+    assert cold.returncode == 0, cold.stderr
+    assert json.loads(cold.stdout)["chosen"] == "bf16"
+    warm, warm_s = run_cli("--model", str(default_model_dir), "--memory-budget", "8GiB", "--json", env=env)
+    assert warm.returncode == 0 and json.loads(warm.stdout) == json.loads(cold.stdout)
+    print(f"fitserve plan: cold {cold_s:.2f}s, warm {warm_s:.2f}s")
+    assert warm_s < 5.0
+
+
+def test_default_model_and_exit_3(default_model_dir: Path) -> None:
+    proc, _ = run_cli("--memory-budget", "40MiB")
+    assert proc.returncode == 3
+    assert "nothing fits" in proc.stderr and "short by" in proc.stderr
+
+
+def test_python_m_quant_human_output(default_model_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "quant", "--model", str(default_model_dir), "--memory-budget",
+                           "500MiB"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "memory plan" in proc.stdout and "INT8 on cpu" in proc.stdout
