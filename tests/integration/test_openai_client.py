@@ -148,7 +148,9 @@ def test_http_level_errors(base_url: str) -> None:
         assert missing.status_code == 404 and "error" in missing.json()
         invalid = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert invalid.status_code == 400 and invalid.json()["error"]["code"] == "invalid_json"
-        assert http.get("/health").status_code == 200
+        out_of_vocab = http.post("/v1/completions", json={"model": SERVED, "prompt": [1, 2, 10**8], "max_tokens": 2})
+        assert out_of_vocab.status_code == 400 and out_of_vocab.json()["error"]["param"] == "prompt"
+        assert http.get("/health").status_code == 200  # the bad ids never reached the engine
         assert http.get("/ready").status_code == 200
         assert http.get("/version").json()["version"]
         tokens = http.post("/tokenize", json={"prompt": "Paris"}).json()["tokens"]
