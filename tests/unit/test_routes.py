@@ -7,7 +7,7 @@ import sys
 
 from tests.fakes import FakeEngine
 from tests.fakes.engine import GREEDY_REPLY
-from tests.unit.routes_helpers import MODEL, make_client, sse_events
+from tests.fakes.routes import MODEL, make_client, sse_events
 
 
 def test_completion_text_prompt() -> None:

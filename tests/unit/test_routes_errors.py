@@ -8,7 +8,7 @@ import pytest
 
 from server.engine.types import EngineOverloadedError, EngineUnavailableError
 from tests.fakes import FakeEngine
-from tests.unit.routes_helpers import MODEL, assert_openai_error, make_client, sse_events
+from tests.fakes.routes import MODEL, assert_openai_error, make_client, sse_events
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
