@@ -152,7 +152,8 @@ class OpenAIClient:
                 return
             last_chunk_s: float | None = None
             usage: dict[str, Any] | None = None
-            done = False
+            done = False  # `[DONE]` seen, or every choice got a finish_reason (some servers send no `[DONE]`)
+            finished = False
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, `event:` lines
@@ -165,6 +166,7 @@ class OpenAIClient:
                     _fail(result, ErrorKind.PROTOCOL, _error_message(json.dumps(event)))
                     return
                 usage = event.get("usage") or usage
+                finished = finished or any(c.get("finish_reason") for c in event.get("choices") or [])
                 if _has_content(event, self.endpoint):
                     now = time.perf_counter()
                     if last_chunk_s is None:
@@ -173,8 +175,8 @@ class OpenAIClient:
                         result.itl_s.append(now - last_chunk_s)
                     last_chunk_s = now
                     result.chunks += 1
-            if not done:
-                _fail(result, ErrorKind.CONNECTION, "stream ended without [DONE]")
+            if not (done or finished):
+                _fail(result, ErrorKind.CONNECTION, "stream ended without [DONE] or a finish_reason")
                 return
         if usage and usage.get("completion_tokens") is not None:
             result.output_tokens = int(usage["completion_tokens"])

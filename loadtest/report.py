@@ -62,10 +62,13 @@ def verdict_lines(v: MaxBatchVerdict) -> list[str]:
     else:
         lines.append(f"Concurrency {v.first_failing} failed: " + "; ".join(f"{f.reason.value} ({f.detail})" for f in v.reasons))
     if v.predicted_capacity is not None:
-        lines.append(
-            f"Server's prediction: {v.predicted_capacity} (KV capacity {v.kv_capacity_tokens} tokens / "
-            f"{v.request_tokens} tokens per request = {v.predicted_kv_capacity}; server max batch {v.server_max_batch_size})"
-        )
+        parts = []
+        if v.predicted_kv_capacity is not None:
+            parts.append(f"KV capacity {v.kv_capacity_tokens} tokens / {v.request_tokens} tokens per request = "
+                         f"{v.predicted_kv_capacity}")
+        if v.server_max_batch_size is not None:
+            parts.append(f"server max batch {v.server_max_batch_size}")
+        lines.append(f"Server's prediction: {v.predicted_capacity} ({'; '.join(parts)})")
     return lines
 
 

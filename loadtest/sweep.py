@@ -176,6 +176,10 @@ class LevelRunner:
         self.on_request_done = on_request_done
         self._next_index = 0
 
+    def reset_indices(self) -> None:
+        """Start the next level from request 0 again, so that every level sends the same prompts."""
+        self._next_index = 0
+
     async def run(self, spec: LevelSpec, state: SweepState | None = None) -> LevelResult:
         """Run one level, judge it, and append it to `state`. On cancellation, the partial level is kept."""
         if self.on_level_start:

@@ -38,7 +38,8 @@ class FakeBehaviour:
     memory_budget_bytes: int = 2 * 1024**3
     prompt_tokens: int = 20
     send_usage: bool = True  # the usage chunk of stream_options.include_usage
-    truncate_stream: bool = False  # end the stream without `[DONE]`
+    truncate_stream: bool = False  # end the stream before the last token: no finish_reason, no `[DONE]`
+    send_done: bool = True  # False: like `transformers serve`, end after the finish_reason chunk
 
 
 @dataclass(eq=False)  # compared by identity: removed from `FakeState.prefilling` by `is`
@@ -149,17 +150,20 @@ async def _stream(
         for i in range(max_tokens):
             if i:
                 await asyncio.sleep(b.token_delay_s)
+            if b.truncate_stream and i == max_tokens - 1:
+                release()
+                return
             state.generated_tokens += 1
             choice = {"index": 0, "delta": {"content": f" w{i}"}} if chat else {"index": 0, "text": f" w{i}"}
+            choice["finish_reason"] = "length" if i == max_tokens - 1 else None
             yield f"data: {json.dumps({'choices': [choice]})}\n\n"
         release()
-        if b.truncate_stream:
-            return
         if b.send_usage:
             usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": max_tokens,
                      "total_tokens": b.prompt_tokens + max_tokens}
             yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
+        if b.send_done:
+            yield "data: [DONE]\n\n"
     finally:
         if prefill in state.prefilling:
             state.prefilling.remove(prefill)

@@ -31,7 +31,7 @@ def test_streaming_timings_and_usage(endpoint: Endpoint) -> None:
         r = _send(url, endpoint)
     assert r.ok and r.status_code == 200 and r.failure_key is None
     assert r.output_tokens == 5 and r.prompt_tokens == 20 and r.chunks == 5
-    assert len(r.itl_s) == 4 and all(x >= 0.015 for x in r.itl_s)
+    assert len(r.itl_s) == 4 and sum(r.itl_s) >= 0.06  # 4 gaps of 20 ms at the server (reads may coalesce)
     assert r.ttft_s is not None and 0.04 <= r.ttft_s < r.e2e_s
 
 
@@ -39,6 +39,12 @@ def test_without_usage_chunk_counts_content_chunks() -> None:
     with serve_in_thread(create_fake_app(FakeBehaviour(send_usage=False))) as url:
         r = _send(url)
     assert r.ok and r.output_tokens == 5 and r.prompt_tokens is None
+
+
+def test_stream_without_done_but_with_finish_reason_is_complete() -> None:
+    with serve_in_thread(create_fake_app(FakeBehaviour(send_done=False))) as url:
+        r = _send(url)
+    assert r.ok and r.output_tokens == 5
 
 
 def test_non_streaming() -> None:
@@ -54,6 +60,7 @@ def test_failures_are_classified() -> None:
     with serve_in_thread(create_fake_app(FakeBehaviour(truncate_stream=True))) as url:
         r = _send(url)
     assert not r.ok and r.error_kind is ErrorKind.CONNECTION and "[DONE]" in (r.error_message or "")
+    assert r.chunks == 4
     with serve_in_thread(create_fake_app(FakeBehaviour(ttft_s=2.0))) as url:
 
         async def slow() -> RequestResult:

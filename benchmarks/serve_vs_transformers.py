@@ -1,0 +1,248 @@
+"""Serving benchmark: `fitserve serve` vs `transformers serve --continuous-batching` on the same model and machine.
+
+Starts each server in turn on 127.0.0.1 (never both at once), warms it up with one request, then drives it
+with the loadtest client in closed loop at each concurrency (same prompts, same max_tokens, greedy,
+streaming) and records output tokens/s and TTFT. Prints the two side by side and writes a JSON file.
+
+    .venv/bin/python benchmarks/serve_vs_transformers.py --levels 1,4,16 --max-tokens 32 --out bench-out/serve_vs_transformers.json
+
+Issue 4's target: at concurrency 16, fitserve >= 2x transformers serve's output tokens/s with a lower median TTFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from loadtest.client import OpenAIClient  # noqa: E402
+from loadtest.scrape import MetricsWatch  # noqa: E402
+from loadtest.sweep import LevelResult, LevelRunner, LevelSpec  # noqa: E402
+from loadtest.verdict import Objectives  # noqa: E402
+from loadtest.workload import LengthSpec, Workload  # noqa: E402
+
+logger = logging.getLogger("serve_vs_transformers")
+
+DEFAULT_MODEL_DIR = Path.home() / ".cache" / "fitserve" / "models" / "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server and how to tell it is ready."""
+
+    name: str
+    command: list[str]
+    ready_path: str
+    model: str  # what clients send as `model`
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_specs(args: argparse.Namespace, port: int) -> dict[str, ServerSpec]:
+    """The two contenders on the same model directory and port."""
+    python = sys.executable
+    model_dir = str(args.model)
+    fitserve = ServerSpec(
+        "fitserve",
+        [python, "-m", "server", "serve", "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
+         *shlex.split(args.fitserve_args)],
+        "/ready",
+        model="",  # resolved from /v1/models
+    )
+    transformers_cli = str(Path(python).with_name("transformers"))
+    transformers = ServerSpec(
+        "transformers",
+        [transformers_cli, "serve", "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
+         "--port", str(port), *shlex.split(args.transformers_args), model_dir],
+        "/health",
+        model=model_dir,
+    )
+    return {"fitserve": fitserve, "transformers": transformers}
+
+
+def start_server(spec: ServerSpec, base_url: str, log_path: Path, ready_timeout_s: float) -> subprocess.Popen[bytes]:
+    """Start the server and wait (bounded) until `ready_path` answers 200."""
+    logger.info("starting %s: %s", spec.name, shlex.join(spec.command))
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(spec.command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + ready_timeout_s
+    with httpx.Client(timeout=5.0) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{spec.name} exited with {proc.returncode}; see {log_path}")
+            try:
+                if http.get(base_url + spec.ready_path).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"{spec.name} not ready after {ready_timeout_s:.0f} s; see {log_path}")
+
+
+def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it does not exit."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+async def drive(base_url: str, model: str, args: argparse.Namespace) -> tuple[list[LevelResult], float]:
+    """Warm up, then one closed-loop level per concurrency; returns the levels and the warm-up seconds."""
+    workload = Workload(max_tokens=LengthSpec(args.max_tokens, args.max_tokens),
+                        prompt_words=LengthSpec(args.prompt_words, args.prompt_words), seed=args.seed)
+    async with OpenAIClient(base_url, model or None, stream=True, request_timeout_s=args.request_timeout,
+                            extra_body={"temperature": 0.0}) as client:
+        await client.resolve_model()
+        t0 = time.perf_counter()
+        warm = await client.send(workload.item(10_000))
+        if not warm.ok:
+            raise RuntimeError(f"warm-up request failed: {warm.failure_key}: {warm.error_message}")
+        warmup_s = time.perf_counter() - t0
+        runner = LevelRunner(client, workload, Objectives(allow_queueing=True), watch=MetricsWatch(None), seed=args.seed)
+        levels = []
+        for c in args.levels:
+            runner.reset_indices()  # every level sends the same prompts
+            spec = LevelSpec(num_requests=max(args.requests_per_level, args.rounds * c),
+                             time_limit_s=args.level_time_limit, concurrency=c)
+            level = await runner.run(spec)
+            logger.info("%s c=%d: %.1f out tok/s, TTFT p50 %.0f ms, %d ok, failures %s", base_url, c,
+                        level.output_tokens_per_s, (level.ttft.p50 or 0) * 1000, level.ok, level.failures)
+            levels.append(level)
+    return levels, warmup_s
+
+
+def summarize_level(level: LevelResult) -> dict[str, Any]:
+    """The numbers the comparison uses, plus the full level."""
+    return {
+        "concurrency": level.spec.concurrency,
+        "output_tokens_per_s": level.output_tokens_per_s,
+        "ttft_p50_s": level.ttft.p50,
+        "ttft_p90_s": level.ttft.p90,
+        "itl_p50_s": level.itl.p50,
+        "e2e_p50_s": level.e2e.p50,
+        "requests_ok": level.ok,
+        "failures": level.failures,
+        "output_tokens": level.output_tokens,
+        "duration_s": level.duration_s,
+        "level": level.as_dict(),
+    }
+
+
+def comparison_table(results: dict[str, Any], levels: list[int]) -> Table:
+    """Side by side: output tokens/s and median TTFT per concurrency."""
+    table = Table(title="fitserve vs transformers serve (CPU)")
+    for col in ("concurrency", "fitserve tok/s", "transformers tok/s", "speed-up", "fitserve TTFT p50 ms",
+                "transformers TTFT p50 ms"):
+        table.add_column(col, justify="right")
+    by_c = {name: {lv["concurrency"]: lv for lv in r.get("levels", [])} for name, r in results["servers"].items()}
+    for c in levels:
+        f, t = by_c.get("fitserve", {}).get(c), by_c.get("transformers", {}).get(c)
+        speedup = f["output_tokens_per_s"] / t["output_tokens_per_s"] if f and t and t["output_tokens_per_s"] else None
+        table.add_row(
+            str(c),
+            f"{f['output_tokens_per_s']:.1f}" if f else "-",
+            f"{t['output_tokens_per_s']:.1f}" if t else "-",
+            f"{speedup:.2f}x" if speedup else "-",
+            f"{f['ttft_p50_s'] * 1000:.0f}" if f and f["ttft_p50_s"] is not None else "-",
+            f"{t['ttft_p50_s'] * 1000:.0f}" if t and t["ttft_p50_s"] is not None else "-",
+        )
+    return table
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Benchmark options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model directory served by both")
+    p.add_argument("--levels", default="1,4,16", help="concurrencies, e.g. 1,4,16")
+    p.add_argument("--servers", default="fitserve,transformers", help="which to run, in order")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prompt-words", type=int, default=64)
+    p.add_argument("--requests-per-level", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="requests per level are at least rounds x concurrency")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--level-time-limit", type=float, default=300.0)
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument("--fitserve-args", default="", help="extra `fitserve serve` arguments")
+    p.add_argument("--transformers-args", default="", help="extra `transformers serve` arguments")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "serve_vs_transformers.json")
+    args = p.parse_args(argv)
+    args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both servers one after the other; print the comparison; write JSON. Returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "workload": {"levels": args.levels, "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
+                     "requests_per_level": args.requests_per_level, "rounds": args.rounds, "seed": args.seed,
+                     "temperature": 0.0, "stream": True},
+        "servers": {},
+    }
+    status = 0
+    for name in args.servers:
+        port = free_port()
+        spec = server_specs(args, port)[name]
+        base_url = f"http://127.0.0.1:{port}"
+        log_path = args.out.with_name(f"{args.out.stem}.{name}.log")
+        entry: dict[str, Any] = {"command": shlex.join(spec.command)}
+        proc = None
+        try:
+            t0 = time.perf_counter()
+            proc = start_server(spec, base_url, log_path, args.ready_timeout)
+            entry["startup_s"] = time.perf_counter() - t0
+            levels, entry["warmup_request_s"] = asyncio.run(drive(base_url, spec.model, args))
+            entry["levels"] = [summarize_level(lv) for lv in levels]
+        except (RuntimeError, OSError, httpx.HTTPError) as exc:
+            logger.error("%s failed: %s", name, exc)
+            entry["error"] = str(exc)
+            status = 1
+        finally:
+            if proc is not None:
+                stop_server(proc)
+        results["servers"][name] = entry
+        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")  # keep partial results
+    Console(width=120).print(comparison_table(results, args.levels))
+    logger.info("wrote %s", args.out)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
