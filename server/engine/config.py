@@ -24,6 +24,9 @@ class EngineConfig:
     block_size_tokens: int = 16  # KV cache page size
     max_oom_retries: int = 2  # times one sequence may be re-queued after an OOM before it fails with 503
     idle_wait_s: float = 0.05  # how long the loop sleeps when there is nothing to do (woken early by new work)
+    # One padded, masked SDPA call for all decodes instead of one call per sequence: fewer kernel launches, but
+    # results are no longer bit-identical to a lone `model.generate` (see docs/engine.md). Off by default.
+    batched_decode_attention: bool = False
     num_threads: int | None = None  # torch intra-op threads for the engine thread; None leaves torch's default
 
     def __post_init__(self) -> None:

@@ -79,6 +79,7 @@ class Engine:
         self.stats_sink = stats_sink
         self.scheduler = Scheduler(config, eos_token_ids(model, tokenizer))
         self.runner = ModelRunner(model, config)
+        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: list[Sequence] = []
@@ -102,6 +103,11 @@ class Engine:
     def max_model_len(self) -> int:
         """Longest prompt + completion accepted, in tokens."""
         return self.config.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's input embedding table; token ids must be below this."""
+        return self._vocab_size
 
     @property
     def is_ready(self) -> bool:
@@ -181,6 +187,8 @@ class Engine:
         if not self.is_ready:
             raise EngineUnavailableError("The engine is not accepting requests (starting, stopping or dead).")
         self.scheduler.check_fits(len(prompt), params.max_tokens)
+        if min(prompt) < 0 or max(prompt) >= self._vocab_size:
+            raise InvalidRequestError(f"Prompt token ids must be in [0, {self._vocab_size}).")
         seq = Sequence(request_id, prompt, len(prompt), params, arrival)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         with self._lock:
@@ -278,9 +286,9 @@ class Engine:
         try:
             sampled = self.runner.run(batch)
         except Exception as exc:
-            if not is_oom(exc):
-                raise
-            return self._handle_oom(batch, exc)
+            if is_oom(exc):
+                return self._handle_oom(batch, exc)
+            return self._handle_step_error(batch, exc)
         by_seq = {c.seq: s for c, s in zip((c for c in batch.chunks if c.sample), sampled)}
         produced = self.scheduler.postprocess(batch, [s.token_id for s in sampled])
         deliveries = [self._emit(seq, token, by_seq[seq]) for seq, token in produced]
@@ -337,6 +345,19 @@ class Engine:
         )
         error = EngineOverloadedError("Out of memory while running this request; retry later.")
         deliveries = [self._fail(seq, error) for seq in failed]
+        self._refresh_snapshot()
+        return deliveries
+
+    def _handle_step_error(self, batch: ScheduledBatch, exc: BaseException) -> list[_Delivery]:
+        """A step failed for a reason other than memory: fail its sequences, keep serving the others."""
+        logger.error("engine step %d failed; failing its %d request(s)", batch.step, len(batch.chunks), exc_info=exc)
+        error = EngineError(f"Internal engine error: {exc!r}")
+        deliveries = []
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ERROR)
+                deliveries.append(self._fail(seq, error))
         self._refresh_snapshot()
         return deliveries
 

@@ -34,12 +34,22 @@ class SeqSlice:
 
 
 @dataclass
+class DecodeGroup:
+    """The first `num` packed tokens are single-token decodes attended in one padded, masked SDPA call."""
+
+    num: int
+    slots: torch.Tensor  # [num, max_ctx] cache slots of each decode's context (padding points at slot 0)
+    mask: torch.Tensor  # [num, 1, 1, max_ctx] True where a key is real
+
+
+@dataclass
 class PackedBatch:
     """Per-step metadata shared by every layer: where to write new K/V and what each query attends to."""
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [total_tokens] cache slot of each packed token
-    slices: list[SeqSlice]
+    slices: list[SeqSlice]  # chunks attended one by one (all of them unless `decode_group` is set)
+    decode_group: DecodeGroup | None = None
 
 
 class PagedKVCache:
@@ -66,6 +76,21 @@ class PagedKVCache:
     def nbytes(self) -> int:
         """Bytes held by the cache."""
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+def _grouped_decode(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scaling: float | None
+) -> torch.Tensor:
+    """All decodes in one SDPA call over padded contexts with a mask -> [num, H, D] (faster, not bit-exact)."""
+    n = group.num
+    k = k_cache[group.slots].transpose(1, 2)  # [n, KVH, L, D]
+    v = v_cache[group.slots].transpose(1, 2)
+    num_heads, head_dim = query.shape[1], query.shape[3]
+    kv_heads = k.shape[1]
+    # query heads sharing a KV head become rows of one "head": [n, KVH, H/KVH, D] (transformers' pack_gqa)
+    q = query[0, :, :n].transpose(0, 1).reshape(n, kv_heads, num_heads // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling)
+    return out.reshape(n, num_heads, head_dim)
 
 
 def paged_attention_forward(
@@ -99,6 +124,8 @@ def paged_attention_forward(
     # (causal prefill without a mask; a decode token over its whole context without a mask; GQA inside SDPA), so
     # a token's output does not depend on what else is in the batch.
     pieces: list[torch.Tensor] = []  # each [tokens, H, D], in packing order
+    if batch.decode_group is not None:
+        pieces.append(_grouped_decode(query, k_cache, v_cache, batch.decode_group, scaling))
     for s in batch.slices:
         q = query[:, :, s.row : s.row + s.length]  # [1, H, c, D]
         if s.slots is None:  # the chunk is the whole context so far

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.config import EngineConfig
-from server.engine.kv_cache import BATCH_KWARG, PackedBatch, PagedKVCache, SeqSlice, register_attention
+from server.engine.kv_cache import BATCH_KWARG, DecodeGroup, PackedBatch, PagedKVCache, SeqSlice, register_attention
 from server.engine.sampling import SampledToken, make_generator, sample
 from server.engine.scheduler import ScheduledBatch
 
@@ -97,6 +97,20 @@ class ModelRunner:
         blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
         return blocks * self.block_size + positions % self.block_size
 
+    def _decode_group(self, batch: ScheduledBatch) -> tuple[DecodeGroup, torch.Tensor]:
+        """Padded context slots + mask of all decodes (batched decode attention), and their new tokens' slots."""
+        bs = self.block_size
+        decodes = batch.decodes
+        ctx = torch.tensor([c.start + 1 for c in decodes])
+        max_ctx = int(ctx.max())
+        nb = -(-max_ctx // bs)
+        tables = torch.tensor([(c.seq.block_table + [0] * nb)[:nb] for c in decodes], dtype=torch.long)
+        slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).reshape(len(decodes), -1)[:, :max_ctx]
+        mask = (torch.arange(max_ctx).unsqueeze(0) < ctx.unsqueeze(1)).view(len(decodes), 1, 1, max_ctx)
+        new_slots = slots.gather(1, (ctx - 1).unsqueeze(1)).squeeze(1)
+        dev = self.device
+        return DecodeGroup(len(decodes), slots.to(dev), mask.to(dev)), new_slots
+
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch]:
         """Packed input ids, position ids, the rows to keep for logits, and the attention metadata."""
         ids: list[int] = []
@@ -105,7 +119,17 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         slices: list[SeqSlice] = []
         dev = self.device
-        for c in batch.chunks:
+        group = None
+        chunks = batch.chunks
+        if self.config.batched_decode_attention and len(batch.decodes) > 1:
+            group, new_slots = self._decode_group(batch)
+            slot_parts.append(new_slots)
+            for i, c in enumerate(batch.decodes):
+                ids.append(c.seq.token_ids[c.start])
+                positions.append(c.start)
+                keep.append(i)
+            chunks = batch.prefills
+        for c in chunks:
             row = len(ids)
             end = c.start + c.num_tokens
             ids.extend(c.seq.token_ids[c.start : end])
@@ -119,7 +143,7 @@ class ModelRunner:
                 mask = torch.arange(c.start, end).unsqueeze(1) >= torch.arange(end).unsqueeze(0)
             ctx_slots = None if c.start == 0 else slots.to(dev)
             slices.append(SeqSlice(row, c.num_tokens, c.start, ctx_slots, _to(mask, dev)))
-        meta = PackedBatch(cache=self.cache, slot_mapping=torch.cat(slot_parts).to(dev), slices=slices)
+        meta = PackedBatch(self.cache, torch.cat(slot_parts).to(dev), slices, group)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([positions], dtype=torch.long, device=dev)
         return input_ids, position_ids, torch.tensor(keep, dtype=torch.long, device=dev), meta

@@ -283,3 +283,27 @@ def test_stop_aborts_what_does_not_finish_in_time(tiny) -> None:  # type: ignore
 
     outs = asyncio.run(main())
     assert outs[-1].finished and outs[-1].finish_reason is FinishReason.ABORT
+
+
+def test_bad_token_ids_are_a_400_and_a_failing_step_does_not_kill_the_engine(tiny) -> None:  # type: ignore[no-untyped-def]
+    from server.engine.types import EngineError, InvalidRequestError
+
+    async def main() -> None:
+        engine = make_engine(tiny)
+        await engine.start()
+        assert engine.vocab_size == tiny[0].get_input_embeddings().num_embeddings
+        with pytest.raises(InvalidRequestError) as ctx:
+            await collect(engine.generate([1, engine.vocab_size], greedy(2), "oov"))
+        assert ctx.value.http_status == 400
+        real_run = engine.runner.run
+        engine.runner.run = lambda batch: (_ for _ in ()).throw(ValueError("boom"))  # type: ignore[method-assign]
+        with pytest.raises(EngineError, match="boom"):
+            await collect(engine.generate([1, 2, 3], greedy(2), "broken"))
+        engine.runner.run = real_run  # type: ignore[method-assign]
+        await engine.check_health()
+        outs = await collect(engine.generate([1, 2, 3], greedy(2), "fine"))
+        assert outs[-1].finish_reason is FinishReason.LENGTH
+        assert engine.snapshot().kv_reserved_tokens == 0
+        await engine.stop(timeout_s=5)
+
+    asyncio.run(main())

@@ -115,3 +115,25 @@ def test_injected_oom_is_a_real_torch_oom(tiny_model) -> None:  # type: ignore[n
     assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes"))
     assert not is_oom(RuntimeError("shape mismatch"))
     assert len(runner.run(sched.schedule())) == 1  # step 2 runs normally
+
+
+def test_batched_decode_attention_matches_per_sequence(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    ps = prompts(5, seed=9)
+    logits_by_mode = []
+    for batched in (False, True):
+        cfg = make_config(batched_decode_attention=batched)
+        runner = ModelRunner(tiny_model, cfg)
+        sched = Scheduler(cfg)
+        for i, p in enumerate(ps):
+            sched.add(Sequence(f"r{i}", list(p), len(p), SamplingParams(max_tokens=6, temperature=0), 0.0))
+        steps = []
+        while sched.has_work:
+            batch = sched.schedule()
+            logits = runner.forward_logits(batch)
+            steps.append((len(batch.decodes), logits))
+            sched.postprocess(batch, logits.argmax(-1).tolist())
+        logits_by_mode.append(steps)
+    per_seq, grouped = logits_by_mode
+    assert len(per_seq) == len(grouped) and any(n > 1 for n, _ in grouped)
+    for (_, a), (_, b) in zip(per_seq, grouped):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
