@@ -1,12 +1,14 @@
 """`create_app`: the FastAPI application around an `EngineClient`.
 
-The app never imports torch or transformers. When no engine is given, the lifespan builds one with
-`server.serve.build_engine` (plan -> load -> Engine) before serving, and stops it on shutdown. Every error
+The app never imports torch or transformers. When no engine is given, the lifespan builds one in the
+background (default: `server.serve.build_engine`, plan -> load -> Engine) and stops it on shutdown. Every error
 leaves as an OpenAI-shaped body: `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -44,30 +46,41 @@ class BuiltEngine:
 EngineFactory = Callable[[Settings], Awaitable[BuiltEngine]]
 
 
+FatalCallback = Callable[[BaseException], None]
+
+
 def create_app(
     settings: Settings,
     engine: EngineClient | None = None,
     metrics: Any = None,
     engine_factory: EngineFactory | None = None,
+    on_load_failure: FatalCallback | None = None,
 ) -> FastAPI:
-    """Build the app. With `engine=None` the lifespan builds, starts and finally stops the real engine."""
+    """Build the app around `engine`; with `engine=None` the model loads in the background after start-up.
+
+    While it loads the server already answers: /health and /ready say 503 "loading", /v1 routes 503. The engine
+    the factory built is stopped on shutdown. If loading fails, /health reports why and `on_load_failure` is
+    called (the serve wiring uses it to exit with an error).
+    """
     state = ServerState(settings=settings, engine=engine, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        built: BuiltEngine | None = None
+        closers: list[Callable[[], Awaitable[None]]] = []
+        loading: asyncio.Task[None] | None = None
         if state.engine is None:
             factory = engine_factory or _default_factory()
-            built = await factory(settings)
-            state.engine = built.engine
-            if built.metrics is not None:
-                state.metrics = built.metrics
+            loading = asyncio.create_task(_load_engine(state, factory, closers, on_load_failure))
         try:
             yield
         finally:
             state.draining = True
-            if built is not None and built.close is not None:
-                await built.close()
+            if loading is not None and not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
+            for close in closers:
+                await close()
 
     app = FastAPI(title="fitserve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
@@ -78,6 +91,31 @@ def create_app(
         RequestGuardMiddleware, api_key=settings.api_key_value(), max_body_bytes=settings.max_body_bytes
     )
     return app
+
+
+async def _load_engine(
+    state: ServerState,
+    factory: EngineFactory,
+    closers: list[Callable[[], Awaitable[None]]],
+    on_failure: FatalCallback | None,
+) -> None:
+    """Build the engine and publish it on `state` (runs as a task so the server answers meanwhile)."""
+    try:
+        built = await factory(state.settings)
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any load failure is reported the same way
+        logger.exception("loading the model failed")
+        state.load_error = f"{type(error).__name__}: {error}"
+        if on_failure is not None:
+            on_failure(error)
+        return
+    if built.close is not None:
+        closers.append(built.close)
+    if built.metrics is not None:
+        state.metrics = built.metrics
+    state.engine = built.engine
+    logger.info("model loaded; ready to serve")
 
 
 def _default_factory() -> EngineFactory:

@@ -1,10 +1,11 @@
 """`fitserve serve` wiring: settings -> plan -> load -> Engine -> ServerMetrics -> app -> uvicorn.
 
-The only module of `server/` that imports `quant` and `server.engine.engine`, lazily, at start-up. Planning and
-loading run before uvicorn starts, so a model that does not fit (or does not exist) ends the command with a
-clear message and exit status 2 instead of a traceback. The engine itself starts inside the app's lifespan
-(it needs the running event loop) and stops there on shutdown. SIGTERM/SIGINT: the app stops admitting work
-(503, /ready 503), uvicorn waits up to `shutdown_timeout_s` for running requests, then the engine stops.
+The only module of `server/` that imports `quant` and `server.engine.engine`, lazily, at start-up. Planning
+runs before uvicorn starts, so a model that does not fit (or does not exist) ends the command with a clear
+message and exit status 2. Loading then runs in the background while the server already answers (/ready 503
+until the engine runs); a load failure stops the server with exit status 1. SIGTERM/SIGINT: the app stops
+admitting work (503, /ready 503), uvicorn waits up to `shutdown_timeout_s` for running requests, then the
+engine stops and the process exits 0.
 """
 
 from __future__ import annotations
@@ -35,23 +36,28 @@ EXIT_CANNOT_LOAD = 2
 
 
 @dataclass
-class LoadedServing:
-    """What planning and loading produced, ready to become an engine."""
+class PlannedServing:
+    """The resolved model and the memory plan for it."""
 
     model_dir: Path
     served_model_name: str
     plan: Any  # quant.plan.Plan
-    loaded: Any  # quant.load.LoadedModel
+
+
+@dataclass
+class LoadedServing(PlannedServing):
+    """A planned model, loaded."""
+
+    loaded: Any = None  # quant.load.LoadedModel
 
 
 class StartupError(Exception):
-    """The model cannot be planned or loaded; the message says why."""
+    """The model cannot be planned; the message says why."""
 
 
-def plan_and_load(settings: Settings) -> LoadedServing:
-    """Resolve the model, plan its precision within the budget, and load it (blocking)."""
+def plan_serving(settings: Settings) -> PlannedServing:
+    """Resolve the model and plan its precision within the budget (fast; raises StartupError)."""
     from quant.budget import parse_size
-    from quant.load import load_model
     from quant.model_store import FetchError, ModelNotFoundError, resolve_model
     from quant.plan import NothingFitsError, PlanRequest, make_plan
 
@@ -62,10 +68,22 @@ def plan_and_load(settings: Settings) -> LoadedServing:
     except (ModelNotFoundError, FetchError, NothingFitsError, ValueError) as error:
         raise StartupError(str(error)) from error
     logger.info("memory plan for %s:\n%s", model_dir, format_plan(plan))
-    loaded = _load(load_model, plan, settings)
-    logger.info("load report:\n%s", render_table(loaded.report))
     name = settings.served_model_name or Path(model_dir).name
-    return LoadedServing(model_dir=Path(model_dir), served_model_name=name, plan=plan, loaded=loaded)
+    return PlannedServing(model_dir=Path(model_dir), served_model_name=name, plan=plan)
+
+
+def load_serving(planned: PlannedServing, settings: Settings) -> LoadedServing:
+    """Load the planned model (blocking; seconds to minutes)."""
+    from quant.load import load_model
+
+    loaded = _load(load_model, planned.plan, settings)
+    logger.info("load report:\n%s", render_table(loaded.report))
+    return LoadedServing(planned.model_dir, planned.served_model_name, planned.plan, loaded)
+
+
+def plan_and_load(settings: Settings) -> LoadedServing:
+    """Plan, then load (blocking)."""
+    return load_serving(plan_serving(settings), settings)
 
 
 def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]:
@@ -229,19 +247,26 @@ async def build_engine(settings: Settings) -> BuiltEngine:
 
 
 def run(settings: Settings) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the process exit status."""
+    """Plan, then serve until SIGTERM/SIGINT while the model loads in the background; returns the exit status."""
     if settings.log_level is not None:
         logging.getLogger().setLevel(settings.log_level.value)
     try:
-        serving = plan_and_load(settings)
+        planned = plan_serving(settings)
     except StartupError as error:
         logger.error("cannot serve: %s", error)
         return EXIT_CANNOT_LOAD
 
     async def factory(app_settings: Settings) -> BuiltEngine:
-        return await start_engine(serving, app_settings)
+        loaded = await asyncio.to_thread(load_serving, planned, app_settings)
+        return await start_engine(loaded, app_settings)
 
-    app = create_app(settings, engine_factory=factory)
+    failures: list[BaseException] = []
+
+    def on_load_failure(error: BaseException) -> None:
+        failures.append(error)
+        server.should_exit = True
+
+    app = create_app(settings, engine_factory=factory, on_load_failure=on_load_failure)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -252,8 +277,12 @@ def run(settings: Settings) -> int:
         lifespan="on",
     )
     server = _DrainingServer(config, app.state.server)
-    logger.info("serving %s on http://%s:%d", serving.served_model_name, settings.host, settings.port)
+    logger.info("serving %s on http://%s:%d (loading the model)", planned.served_model_name, settings.host,
+                settings.port)  # fmt: skip
     server.run()
+    if failures:
+        logger.error("stopped: the model failed to load (%s)", failures[0])
+        return EXIT_RUNTIME_ERROR
     if not server.started:
         return EXIT_RUNTIME_ERROR
     logger.info("server stopped")

@@ -20,6 +20,7 @@ class ServerState:
     engine: EngineClient | None = None
     metrics: Any = None  # anything with render() -> (body bytes, content type)
     draining: bool = False
+    load_error: str | None = None  # why the model failed to load, if it did
 
 
 def get_state(request: Request) -> ServerState:
@@ -33,5 +34,12 @@ def get_engine(request: Request) -> EngineClient:
     if state.draining:
         raise APIError(503, "The server is shutting down.", code="engine_unavailable")
     if state.engine is None:
-        raise APIError(503, "The model is still loading.", code="engine_unavailable")
+        raise not_loaded_error(state)
     return state.engine
+
+
+def not_loaded_error(state: ServerState) -> APIError:
+    """503 while the model loads, or after it failed to load."""
+    if state.load_error is not None:
+        return APIError(503, f"The model failed to load: {state.load_error}", code="engine_unavailable")
+    return APIError(503, "The model is still loading.", code="engine_unavailable")

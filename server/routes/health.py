@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from server.engine.types import EngineError
 from server.protocol.errors import APIError
-from server.routes.deps import ServerState, get_state
+from server.routes.deps import ServerState, get_state, not_loaded_error
 
 router = APIRouter(tags=["health"])
 
@@ -31,7 +31,7 @@ class VersionResponse(BaseModel):
 async def health(state: Annotated[ServerState, Depends(get_state)]) -> StatusResponse:
     """200 while the engine loop is alive; 503 when it is missing or dead."""
     if state.engine is None:
-        raise APIError(503, "The model is not loaded.", code="engine_unavailable")
+        raise not_loaded_error(state)
     try:
         await state.engine.check_health()
     except EngineError as error:
@@ -44,7 +44,9 @@ async def ready(state: Annotated[ServerState, Depends(get_state)]) -> StatusResp
     """200 once the model is loaded and the engine runs; 503 before that and while shutting down."""
     if state.draining:
         raise APIError(503, "The server is shutting down.", code="engine_unavailable")
-    if state.engine is None or not state.engine.is_ready:
+    if state.engine is None:
+        raise not_loaded_error(state)
+    if not state.engine.is_ready:
         raise APIError(503, "The model is not ready yet.", code="engine_unavailable")
     return StatusResponse(status="ready")
 
