@@ -189,9 +189,6 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
     )
     engine = Engine(loaded.model, loaded.tokenizer, config, stats_sink=metrics)
     await engine.start()
-    served: Any = engine
-    if not isinstance(getattr(engine, "vocab_size", None), int):
-        served = VocabSizedEngine(engine, embedding_rows(loaded.model))
     metrics.attach_snapshot(engine.snapshot)
     try:
         metrics.attach_ledger(make_ledger_fn(plan, report, device))
@@ -207,29 +204,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         serving.served_model_name, config.max_model_len, config.kv_capacity_tokens,
         config.max_batch_size, config.max_waiting,
     )  # fmt: skip
-    return BuiltEngine(engine=served, metrics=metrics, close=stop)
-
-
-class VocabSizedEngine:
-    """The engine plus `vocab_size`, so the HTTP layer can refuse out-of-vocabulary token ids with a 400.
-
-    An id past the embedding table would otherwise reach the model and fail the engine step. Everything else is
-    delegated to the wrapped engine unchanged.
-    """
-
-    def __init__(self, engine: Any, vocab_size: int) -> None:
-        self._engine = engine
-        self.vocab_size = vocab_size
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-
-def embedding_rows(model: Any) -> int:
-    """Rows of the model's input embedding table: valid token ids are below this."""
-    embeddings = model.get_input_embeddings()
-    rows = getattr(embeddings, "num_embeddings", None)
-    return int(rows) if rows is not None else int(model.config.vocab_size)
+    return BuiltEngine(engine=engine, metrics=metrics, close=stop)
 
 
 def _quant_method(precision: Any) -> str:
