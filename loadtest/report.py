@@ -193,7 +193,8 @@ def write_plots(levels: list[LevelResult], out_dir: Path) -> list[Path]:
             ax.axhline(budgets[-1] / _GIB, color="tab:red", linestyle="--", label="memory budget")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("GiB")
-        ax.set_ylim(bottom=0)
+        top = max([m.peak_memory_used_bytes for _, m in mem] + budgets) / _GIB
+        ax.set_ylim(0, top * 1.15)
         ax.set_title("Device memory vs load")
         ax.legend()
         fig.tight_layout()
