@@ -15,7 +15,7 @@ from loadtest.client import OpenAIClient
 from loadtest.progress import LiveProgress
 from loadtest.report import print_summary, write_results
 from loadtest.scrape import MetricsWatch
-from loadtest.sweep import LevelRunner, LevelSpec, Mode, SweepState, find_max_batch, run_levels
+from loadtest.sweep import LevelResult, LevelRunner, LevelSpec, Mode, SweepState, find_max_batch, run_levels
 from loadtest.verdict import Objectives
 from loadtest.workload import Endpoint, LengthSpec, Workload, load_dataset
 
@@ -191,7 +191,7 @@ async def run_sweep(args: argparse.Namespace, state: SweepState, workload: Workl
         )
         if state.mode is Mode.FIND_MAX_BATCH:
 
-            async def evaluate(c: int):  # noqa: ANN202 - LevelResult
+            async def evaluate(c: int) -> LevelResult:
                 return await runner.run(closed_loop_spec(args, c), state)
 
             await find_max_batch(evaluate, args.max_concurrency, state)
