@@ -4,7 +4,7 @@ For each batch size B, B requests (same prompt length, ignore_eos, fixed max_tok
 run to completion. Reported per B: output tokens/s over the whole run, decode tokens/s (decode-only steps:
 decode tokens / their step time), median TTFT and mean step time, plus a plain `model.generate` batch-1 baseline.
 
-    .venv/bin/python benchmarks/engine_throughput.py --dtype fp32 --batch-sizes 1,4,16 --out bench-out/engine.json
+    .venv/bin/python benchmarks/engine_throughput.py --dtype fp32 --batch-sizes 1,4,16 --hf-cb --out bench-out/engine.json
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ def load(model_dir: Path, dtype: DType) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def bench_engine(model: Any, tokenizer: Any, batch: int, prompt_tokens: int, max_tokens: int) -> Result:
+def bench_engine(
+    model: Any, tokenizer: Any, batch: int, prompt_tokens: int, max_tokens: int, batched_decode: bool = False
+) -> Result:
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
     from server.engine.types import SamplingParams
@@ -83,6 +85,7 @@ def bench_engine(model: Any, tokenizer: Any, batch: int, prompt_tokens: int, max
         max_model_len=2048,
         kv_capacity_tokens=max(4096, batch * (prompt_tokens + max_tokens) + 256),
         max_prefill_tokens=max(512, prompt_tokens * batch),
+        batched_decode_attention=batched_decode,
     )
     prompts = [[100 + (7 * i + j) % 20000 for j in range(prompt_tokens)] for i in range(batch)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -128,6 +131,21 @@ def bench_generate(model: Any, prompt_tokens: int, max_tokens: int) -> float:
         return max_tokens / (time.perf_counter() - t0)
 
 
+def bench_hf_continuous_batching(model_dir: Path, dtype: DType, batch: int, prompt_tokens: int, max_tokens: int) -> float:
+    """transformers' own continuous batching (`generate_batch`, what `transformers serve --continuous-batching`
+    runs) on the same prompts, in a fresh model copy; returns output tokens/s."""
+    from transformers import GenerationConfig
+
+    model, _ = load(model_dir, dtype)
+    prompts = [[100 + (7 * i + j) % 20000 for j in range(prompt_tokens)] for i in range(batch)]
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    t0 = time.perf_counter()
+    outputs = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+    wall = time.perf_counter() - t0
+    generated = sum(len(o.generated_tokens) for o in outputs.values())
+    return generated / wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=None)
@@ -137,6 +155,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the model.generate batch-1 baseline")
+    parser.add_argument(
+        "--hf-cb", action="store_true", help="also time transformers' generate_batch (continuous batching)"
+    )
+    parser.add_argument("--batched-decode", action="store_true", help="EngineConfig.batched_decode_attention")
     parser.add_argument("--out", type=Path, default=Path("bench-out/engine_throughput.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -144,13 +166,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model_dir or default_model_dir(), args.dtype)
+    model_dir = args.model_dir or default_model_dir()
+    model, tokenizer = load(model_dir, args.dtype)
     baseline = None if args.no_baseline else bench_generate(model, args.prompt_tokens, args.max_tokens)
     results = []
     # warm-up (first forward allocates, first SDPA picks kernels)
     bench_engine(model, tokenizer, 1, args.prompt_tokens, 4)
     for b in (int(x) for x in args.batch_sizes.split(",")):
-        r = bench_engine(model, tokenizer, b, args.prompt_tokens, args.max_tokens)
+        r = bench_engine(model, tokenizer, b, args.prompt_tokens, args.max_tokens, args.batched_decode)
         results.append(r)
         logger.info(
             "batch %2d: %7.1f output tok/s, %7.1f decode tok/s, decode step %6.1f ms, median TTFT %6.3f s",
@@ -162,6 +185,11 @@ def main() -> None:
         )
     if baseline is not None:
         logger.info("model.generate batch 1: %.1f tok/s", baseline)
+    hf_cb: dict[int, float] = {}
+    if args.hf_cb:
+        for b in (int(x) for x in args.batch_sizes.split(",")):
+            hf_cb[b] = bench_hf_continuous_batching(model_dir, args.dtype, b, args.prompt_tokens, args.max_tokens)
+            logger.info("transformers generate_batch, batch %2d: %7.1f output tok/s", b, hf_cb[b])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -171,6 +199,8 @@ def main() -> None:
                 "prompt_tokens": args.prompt_tokens,
                 "max_tokens": args.max_tokens,
                 "generate_batch1_tokens_per_s": baseline,
+                "batched_decode_attention": args.batched_decode,
+                "hf_generate_batch_tokens_per_s": hf_cb,
                 "results": [asdict(r) for r in results],
             },
             indent=2,

@@ -13,6 +13,8 @@ implementation, transformers builds no 4D mask at all.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,7 @@ class SeqSlice:
     start: int
     slots: torch.Tensor | None  # [start + length] cache slots of positions 0 .. start+length-1; None when start == 0
     mask: torch.Tensor | None  # [length, start + length] bool for a chunk on top of a cached prefix, else None
+    first_slot: int | None = None  # set when those slots are consecutive: the context is a view, not a gather
 
 
 @dataclass
@@ -50,6 +53,9 @@ class PackedBatch:
     slot_mapping: torch.Tensor  # [total_tokens] cache slot of each packed token
     slices: list[SeqSlice]  # chunks attended one by one (all of them unless `decode_group` is set)
     decode_group: DecodeGroup | None = None
+    # Single-query attention is microseconds of work: on CPU an OpenMP fork/join costs more than it saves, and
+    # under CPU contention a 2-thread barrier can cost milliseconds. Decode slices then run on one thread.
+    single_thread_decode: bool = False
 
 
 class PagedKVCache:
@@ -83,14 +89,40 @@ def _grouped_decode(
 ) -> torch.Tensor:
     """All decodes in one SDPA call over padded contexts with a mask -> [num, H, D] (faster, not bit-exact)."""
     n = group.num
-    k = k_cache[group.slots].transpose(1, 2)  # [n, KVH, L, D]
-    v = v_cache[group.slots].transpose(1, 2)
+    k = k_cache.index_select(0, group.slots.flatten()).view(n, -1, *k_cache.shape[1:]).transpose(1, 2)
+    v = v_cache.index_select(0, group.slots.flatten()).view(n, -1, *v_cache.shape[1:]).transpose(1, 2)
     num_heads, head_dim = query.shape[1], query.shape[3]
     kv_heads = k.shape[1]
     # query heads sharing a KV head become rows of one "head": [n, KVH, H/KVH, D] (transformers' pack_gqa)
     q = query[0, :, :n].transpose(0, 1).reshape(n, kv_heads, num_heads // kv_heads, head_dim)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling)
     return out.reshape(n, num_heads, head_dim)
+
+
+def _context(cache: torch.Tensor, s: SeqSlice) -> torch.Tensor:
+    """A sequence's cached K or V for positions 0 .. start+length-1 as [1, KVH, L, D]."""
+    if s.first_slot is not None:
+        ctx = cache[s.first_slot : s.first_slot + s.start + s.length]
+    else:
+        ctx = cache.index_select(0, s.slots)
+    return ctx.transpose(0, 1).unsqueeze(0)
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run a block with `n` torch intra-op threads (None: unchanged)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def paged_attention_forward(
@@ -133,9 +165,9 @@ def paged_attention_forward(
             v = value[:, :, s.row : s.row + s.length]
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s.length > 1, scale=scaling, enable_gqa=True)
         else:
-            k = k_cache[s.slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
-            v = v_cache[s.slots].transpose(0, 1).unsqueeze(0)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=s.mask, scale=scaling, enable_gqa=True)
+            k, v = _context(k_cache, s), _context(v_cache, s)  # [1, KVH, L, D]
+            with _threads(1 if s.length == 1 and batch.single_thread_decode else None):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=s.mask, scale=scaling, enable_gqa=True)
         pieces.append(out[0].transpose(0, 1))  # [c, H, D]
     attn = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
     return attn.unsqueeze(0), None

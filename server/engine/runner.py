@@ -15,7 +15,7 @@ import torch
 from server.engine.config import EngineConfig
 from server.engine.kv_cache import BATCH_KWARG, DecodeGroup, PackedBatch, PagedKVCache, SeqSlice, register_attention
 from server.engine.sampling import SampledToken, make_generator, sample
-from server.engine.scheduler import ScheduledBatch
+from server.engine.scheduler import ScheduledBatch, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +91,13 @@ class ModelRunner:
 
     # ---- input preparation -------------------------------------------------------------------------------------
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        """Cache slots of positions [start, end) of a sequence with this block table."""
-        positions = torch.arange(start, end)
-        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
-        return blocks * self.block_size + positions % self.block_size
+    def _slots(self, seq: Sequence) -> torch.Tensor:
+        """Cache slots of every position the sequence may ever use (its block table is fixed while it runs)."""
+        if seq.slot_state is None:
+            blocks = torch.tensor(seq.block_table, dtype=torch.long)
+            offsets = torch.arange(self.block_size)
+            seq.slot_state = (blocks.unsqueeze(1) * self.block_size + offsets).flatten().to(self.device)
+        return seq.slot_state
 
     def _decode_group(self, batch: ScheduledBatch) -> tuple[DecodeGroup, torch.Tensor]:
         """Padded context slots + mask of all decodes (batched decode attention), and their new tokens' slots."""
@@ -109,7 +111,7 @@ class ModelRunner:
         mask = (torch.arange(max_ctx).unsqueeze(0) < ctx.unsqueeze(1)).view(len(decodes), 1, 1, max_ctx)
         new_slots = slots.gather(1, (ctx - 1).unsqueeze(1)).squeeze(1)
         dev = self.device
-        return DecodeGroup(len(decodes), slots.to(dev), mask.to(dev)), new_slots
+        return DecodeGroup(len(decodes), slots.to(dev), mask.to(dev)), new_slots.to(dev)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch]:
         """Packed input ids, position ids, the rows to keep for logits, and the attention metadata."""
@@ -136,14 +138,18 @@ class ModelRunner:
             positions.extend(range(c.start, end))
             if c.sample:
                 keep.append(row + c.num_tokens - 1)
-            slots = self._slots(c.seq.block_table, 0, end)
+            slots = self._slots(c.seq)[:end]
             slot_parts.append(slots[c.start :])
             mask = None
             if c.start > 0 and c.num_tokens > 1:
                 mask = torch.arange(c.start, end).unsqueeze(1) >= torch.arange(end).unsqueeze(0)
-            ctx_slots = None if c.start == 0 else slots.to(dev)
-            slices.append(SeqSlice(row, c.num_tokens, c.start, ctx_slots, _to(mask, dev)))
-        meta = PackedBatch(self.cache, torch.cat(slot_parts).to(dev), slices, group)
+            ctx_slots = first_slot = None
+            if c.start > 0:
+                ctx_slots = slots
+                if _is_run(c.seq.block_table, end, self.block_size):
+                    first_slot = c.seq.block_table[0] * self.block_size
+            slices.append(SeqSlice(row, c.num_tokens, c.start, ctx_slots, _to(mask, dev), first_slot))
+        meta = PackedBatch(self.cache, torch.cat(slot_parts), slices, group, dev.type == "cpu")
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([positions], dtype=torch.long, device=dev)
         return input_ids, position_ids, torch.tensor(keep, dtype=torch.long, device=dev), meta
@@ -183,6 +189,12 @@ class ModelRunner:
                 [s.token_ids[s.num_prompt_tokens :] if _penalised(s.params) else () for s in sampling],
                 generators,
             )
+
+
+def _is_run(block_table: list[int], num_tokens: int, block_size: int) -> bool:
+    """True when the blocks holding the first `num_tokens` positions are consecutive ids."""
+    used = -(-num_tokens // block_size)
+    return block_table[used - 1] - block_table[0] == used - 1 if used else True
 
 
 def _penalised(params: object) -> bool:

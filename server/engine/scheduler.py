@@ -53,6 +53,7 @@ class Sequence:
     finished_s: float | None = None
     inter_token_latencies_s: list[float] = field(default_factory=list)
     sampling_state: Any = None  # owned by the runner (e.g. a torch.Generator); the scheduler never reads it
+    slot_state: Any = None  # owned by the runner (cache slots of the block table); reset when blocks change
 
     @property
     def num_output_tokens(self) -> int:
@@ -120,11 +121,15 @@ class ScheduledBatch:
 
 
 class BlockAllocator:
-    """A free list of fixed-size KV cache blocks."""
+    """A pool of fixed-size KV cache blocks that hands out contiguous runs when it can.
+
+    A sequence whose blocks are consecutive has its context at consecutive cache slots, so the attention can read
+    it as a view instead of gathering it (see kv_cache.py). Fragmented pools fall back to the lowest free ids.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: set[int] = set(range(num_blocks))
 
     @property
     def num_free(self) -> int:
@@ -132,14 +137,25 @@ class BlockAllocator:
         return len(self._free)
 
     def allocate(self, n: int) -> list[int]:
-        """Take `n` blocks; the caller checked `num_free` first."""
+        """Take `n` blocks (a contiguous run if one exists); the caller checked `num_free` first."""
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        free = sorted(self._free)
+        run_start = 0
+        for i in range(1, len(free) + 1):
+            if i == len(free) or free[i] != free[i - 1] + 1:
+                if i - run_start >= n:
+                    blocks = free[run_start : run_start + n]
+                    break
+                run_start = i
+        else:
+            blocks = free[:n]
+        self._free.difference_update(blocks)
+        return blocks
 
     def free(self, blocks: Iterable[int]) -> None:
-        """Give blocks back (lowest ids are reused first, which keeps tables contiguous more often)."""
-        self._free.extend(blocks)
+        """Give blocks back."""
+        self._free.update(blocks)
 
 
 class Scheduler:
@@ -308,6 +324,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)
         seq.block_table = []
+        seq.slot_state = None
         self._reserved_tokens -= seq.reserved_tokens
 
     def _preempt(self, seq: Sequence) -> None:

@@ -132,8 +132,9 @@ def check_equivalence(model_dir: Path, precision: Precision) -> tuple[int, int, 
     return len(requests) - len(diffs), len(requests), diffs
 
 
-@pytest.mark.timeout(1200)
-def test_bf16_engine_equals_generate_token_for_token(default_model_dir: Path) -> None:
-    exact, total, diffs = check_equivalence(default_model_dir, Precision.BF16)
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP32], ids=lambda p: p.value)
+def test_engine_equals_generate_token_for_token(default_model_dir: Path, precision: Precision) -> None:
+    exact, total, diffs = check_equivalence(default_model_dir, precision)
     assert not diffs, "\n".join(diffs)
     assert exact == total == 16
