@@ -39,7 +39,9 @@ class PlanRequest(BaseModel):
     precision: Precision | Literal["auto"] = "auto"
     force: bool = False
     max_batch_tokens: int = Field(default=2048, gt=0)  # tokens in one forward (prefill chunk + decodes)
-    max_num_seqs: int = Field(default=256, gt=0)  # sequences in one step: rows of the logits buffer
+    # sequences in one step: rows of the logits buffer, and a cap on useful KV. 8 = `fitserve serve`'s
+    # --max-batch-size default, so `fitserve plan` and `fitserve serve` agree out of the box.
+    max_num_seqs: int = Field(default=8, gt=0)
     device: str | None = None  # None: all GPUs when CUDA is present, else "cpu"
     double_quant: bool = False  # NF4 double quantization (smaller absmax, slower load)
     prefer_fp32_on_cpu: bool = False  # put fp32 above bf16 on CPUs without native bf16 (see docs)

@@ -32,8 +32,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="with --precision: plan it even if it does not fit")
     parser.add_argument("--max-batch-tokens", type=int, default=2048,
                         help="tokens in one forward pass, sizes the activation overhead (default 2048)")
-    parser.add_argument("--max-num-seqs", type=int, default=256,
-                        help="sequences in one step, sizes the logits buffer (default 256)")
+    parser.add_argument("--max-num-seqs", type=int, default=8,
+                        help="sequences in one step (serve's --max-batch-size): sizes the logits buffer and caps "
+                             "the useful KV capacity (default 8, as serve)")
     parser.add_argument("--max-kv-tokens", type=int, default=None, help="cap the KV cache capacity")
     parser.add_argument("--device", default=None, help="cpu, cuda:N or cuda (all GPUs); default: GPUs if present")
     parser.add_argument("--double-quant", action="store_true", help="NF4 with double quantization")

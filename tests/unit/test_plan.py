@@ -32,7 +32,7 @@ SHAPE = fake_shape()
 
 def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, max_model_len: int = 2048) -> int:
     """Minimum total bytes for one full-length sequence, computed independently of the planner."""
-    est = estimate_precision(SHAPE, precision, dtype, max_batch_tokens=2048, max_num_seqs=256,
+    est = estimate_precision(SHAPE, precision, dtype, max_batch_tokens=2048, max_num_seqs=8,
                              max_model_len=max_model_len, n_cuda_devices=n_cuda)  # fmt: skip
     return est.weights_bytes + est.quant_state_bytes + est.overhead_bytes + est.kv_bytes_per_token * max_model_len
 
@@ -73,7 +73,7 @@ def test_exactly_the_need_fits() -> None:
 
 def test_kv_capacity_is_what_the_budget_leaves() -> None:
     budget = 8 * GIB
-    plan = plan_for(budget)
+    plan = plan_for(budget, max_num_seqs=256)
     fixed = plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes
     assert plan.kv_bytes_per_token == 2 * 16 * 8 * 64 * 2
     assert plan.kv_capacity_tokens == (budget - fixed) // plan.kv_bytes_per_token
@@ -83,6 +83,7 @@ def test_kv_capacity_is_what_the_budget_leaves() -> None:
 
 
 def test_kv_capacity_capped_by_useful_tokens_and_max_kv_tokens() -> None:
+    assert plan_for(64 * GIB).kv_capacity_tokens == 8 * 2048  # default max_num_seqs 8
     assert plan_for(64 * GIB, max_num_seqs=4).kv_capacity_tokens == 4 * 2048
     assert plan_for(64 * GIB, max_kv_tokens=5000).kv_capacity_tokens == 5000
 
@@ -217,7 +218,7 @@ def test_bad_device() -> None:
 
 def test_none_means_default_for_server_settings() -> None:
     request = PlanRequest(model="/m", max_num_seqs=None, max_batch_tokens=None)
-    assert request.max_num_seqs == 256 and request.max_batch_tokens == 2048
+    assert request.max_num_seqs == 8 and request.max_batch_tokens == 2048
 
 
 def test_json_has_the_issue_keys() -> None:
