@@ -225,7 +225,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
         state.interrupted = True
         status = EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - report what was measured before the failure, then fail
-        logger.error("load test stopped: %s", exc)
+        logger.debug("load test stopped", exc_info=True)
         console.print(f"[red]error:[/red] {exc}")
         status = 1
     stdout = Console()

@@ -97,8 +97,11 @@ class OpenAIClient:
         """The model to ask for: the one given, else the first id `GET /v1/models` lists."""
         if self.model:
             return self.model
-        resp = await self._http.get("/v1/models")
-        resp.raise_for_status()
+        try:
+            resp = await self._http.get("/v1/models")
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"cannot list models at {self.base_url}/v1/models ({exc}); is the server up?") from exc
         data = resp.json().get("data") or []
         if not data:
             raise RuntimeError(f"{self.base_url}/v1/models lists no model; pass --model")

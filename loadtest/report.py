@@ -74,7 +74,10 @@ def verdict_lines(v: MaxBatchVerdict) -> list[str]:
 
 def print_summary(state: SweepState, console: Console) -> None:
     """Print the table and, for --find-max-batch, the verdict."""
-    console.print(summary_table(state))
+    if state.levels:
+        console.print(summary_table(state))
+    else:
+        console.print("No level completed.")
     if state.verdict is not None:
         for line in verdict_lines(state.verdict):
             console.print(line)
