@@ -94,10 +94,12 @@ def sample(
     chosen = work.argmax(dim=-1)
     random_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if random_rows:
-        sub = work[random_rows] / torch.tensor([params[i].temperature for i in random_rows]).unsqueeze(1)
+        dev = logits.device
+        temps = torch.tensor([params[i].temperature for i in random_rows], device=dev)
+        sub = work[random_rows] / temps.unsqueeze(1)
         if any(_needs_filter(params[i], vocab) for i in random_rows):
-            top_k = torch.tensor([min(params[i].top_k or vocab, vocab) for i in random_rows])
-            top_p = torch.tensor([params[i].top_p for i in random_rows])
+            top_k = torch.tensor([min(params[i].top_k or vocab, vocab) for i in random_rows], device=dev)
+            top_p = torch.tensor([params[i].top_p for i in random_rows], device=dev)
             sub = apply_top_k_top_p(sub, top_k, top_p)
         probs = sub.softmax(dim=-1)
         for j, i in enumerate(random_rows):

@@ -118,10 +118,10 @@ def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, 
     return asyncio.run(main())
 
 
-def check_equivalence(model_dir: Path, precision: Precision) -> tuple[int, int, list[str]]:
+def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tuple[int, int, list[str]]:
     """(exactly equal requests, total, diffs) for one precision."""
     model, tokenizer = load(model_dir, precision)
-    requests = make_requests(tokenizer)
+    requests = make_requests(tokenizer, n)
     expected = [reference(model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
     got = run_engine(model, tokenizer, requests)
     diffs = [
