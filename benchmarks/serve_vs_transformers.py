@@ -123,11 +123,15 @@ async def drive(base_url: str, model: str, args: argparse.Namespace) -> tuple[li
     async with OpenAIClient(base_url, model or None, stream=True, request_timeout_s=args.request_timeout,
                             extra_body={"temperature": 0.0}) as client:
         await client.resolve_model()
-        t0 = time.perf_counter()
-        warm = await client.send(workload.item(10_000))
-        if not warm.ok:
-            raise RuntimeError(f"warm-up request failed: {warm.failure_key}: {warm.error_message}")
-        warmup_s = time.perf_counter() - t0
+        for attempt in range(1, args.warmup_attempts + 1):  # the first request of a fresh server may fail
+            t0 = time.perf_counter()
+            warm = await client.send(workload.item(10_000))
+            warmup_s = time.perf_counter() - t0
+            if warm.ok:
+                break
+            logger.warning("warm-up attempt %d failed: %s: %s", attempt, warm.failure_key, warm.error_message)
+        else:
+            raise RuntimeError(f"warm-up request failed {args.warmup_attempts} times")
         runner = LevelRunner(client, workload, Objectives(allow_queueing=True), watch=MetricsWatch(None), seed=args.seed)
         levels = []
         for c in args.levels:
@@ -193,6 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--level-time-limit", type=float, default=300.0)
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument("--warmup-attempts", type=int, default=2, help="warm-up requests tried before giving up")
     p.add_argument("--fitserve-args", default="", help="extra `fitserve serve` arguments")
     p.add_argument("--transformers-args", default="", help="extra `transformers serve` arguments")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "serve_vs_transformers.json")
