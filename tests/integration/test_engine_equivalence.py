@@ -133,7 +133,9 @@ def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tup
 
 
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP32], ids=lambda p: p.value)
+# INT8 is left out on purpose: bitsandbytes' LLM.int8() picks outlier columns over the whole batch, so a row's
+# result depends on its batch neighbours (measured: 3 of 6 requests diverge). NF4 dequantizes weights and stays exact.
+@pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP32, Precision.NF4], ids=lambda p: p.value)
 def test_engine_equals_generate_token_for_token(default_model_dir: Path, precision: Precision) -> None:
     exact, total, diffs = check_equivalence(default_model_dir, precision)
     assert not diffs, "\n".join(diffs)
