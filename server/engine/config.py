@@ -22,6 +22,7 @@ class EngineConfig:
     oom_inject_steps: tuple[int, ...] = ()  # fault injection: steps (1-based) whose forward raises OOM
     device: str = "cpu"
     block_size_tokens: int = 16  # KV cache page size
+    oom_recovery_steps: int | None = 256  # OOM-free steps after which a lowered batch cap doubles; None: never
     max_oom_retries: int = 2  # times one sequence may be re-queued after an OOM before it fails with 503
     idle_wait_s: float = 0.05  # how long the loop sleeps when there is nothing to do (woken early by new work)
     # One padded, masked SDPA call for all decodes instead of one call per sequence: fewer kernel launches, but

@@ -180,6 +180,7 @@ class Scheduler:
         self.preemptions_total = 0
         self._step = 0
         self._reserved_tokens = 0
+        self._clean_steps = 0  # steps since the last OOM
 
     # ---- admission -------------------------------------------------------------------------------------------
 
@@ -266,6 +267,7 @@ class Scheduler:
         pairs, including for sequences that just finished.
         """
         now = self.clock()
+        self._recover_cap()
         produced: list[tuple[Sequence, int]] = []
         it = iter(sampled)
         for chunk in batch.chunks:
@@ -289,6 +291,21 @@ class Scheduler:
             if reason is not None:
                 self.finish(seq, reason)
         return produced
+
+    def _recover_cap(self) -> None:
+        """After `oom_recovery_steps` clean steps, double a cap an OOM lowered (up to the configured one)."""
+        self._clean_steps += 1
+        limit = self.config.max_batch_size
+        recovery = self.config.oom_recovery_steps
+        if recovery is None or self.batch_cap == limit or self._clean_steps < recovery:
+            return
+        self._clean_steps = 0
+        new_cap: int | None = 2 * (self.batch_cap or 1)
+        if limit is not None:
+            new_cap = min(new_cap, limit)
+        elif new_cap >= self.allocator.num_blocks:
+            new_cap = None
+        self.batch_cap = new_cap
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params
@@ -344,6 +361,7 @@ class Scheduler:
         strikes is finished with ERROR and returned so the engine can fail it with 503.
         """
         self.oom_events_total += 1
+        self._clean_steps = 0
         self.batch_cap = max(1, len(self.running) // 2)
         failed: list[Sequence] = []
         for chunk in batch.chunks:

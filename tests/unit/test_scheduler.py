@@ -226,3 +226,28 @@ def test_requeued_sequence_recomputes_all_its_tokens_in_one_prefill() -> None:
     batch = s.schedule()
     (chunk,) = batch.prefills
     assert chunk.seq is b and chunk.start == 0 and chunk.num_tokens == 6 + 3 and chunk.sample
+
+
+def test_lowered_cap_recovers_after_clean_steps() -> None:
+    s = Scheduler(make_config(kv_capacity_tokens=1024, max_batch_size=8, oom_recovery_steps=3))
+    for _ in range(4):
+        s.add(make_seq(4, 30))
+    s.handle_oom(s.schedule())
+    assert s.batch_cap == 2
+    caps = []
+    for _ in range(9):
+        batch = s.schedule()
+        s.postprocess(batch, fake_run(batch))
+        caps.append(s.batch_cap)
+    assert caps == [2, 2, 4, 4, 4, 8, 8, 8, 8]
+    s.handle_oom(s.schedule())
+    assert s.batch_cap == 2  # half of the 4 running
+
+
+def test_cap_never_recovers_when_disabled() -> None:
+    s = Scheduler(make_config(kv_capacity_tokens=1024, oom_recovery_steps=None))
+    for _ in range(2):
+        s.add(make_seq(4, 10))
+    s.handle_oom(s.schedule())
+    run_to_completion(s)
+    assert s.batch_cap == 1
