@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from loadtest.client import OpenAIClient  # noqa: E402
-from loadtest.scrape import MetricsWatch  # noqa: E402
+from loadtest.scrape import MetricsWatch, parse_metrics  # noqa: E402
 from loadtest.sweep import LevelResult, LevelRunner, LevelSpec  # noqa: E402
 from loadtest.verdict import Objectives  # noqa: E402
 from loadtest.workload import LengthSpec, Workload  # noqa: E402
@@ -62,7 +62,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def server_specs(args: argparse.Namespace, port: int) -> dict[str, ServerSpec]:
+def transformers_cache_args(args: argparse.Namespace, kv_capacity_tokens: int | None) -> list[str]:
+    """`--cb-*` arguments giving transformers serve the same KV capacity as fitserve, unless given explicitly.
+
+    Left to itself, `transformers serve --continuous-batching` on CPU sized its cache from the machine's memory
+    (13 GiB resident here, and once OOM-killed); matching fitserve's capacity keeps the comparison like for like.
+    """
+    extra = shlex.split(args.transformers_args)
+    if any(a.startswith("--cb-num-blocks") for a in extra) or not kv_capacity_tokens:
+        return extra
+    block = args.cb_block_size
+    return [*extra, "--cb-block-size", str(block), "--cb-num-blocks", str(max(1, kv_capacity_tokens // block))]
+
+
+def server_specs(args: argparse.Namespace, port: int, kv_capacity_tokens: int | None = None) -> dict[str, ServerSpec]:
     """The two contenders on the same model directory and port."""
     python = sys.executable
     model_dir = str(args.model)
@@ -77,7 +90,7 @@ def server_specs(args: argparse.Namespace, port: int) -> dict[str, ServerSpec]:
     transformers = ServerSpec(
         "transformers",
         [transformers_cli, "serve", "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
-         "--port", str(port), *shlex.split(args.transformers_args), model_dir],
+         "--port", str(port), *transformers_cache_args(args, kv_capacity_tokens), model_dir],
         "/health",
         model=model_dir,
     )
@@ -103,6 +116,15 @@ def start_server(spec: ServerSpec, base_url: str, log_path: Path, ready_timeout_
             time.sleep(0.5)
     stop_server(proc)
     raise RuntimeError(f"{spec.name} not ready after {ready_timeout_s:.0f} s; see {log_path}")
+
+
+def fitserve_kv_capacity(base_url: str) -> int | None:
+    """`fitserve_kv_cache_capacity_tokens` from the running fitserve's /metrics."""
+    try:
+        sample = parse_metrics(httpx.get(base_url + "/metrics", timeout=10.0).text)
+    except httpx.HTTPError:
+        return None
+    return int(sample.kv_capacity_tokens) if sample and sample.kv_capacity_tokens else None
 
 
 def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
@@ -200,6 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-attempts", type=int, default=2, help="warm-up requests tried before giving up")
     p.add_argument("--fitserve-args", default="", help="extra `fitserve serve` arguments")
     p.add_argument("--transformers-args", default="", help="extra `transformers serve` arguments")
+    p.add_argument("--cb-block-size", type=int, default=16, help="transformers serve KV block size (tokens)")
+    p.add_argument("--kv-capacity-tokens", type=int, default=None,
+                   help="transformers serve KV capacity (default: what fitserve reported, when it ran first)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "serve_vs_transformers.json")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
@@ -222,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         "servers": {},
     }
     status = 0
+    kv_capacity: int | None = args.kv_capacity_tokens
     for name in args.servers:
         port = free_port()
-        spec = server_specs(args, port)[name]
+        spec = server_specs(args, port, kv_capacity)[name]
         base_url = f"http://127.0.0.1:{port}"
         log_path = args.out.with_name(f"{args.out.stem}.{name}.log")
         entry: dict[str, Any] = {"command": shlex.join(spec.command)}
@@ -234,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             proc = start_server(spec, base_url, log_path, args.ready_timeout)
             entry["startup_s"] = time.perf_counter() - t0
             levels, entry["warmup_request_s"] = asyncio.run(drive(base_url, spec.model, args))
+            if name == "fitserve" and kv_capacity is None:
+                kv_capacity = fitserve_kv_capacity(base_url)
+                entry["kv_capacity_tokens"] = kv_capacity
             entry["levels"] = [summarize_level(lv) for lv in levels]
         except (RuntimeError, OSError, httpx.HTTPError) as exc:
             logger.error("%s failed: %s", name, exc)
