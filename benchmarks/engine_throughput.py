@@ -24,10 +24,11 @@ logger = logging.getLogger("engine_throughput")
 
 
 class DType(str, enum.Enum):
-    """Dense precisions worth comparing on CPU."""
+    """Dense precisions worth comparing (fp16 for CUDA cards)."""
 
     FP32 = "fp32"
     BF16 = "bf16"
+    FP16 = "fp16"
 
 
 @dataclass
@@ -63,18 +64,20 @@ def default_model_dir() -> Path:
     return fetch_default_model()
 
 
-def load(model_dir: Path, dtype: DType) -> tuple[Any, Any]:
+def load(model_dir: Path, dtype: DType, device: str = "cpu") -> tuple[Any, Any]:
+    """The model in `dtype` on `device`, and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = torch.float32 if dtype is DType.FP32 else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    torch_dtype = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
 def bench_engine(
     model: Any, tokenizer: Any, batch: int, prompt_tokens: int, max_tokens: int, batched_decode: bool = False
 ) -> Result:
+    """Run `batch` requests through a fresh Engine on the model's device and time them."""
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
     from server.engine.types import SamplingParams
@@ -86,6 +89,7 @@ def bench_engine(
         kv_capacity_tokens=max(4096, batch * (prompt_tokens + max_tokens) + 256),
         max_prefill_tokens=max(512, prompt_tokens * batch),
         batched_decode_attention=batched_decode,
+        device=str(model.device),
     )
     prompts = [[100 + (7 * i + j) % 20000 for j in range(prompt_tokens)] for i in range(batch)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -124,19 +128,21 @@ def bench_generate(model: Any, prompt_tokens: int, max_tokens: int) -> float:
     """Plain `model.generate` at batch 1 (tokens/s), the single-stream baseline."""
     import torch
 
-    ids = torch.tensor([[100 + j for j in range(prompt_tokens)]])
+    ids = torch.tensor([[100 + j for j in range(prompt_tokens)]], device=model.device)
     with torch.inference_mode():
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
         return max_tokens / (time.perf_counter() - t0)
 
 
-def bench_hf_continuous_batching(model_dir: Path, dtype: DType, batch: int, prompt_tokens: int, max_tokens: int) -> float:
+def bench_hf_continuous_batching(
+    model_dir: Path, dtype: DType, batch: int, prompt_tokens: int, max_tokens: int, device: str = "cpu"
+) -> float:
     """transformers' own continuous batching (`generate_batch`, what `transformers serve --continuous-batching`
     runs) on the same prompts, in a fresh model copy; returns output tokens/s."""
     from transformers import GenerationConfig
 
-    model, _ = load(model_dir, dtype)
+    model, _ = load(model_dir, dtype, device)
     prompts = [[100 + (7 * i + j) % 20000 for j in range(prompt_tokens)] for i in range(batch)]
     config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     # its own warm-up (CUDA-graph capture, seconds on CPU) runs on a first call, outside the timing
@@ -156,6 +162,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     parser.add_argument("--no-baseline", action="store_true", help="skip the model.generate batch-1 baseline")
     parser.add_argument(
         "--hf-cb", action="store_true", help="also time transformers' generate_batch (continuous batching)"
@@ -169,7 +176,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir or default_model_dir()
-    model, tokenizer = load(model_dir, args.dtype)
+    model, tokenizer = load(model_dir, args.dtype, args.device)
     baseline = None if args.no_baseline else bench_generate(model, args.prompt_tokens, args.max_tokens)
     results = []
     # warm-up (first forward allocates, first SDPA picks kernels)
@@ -190,13 +197,17 @@ def main() -> None:
     hf_cb: dict[int, float] = {}
     if args.hf_cb:
         for b in (int(x) for x in args.batch_sizes.split(",")):
-            hf_cb[b] = bench_hf_continuous_batching(model_dir, args.dtype, b, args.prompt_tokens, args.max_tokens)
+            hf_cb[b] = bench_hf_continuous_batching(
+                model_dir, args.dtype, b, args.prompt_tokens, args.max_tokens, args.device
+            )
             logger.info("transformers generate_batch, batch %2d: %7.1f output tok/s", b, hf_cb[b])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
                 "dtype": args.dtype.value,
+                "device": args.device,
+                "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
                 "threads": args.threads,
                 "prompt_tokens": args.prompt_tokens,
                 "max_tokens": args.max_tokens,

@@ -38,11 +38,11 @@ from loadtest.client import OpenAIClient  # noqa: E402
 from loadtest.scrape import MetricsWatch, parse_metrics  # noqa: E402
 from loadtest.sweep import LevelResult, LevelRunner, LevelSpec  # noqa: E402
 from loadtest.verdict import Objectives  # noqa: E402
+from quant.model_store import default_model_dir  # noqa: E402
 from loadtest.workload import LengthSpec, Workload  # noqa: E402
 
 logger = logging.getLogger("serve_vs_transformers")
 
-DEFAULT_MODEL_DIR = Path.home() / ".cache" / "fitserve" / "models" / "smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,15 @@ class ServerSpec:
     command: list[str]
     ready_path: str
     model: str  # what clients send as `model`
+
+
+def gpu_name(device: str) -> str | None:
+    """The CUDA card's name when the benchmark runs on one."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return str(torch.cuda.get_device_name(0))
 
 
 def free_port() -> int:
@@ -86,10 +95,12 @@ def server_specs(args: argparse.Namespace, port: int, kv_capacity_tokens: int | 
         "/ready",
         model="",  # resolved from /v1/models
     )
-    transformers_cli = str(Path(python).with_name("transformers"))
+    # the CLI through this interpreter, so it is the transformers this Python imports (no PATH lookup)
+    transformers_cli = [python, "-c", "import sys; from transformers.cli.transformers import main; "
+                        "sys.argv[0] = 'transformers'; sys.exit(main())"]  # fmt: skip
     transformers = ServerSpec(
         "transformers",
-        [transformers_cli, "serve", "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
+        [*transformers_cli, "serve", "--continuous-batching", "--device", args.device, "--host", "127.0.0.1",
          "--port", str(port), *transformers_cache_args(args, kv_capacity_tokens), model_dir],
         "/health",
         model=model_dir,
@@ -208,7 +219,7 @@ def comparison_table(results: dict[str, Any], levels: list[int]) -> Table:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Benchmark options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model directory served by both")
+    p.add_argument("--model", type=Path, default=default_model_dir(), help="model directory served by both")
     p.add_argument("--levels", default="1,4,16", help="concurrencies, e.g. 1,4,16")
     p.add_argument("--servers", default="fitserve,transformers", help="which to run, in order")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -225,6 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cb-block-size", type=int, default=16, help="transformers serve KV block size (tokens)")
     p.add_argument("--kv-capacity-tokens", type=int, default=None,
                    help="transformers serve KV capacity (default: what fitserve reported, when it ran first)")
+    p.add_argument("--device", default="cpu", help="transformers serve --device (fitserve picks CUDA itself when present)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "serve_vs_transformers.json")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
@@ -240,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "device": args.device, "gpu": gpu_name(args.device)},
         "workload": {"levels": args.levels, "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
                      "requests_per_level": args.requests_per_level, "rounds": args.rounds, "seed": args.seed,
                      "temperature": 0.0, "stream": True},

@@ -251,7 +251,11 @@ def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 
 def _nvml_mem_info(index: int) -> tuple[int, int] | None:
-    """NVML free/total for device `index`, or None when NVML is absent or indices may not match torch's."""
+    """NVML free/total for device `index`, or None when NVML is absent or indices may not match torch's.
+
+    Total is NVML's v2 figure less what the driver reserves, which is what `cudaMemGetInfo` calls total (on an
+    H200 the v1 total was 615 MiB larger than torch's). Drivers without the v2 call fall back to v1.
+    """
     if os.environ.get("CUDA_VISIBLE_DEVICES"):  # NVML numbers all GPUs; torch only the visible ones
         return None
     try:
@@ -261,8 +265,13 @@ def _nvml_mem_info(index: int) -> tuple[int, int] | None:
     try:
         pynvml.nvmlInit()
         try:
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
-            return int(info.free), int(info.total)
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            try:
+                info = pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
+                return int(info.free), int(info.total - info.reserved)
+            except (pynvml.NVMLError, AttributeError):  # pragma: no cover - old driver or old nvidia-ml-py
+                info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                return int(info.free), int(info.total)
         finally:
             pynvml.nvmlShutdown()
     except pynvml.NVMLError as error:  # pragma: no cover - depends on the driver

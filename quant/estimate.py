@@ -20,7 +20,10 @@ from quant.schemes import DType, GptqParams, LinearShape, Precision, dense_dtype
 
 logger = logging.getLogger(__name__)
 
-CUDA_CONTEXT_BYTES = 512 << 20  # per GPU: CUDA context + cuBLAS workspace, measured order of magnitude
+# Per GPU, device memory that is not torch's: CUDA context, cuBLAS/cuBLASLt workspaces, lazily loaded kernel
+# modules. Measured on an H200 (torch 2.11+cu130, driver 580): 527 MiB right after CUDA init, 803 MiB once an
+# INT8 model had served a load test (device used 1171 MiB minus torch reserved 368 MiB); docs/benchmarks.md.
+CUDA_CONTEXT_BYTES = 800 << 20
 SAMPLING_COPIES = 2  # fp32 logits + the fp32 probabilities sampling derives from them
 
 

@@ -28,6 +28,7 @@ def test_cuda_memory_metrics_match_torch() -> None:
     import torch
 
     device = "cuda:0"
+    torch.cuda.init()  # reset_peak_memory_stats does not initialise CUDA itself ("Invalid device argument")
     plan = SimpleNamespace(budget_bytes=8 * 1024 * MiB, weights_bytes=0, kv_bytes_per_token=0, kv_capacity_tokens=0, overhead_bytes=0)
     metrics = ServerMetrics(ledger_fn=make_ledger_fn(plan, SimpleNamespace(measured_weights_bytes=0), device))
     torch.cuda.reset_peak_memory_stats(device)

@@ -76,10 +76,9 @@ def test_cuda_budget_matches_mem_get_info() -> None:
 
     from quant.budget import detect_budget, reserve_bytes
 
-    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info(0)  # first: this creates our CUDA context, which NVML then sees too
     budget = detect_budget("cuda:0")
-    free, total = torch.cuda.mem_get_info(0)
     (dev,) = budget.devices
-    assert dev.total_bytes == total
+    assert abs(dev.total_bytes - total) <= 64 << 20  # NVML v2 total less driver-reserved == cudaMemGetInfo total
     assert abs(dev.free_bytes - free) < 256 << 20  # other processes may move a little in between
     assert dev.budget_bytes == max(dev.free_bytes - reserve_bytes(total), 0)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from quant.estimate import ModelShape, inspect_model, kv_bytes_per_token, overhead, shape_to_json, weights_bytes
+from quant.estimate import CUDA_CONTEXT_BYTES, ModelShape, inspect_model, kv_bytes_per_token, overhead, shape_to_json, weights_bytes
 from quant.load import measure_quant_state_bytes
 from quant.schemes import DType, Precision, handler_for
 
@@ -71,7 +71,7 @@ def test_overhead_parts(tiny_shape: ModelShape) -> None:
     quant = overhead(tiny_shape, Precision.NF4, DType.BFLOAT16, max_batch_tokens=128, max_num_seqs=8,
                      max_model_len=256, n_cuda_devices=2)  # fmt: skip
     assert quant.dequant_bytes == 128 * 64 * 2  # largest converted weight (gate/up/down) in bf16
-    assert quant.cuda_context_bytes == 2 * 512 * (1 << 20)
+    assert quant.cuda_context_bytes == 2 * CUDA_CONTEXT_BYTES
 
 
 def test_shape_cache_round_trip(tiny_model_dir: Path, tiny_shape: ModelShape, tmp_path: Path) -> None:
