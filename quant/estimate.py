@@ -90,10 +90,10 @@ class PrecisionEstimate:
         return self.overhead.total_bytes
 
 
-def _load_config(model: str | Path) -> Any:
+def _load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
     from quant.model_store import load_config
 
-    return load_config(model)
+    return load_config(model, trust_remote_code=trust_remote_code)
 
 
 def _gptq_params(qcfg: dict[str, Any]) -> GptqParams:
@@ -182,7 +182,8 @@ def shape_from_json(data: dict[str, Any]) -> ModelShape:
     return ModelShape(**fields)
 
 
-def inspect_model(model: str | Path, cache_dir: Path | None = None, use_cache: bool = True) -> ModelShape:
+def inspect_model(model: str | Path, cache_dir: Path | None = None, use_cache: bool = True,
+                  trust_remote_code: bool = False) -> ModelShape:  # fmt: skip
     """The model's shape, from the on-disk shape cache or by building its meta-device skeleton.
 
     The cache (default `$FITSERVE_HOME/shapes`) holds one small JSON per local model, keyed by the bytes of
@@ -202,7 +203,7 @@ def inspect_model(model: str | Path, cache_dir: Path | None = None, use_cache: b
             return replace(shape, model_path=str(model))
         except (OSError, ValueError, KeyError, TypeError) as error:
             logger.warning("ignoring unreadable shape cache %s (%s)", cache_file, error)
-    shape = build_shape(model)
+    shape = build_shape(model, trust_remote_code=trust_remote_code)
     if cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -214,17 +215,20 @@ def inspect_model(model: str | Path, cache_dir: Path | None = None, use_cache: b
     return shape
 
 
-def build_shape(model: str | Path) -> ModelShape:
-    """Build the model skeleton on the meta device and measure it (no weights are read)."""
+def build_shape(model: str | Path, trust_remote_code: bool = False) -> ModelShape:
+    """Build the model skeleton on the meta device and measure it (no weights are read).
+
+    `trust_remote_code` lets a model repository's own modelling code run (off unless the user asked).
+    """
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    config = _load_config(model)
+    config = _load_config(model, trust_remote_code)
     prequantized, gptq, qdict = _prequantized(config)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     skeleton.tie_weights()  # tied embeddings must share one parameter to be counted once
     patterns = _skip_patterns(skeleton, qdict)
     linears: list[LinearShape] = []

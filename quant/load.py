@@ -186,8 +186,11 @@ def _release_free_heap() -> None:
         pass
 
 
-def load_model(plan: Plan) -> LoadedModel:
-    """Load `plan.model_path` in `plan.precision` on the planned device(s) and measure it."""
+def load_model(plan: Plan, trust_remote_code: bool = False) -> LoadedModel:
+    """Load `plan.model_path` in `plan.precision` on the planned device(s) and measure it.
+
+    `trust_remote_code` lets the model repository's own code run; off unless the user asked for it.
+    """
     if plan.precision is None:
         raise ValueError("this plan chose no precision (nothing fits); nothing to load")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -197,9 +200,9 @@ def load_model(plan: Plan) -> LoadedModel:
         _quiet_int8_cast_warning()
     before = read_device_memory(plan.device)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(plan.model_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(plan.model_path, trust_remote_code=trust_remote_code, **kwargs)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(plan.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(plan.model_path, trust_remote_code=trust_remote_code)
     elapsed = time.perf_counter() - start
     if plan.device == "cpu":
         _release_free_heap()

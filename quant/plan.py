@@ -46,6 +46,7 @@ class PlanRequest(BaseModel):
     double_quant: bool = False  # NF4 double quantization (smaller absmax, slower load)
     prefer_fp32_on_cpu: bool = False  # put fp32 above bf16 on CPUs without native bf16 (see docs)
     max_kv_tokens: int | None = Field(default=None, gt=0)  # cap on KV capacity (always <= max_num_seqs x len)
+    trust_remote_code: bool = False  # let the model repository's own code run (config/skeleton); off by default
 
     @field_validator("max_num_seqs", "max_batch_tokens", "max_model_len", "min_concurrency", mode="before")
     @classmethod
@@ -324,7 +325,7 @@ def make_plan(request: PlanRequest, *, probe: MemoryProbe | None = None, shape: 
             from quant.model_store import resolve_model
 
             model = resolve_model(None)
-        shape = inspect_model(model)
+        shape = inspect_model(model, trust_remote_code=request.trust_remote_code)
     if shape.max_position_embeddings and request.max_model_len > shape.max_position_embeddings:
         raise PlanInputError(f"--max-model-len {request.max_model_len} is more than the model's "
                              f"max_position_embeddings {shape.max_position_embeddings}")  # fmt: skip

@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{plan,serve,loadtest,model}")
     for module_name, function_name in _SUBCOMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:  # TODO(lead): remove once every subcommand has landed
-            if error.name != module_name:
-                raise
-            continue
-        getattr(module, function_name)(subparsers)
+        getattr(importlib.import_module(module_name), function_name)(subparsers)
     return parser
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import io
 import logging
 import signal
@@ -94,6 +93,7 @@ def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]
         "precision": settings.precision,
         "force": settings.force,
         "max_num_seqs": settings.max_batch_size,
+        "trust_remote_code": settings.trust_remote_code,
     }
     if settings.max_model_len is not None:
         options["max_model_len"] = settings.max_model_len
@@ -105,12 +105,8 @@ def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]
 
 
 def _load(load_model: Callable[..., Any], plan: Any, settings: Settings) -> Any:
-    """Call quant's loader, passing trust_remote_code only where the loader accepts it."""
-    if "trust_remote_code" in inspect.signature(load_model).parameters:
-        return load_model(plan, trust_remote_code=settings.trust_remote_code)
-    if settings.trust_remote_code:
-        logger.warning("--trust-remote-code given but quant.load.load_model has no such option; ignored")
-    return load_model(plan)
+    """Call quant's loader with the user's trust_remote_code choice."""
+    return load_model(plan, trust_remote_code=settings.trust_remote_code)
 
 
 def render_table(obj: Any) -> str:

@@ -27,7 +27,6 @@ from server.engine.types import (
     EngineUnavailableError,
     FinishReason,
     InvalidRequestError,
-    QueueFullError,
     RequestOutput,
     RequestStats,
     SamplingParams,
@@ -194,8 +193,6 @@ class Engine:
         with self._lock:
             if request_id in self._requests:
                 raise InvalidRequestError(f"Request id {request_id!r} is already in flight.")
-            if len(self._inbox) + self._snapshot.waiting >= self.config.max_waiting:
-                raise QueueFullError(self.config.max_waiting)
             self._requests[request_id] = _Request(seq, queue, detok)
             self._inbox.append(seq)
         self._wake.set()

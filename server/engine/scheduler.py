@@ -197,8 +197,16 @@ class Scheduler:
             raise PromptTooLongError(num_prompt_tokens, max_tokens, self.capacity_tokens, "KV cache capacity")
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence, or raise `PromptTooLongError` / `QueueFullError` / `InvalidRequestError`."""
+        """Take a new sequence, or raise `PromptTooLongError` / `QueueFullError` / `InvalidRequestError`.
+
+        A sequence that can start now (nothing waits ahead of it, its KV reservation fits, the batch cap has room)
+        is admitted at once and never counts against `max_waiting`; so `max_waiting=0` means "no queue": requests
+        run or get 429. Otherwise it joins the waiting queue if that has room.
+        """
         self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+        if not self.waiting and self._can_admit(seq):
+            self._admit(seq)
+            return
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(self.config.max_waiting)
         seq.status = SequenceStatus.WAITING

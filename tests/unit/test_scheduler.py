@@ -82,12 +82,28 @@ def test_request_that_can_never_fit_is_rejected_at_once() -> None:
 
 
 def test_waiting_queue_is_bounded() -> None:
-    s = Scheduler(make_config(max_waiting=2))
+    s = Scheduler(make_config(max_waiting=2, max_batch_size=1))
+    s.add(make_seq(4, 4))  # starts at once: not waiting
     s.add(make_seq(4, 4))
     s.add(make_seq(4, 4))
+    assert len(s.running) == 1 and len(s.waiting) == 2
     with pytest.raises(QueueFullError) as ctx:
         s.add(make_seq(4, 4))
     assert ctx.value.http_status == 429 and ctx.value.retry_after_s >= 1
+
+
+def test_max_waiting_zero_runs_what_fits_and_refuses_the_rest() -> None:
+    s = Scheduler(make_config(max_waiting=0, max_batch_size=2))
+    s.add(make_seq(4, 4))
+    s.add(make_seq(4, 4))
+    with pytest.raises(QueueFullError):
+        s.add(make_seq(4, 4))
+    assert len(s.running) == 2 and not s.waiting
+    while s.has_work:
+        batch = s.schedule()
+        s.postprocess(batch, [7] * batch.num_sampled)
+    s.add(make_seq(4, 4))  # room again once the first two finished
+    assert len(s.running) == 1
 
 
 def test_max_batch_size_caps_running_sequences() -> None:

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from quant.plan import PlanRequest
 from quant.schemes import Precision
-from server.serve import format_plan, plan_options
+from server.serve import _load, format_plan, plan_options
 from server.settings import Settings
 
 
@@ -29,6 +29,20 @@ def test_unset_settings_keep_planner_defaults() -> None:
     assert request.max_model_len == defaults.max_model_len
     assert request.max_kv_tokens == defaults.max_kv_tokens
     assert request.precision == "auto"
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_trust_remote_code_reaches_the_planner_and_the_loader(trust: bool) -> None:
+    settings = Settings(trust_remote_code=trust)
+    assert PlanRequest(model="m", **plan_options(settings, None)).trust_remote_code is trust
+    seen: dict[str, object] = {}
+
+    def fake_load_model(plan: object, trust_remote_code: bool = False) -> str:
+        seen["trust_remote_code"] = trust_remote_code
+        return "loaded"
+
+    assert _load(fake_load_model, object(), settings) == "loaded"
+    assert seen == {"trust_remote_code": trust}
 
 
 def test_unknown_precision_is_a_plan_input_error() -> None:
