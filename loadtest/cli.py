@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +205,10 @@ async def run_sweep(args: argparse.Namespace, state: SweepState, workload: Workl
             await run_levels(runner, [closed_loop_spec(args, c) for c in levels], state)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_loadtest(args: argparse.Namespace) -> int:
     """Run the load test the arguments describe; returns the exit status (130 when interrupted)."""
     console = Console(stderr=True)
@@ -214,6 +220,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     state = SweepState(mode=mode_of(args))
     progress = None if args.quiet else LiveProgress(console)
+    # `timeout` or `kill` stop the run like Ctrl-C does, so what was measured is still written
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     status = EXIT_OK
     try:
         if progress:
@@ -228,6 +237,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
         logger.debug("load test stopped", exc_info=True)
         console.print(f"[red]error:[/red] {exc}")
         status = 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     stdout = Console()
     print_summary(state, stdout if stdout.is_terminal else Console(width=200))
     if args.out is not None:

@@ -206,6 +206,7 @@ class LevelRunner:
         level = self._summarize(spec, results, max(end - t0, 1e-9), metrics, interrupted)
         if state is not None:
             state.levels.append(level)
+        logger.info("%s", level_line(level))
         if interrupted:
             raise asyncio.CancelledError
         return level
@@ -282,6 +283,14 @@ class LevelRunner:
         )
         level.findings = judge(evidence, self.objectives)
         return level
+
+
+def level_line(level: LevelResult) -> str:
+    """One log line per finished level, so a run that is killed part-way still shows what it measured."""
+    ttft = f"{level.ttft.p50 * 1e3:.0f} ms" if level.ttft.p50 is not None else "-"
+    verdict = "pass" if level.passed else ", ".join(f.reason.value for f in level.findings) or "interrupted"
+    return (f"{level.spec.label}: {level.ok} ok, {level.failed_requests} failed, "
+            f"{level.output_tokens_per_s:.1f} out tok/s, TTFT p50 {ttft}, {verdict}")  # fmt: skip
 
 
 async def run_levels(runner: LevelRunner, specs: list[LevelSpec], state: SweepState) -> SweepState:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -72,6 +75,26 @@ def test_ctrl_c_writes_what_it_has(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         rc = main(["--url", url, "--concurrency", "1,2,4", "--requests-per-level", "2", "--max-tokens", "2",
                    "--quiet", "--no-plots", "--out", str(tmp_path)])
     assert rc == cli.EXIT_INTERRUPTED
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["interrupted"] is True and [lv["concurrency"] for lv in results["levels"]] == [1]
+
+
+def test_sigterm_writes_what_it_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_run_sweep = cli.run_sweep
+
+    async def terminated_after_one_level(args, state: SweepState, workload, progress) -> None:  # noqa: ANN001
+        args.concurrency = [1]
+        await real_run_sweep(args, state, workload, progress)
+        os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends
+        await asyncio.sleep(5)  # the handler interrupts this
+
+    monkeypatch.setattr(cli, "run_sweep", terminated_after_one_level)
+    before = signal.getsignal(signal.SIGTERM)
+    with serve_in_thread(create_fake_app(FakeBehaviour())) as url:
+        rc = main(["--url", url, "--concurrency", "1,2", "--requests-per-level", "2", "--max-tokens", "2",
+                   "--quiet", "--no-plots", "--out", str(tmp_path)])
+    assert rc == cli.EXIT_INTERRUPTED
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is only installed while the run lasts
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["interrupted"] is True and [lv["concurrency"] for lv in results["levels"]] == [1]
 
