@@ -146,6 +146,22 @@ def test_admission_errors_are_raised_before_any_output(tiny) -> None:  # type: i
     assert statuses == ["length", "length", "rejected", "rejected"]
 
 
+def test_max_waiting_zero_serves_what_can_start_and_refuses_the_rest(tiny) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        engine = make_engine(tiny, max_model_len=64, max_waiting=0, max_batch_size=1)
+        await engine.start()
+        running = asyncio.ensure_future(collect(engine.generate([5] * 10, greedy(30), "a")))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError):  # nothing may wait: the one slot is taken
+            await collect(engine.generate([6] * 10, greedy(5), "b"))
+        assert (await running)[-1].finished
+        after = await collect(engine.generate([7] * 10, greedy(5), "c"))  # the slot is free again: it runs
+        assert after[-1].finished and sum(len(o.token_ids_delta) for o in after) >= 1
+        await engine.stop(timeout_s=5)
+
+    asyncio.run(main())
+
+
 def test_consumer_disconnect_aborts_and_frees_kv(tiny) -> None:  # type: ignore[no-untyped-def]
     sink = ListSink()
 
