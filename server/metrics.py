@@ -147,6 +147,14 @@ OOM_EVENTS = MetricSpec(
 PREEMPTIONS = MetricSpec(
     "fitserve_preemptions_total", MetricKind.COUNTER, "Running requests preempted back to the waiting queue."
 )
+PREFIX_QUERIES = MetricSpec(
+    "fitserve_prefix_cache_queries_total", MetricKind.COUNTER,
+    "Prompt tokens looked up in the prefix cache when requests were admitted.",
+)
+PREFIX_HITS = MetricSpec(
+    "fitserve_prefix_cache_hits_total", MetricKind.COUNTER,
+    "Prompt tokens whose KV came from cached blocks instead of being computed.",
+)
 # Events (recorded from StepStats / RequestStats).
 BATCH_SIZE = MetricSpec("fitserve_batch_size", MetricKind.HISTOGRAM, "Running sequences per engine step.")
 STEP_DURATION = MetricSpec("fitserve_step_duration_seconds", MetricKind.HISTOGRAM, "Wall time of one engine step.")
@@ -178,7 +186,7 @@ REQUEST_QUEUE = MetricSpec(
 METRICS: tuple[MetricSpec, ...] = (
     MEMORY_BUDGET, DEVICE_TOTAL, DEVICE_USED, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, HEADROOM, WEIGHTS,
     PLAN_PREDICTED, MODEL_INFO, KV_CAPACITY, KV_USED, KV_RESERVED, KV_USAGE, RUNNING, WAITING, BATCH_LIMIT,
-    OOM_EVENTS, PREEMPTIONS, BATCH_SIZE, STEP_DURATION, REQUESTS, PROMPT_TOKENS, GENERATION_TOKENS, TTFT, ITL,
+    OOM_EVENTS, PREEMPTIONS, PREFIX_QUERIES, PREFIX_HITS, BATCH_SIZE, STEP_DURATION, REQUESTS, PROMPT_TOKENS, GENERATION_TOKENS, TTFT, ITL,
     REQUEST_DURATION, REQUEST_QUEUE,
 )  # fmt: skip
 
@@ -271,7 +279,7 @@ class _StateCollector(Collector):
     @staticmethod
     def _snapshot_families(snapshot: object | None) -> list[Metric]:
         gauges = {spec: _gauge(spec) for spec in (KV_CAPACITY, KV_USED, KV_RESERVED, KV_USAGE, RUNNING, WAITING, BATCH_LIMIT)}
-        counters = {spec: _counter(spec) for spec in (OOM_EVENTS, PREEMPTIONS)}
+        counters = {spec: _counter(spec) for spec in (OOM_EVENTS, PREEMPTIONS, PREFIX_QUERIES, PREFIX_HITS)}
         if isinstance(snapshot, EngineSnapshot):
             capacity = snapshot.kv_capacity_tokens
             gauges[KV_CAPACITY].add_metric([], capacity)
@@ -283,6 +291,8 @@ class _StateCollector(Collector):
             gauges[BATCH_LIMIT].add_metric([], snapshot.max_batch_size)
             counters[OOM_EVENTS].add_metric([], snapshot.oom_events_total)
             counters[PREEMPTIONS].add_metric([], snapshot.preemptions_total)
+            counters[PREFIX_QUERIES].add_metric([], snapshot.prefix_cache_queries_total)
+            counters[PREFIX_HITS].add_metric([], snapshot.prefix_cache_hits_total)
         return [*gauges.values(), *counters.values()]
 
 

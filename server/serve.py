@@ -179,6 +179,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         kv_capacity_tokens=int(plan.kv_capacity_tokens),
         max_batch_size=settings.max_batch_size,
         max_waiting=settings.max_waiting,
+        enable_prefix_caching=settings.enable_prefix_caching,
         oom_inject_steps=settings.oom_inject_steps,
         device=device,
         **config_kwargs,
@@ -196,9 +197,10 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         await engine.stop(settings.shutdown_timeout_s)
 
     logger.info(
-        "engine started: model=%s max_model_len=%d kv_capacity_tokens=%d max_batch_size=%s max_waiting=%d",
+        "engine started: model=%s max_model_len=%d kv_capacity_tokens=%d max_batch_size=%s max_waiting=%d "
+        "prefix_caching=%s",
         serving.served_model_name, config.max_model_len, config.kv_capacity_tokens,
-        config.max_batch_size, config.max_waiting,
+        config.max_batch_size, config.max_waiting, config.enable_prefix_caching,
     )  # fmt: skip
     return BuiltEngine(engine=engine, metrics=metrics, close=stop)
 

@@ -38,6 +38,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     engine.add_argument("--max-batch-size", type=int, help="most sequences decoded per step")
     engine.add_argument("--max-waiting", type=int, help="queued requests beyond which new ones get 429 (256)")
     engine.add_argument("--max-prefill-tokens", type=int, help="prompt tokens computed per step")
+    engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                        help="compute every prompt in full instead of reusing cached KV blocks of a shared prefix")  # fmt: skip
     engine.add_argument(
         "--oom-inject-steps", help="fault injection: comma-separated engine steps that raise OOM (off by default)"
     )

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, description="most sequences decoded in one step")
     max_waiting: int = Field(256, ge=0, description="queued requests beyond which new ones get 429")
     max_prefill_tokens: int | None = Field(None, ge=1, description="prefill token budget per step")
+    enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks of prompts' shared prefixes")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="request bodies above this get 413")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="grace period for running requests on SIGTERM")
     trust_remote_code: bool = Field(False, description="allow model repositories to run their own code")

@@ -29,6 +29,9 @@ class EngineConfig:
     # results are no longer bit-identical to a lone `model.generate` (see docs/engine.md). Off by default.
     batched_decode_attention: bool = False
     num_threads: int | None = None  # torch intra-op threads for the engine thread; None leaves torch's default
+    # Reuse the KV of full blocks whose token prefix an earlier or running sequence already computed (shared
+    # system prompts, chat history). A hit prefills only the rest of the prompt, on top of the cached context.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.max_model_len <= 0:

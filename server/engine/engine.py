@@ -452,6 +452,8 @@ class Engine:
             max_batch_size=s.effective_batch_cap,
             oom_events_total=s.oom_events_total,
             preemptions_total=s.preemptions_total,
+            prefix_cache_queries_total=s.allocator.query_tokens_total,
+            prefix_cache_hits_total=s.allocator.hit_tokens_total,
         )
 
     def _refresh_snapshot(self) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence as SequenceT
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine.block_pool import NO_HIT, BlockPool, PrefixHit
 from server.engine.config import EngineConfig
 from server.engine.types import (
     FinishReason,
@@ -54,6 +55,9 @@ class Sequence:
     inter_token_latencies_s: list[float] = field(default_factory=list)
     sampling_state: Any = None  # owned by the runner (e.g. a torch.Generator); the scheduler never reads it
     slot_state: Any = None  # owned by the runner (cache slots of the block table); reset when blocks change
+    prefix_blocks: int = 0  # leading blocks of the block table that are registered in the prefix cache
+    prefix_hash: int = 0  # the prefix-cache key hash after those blocks
+    prefix_hit: PrefixHit = NO_HIT  # cached blocks found by the last admission check (taken by _admit)
 
     @property
     def num_output_tokens(self) -> int:
@@ -120,44 +124,6 @@ class ScheduledBatch:
         return sum(1 for c in self.chunks if c.sample)
 
 
-class BlockAllocator:
-    """A pool of fixed-size KV cache blocks that hands out contiguous runs when it can.
-
-    A sequence whose blocks are consecutive has its context at consecutive cache slots, so the attention can read
-    it as a view instead of gathering it (see kv_cache.py). Fragmented pools fall back to the lowest free ids.
-    """
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free: set[int] = set(range(num_blocks))
-
-    @property
-    def num_free(self) -> int:
-        """Blocks not owned by any sequence."""
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        """Take `n` blocks (a contiguous run if one exists); the caller checked `num_free` first."""
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
-        free = sorted(self._free)
-        run_start = 0
-        for i in range(1, len(free) + 1):
-            if i == len(free) or free[i] != free[i - 1] + 1:
-                if i - run_start >= n:
-                    blocks = free[run_start : run_start + n]
-                    break
-                run_start = i
-        else:
-            blocks = free[:n]
-        self._free.difference_update(blocks)
-        return blocks
-
-    def free(self, blocks: Iterable[int]) -> None:
-        """Give blocks back."""
-        self._free.update(blocks)
-
-
 class Scheduler:
     """Waiting queue + running set + KV block pool; decides what each step computes."""
 
@@ -169,7 +135,8 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.block_size = config.block_size_tokens
-        self.allocator = BlockAllocator(config.kv_capacity_tokens // self.block_size)
+        self.allocator = BlockPool(config.kv_capacity_tokens // self.block_size, self.block_size,
+                                   enable_caching=config.enable_prefix_caching)  # fmt: skip
         self.capacity_tokens = self.allocator.num_blocks * self.block_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.clock = clock
@@ -216,12 +183,22 @@ class Scheduler:
         return -(-num_tokens // self.block_size)
 
     def _can_admit(self, seq: Sequence) -> bool:
+        """Batch cap has room and the KV reservation fits, counting the blocks a cached prefix supplies."""
         if self.batch_cap is not None and len(self.running) >= self.batch_cap:
             return False
-        return self._blocks_for(seq.reserved_tokens) <= self.allocator.num_free
+        # at least the last known token is computed, so the step that admits it has logits to sample from
+        seq.prefix_hit = self.allocator.match(seq.token_ids, (len(seq.token_ids) - 1) // self.block_size)
+        needed = self._blocks_for(seq.reserved_tokens) - len(seq.prefix_hit)
+        return self.allocator.can_allocate(seq.prefix_hit, needed)
 
     def _admit(self, seq: Sequence) -> None:
-        seq.block_table = self.allocator.allocate(self._blocks_for(seq.reserved_tokens))
+        """Take the sequence's blocks (a cached prefix first) and start it after that prefix."""
+        hit = seq.prefix_hit
+        seq.block_table = self.allocator.allocate(hit, self._blocks_for(seq.reserved_tokens) - len(hit))
+        seq.prefix_hit = NO_HIT
+        seq.prefix_blocks, seq.prefix_hash = len(hit), hit.last_hash
+        seq.num_computed_tokens = len(hit) * self.block_size
+        self.allocator.record_lookup(len(seq.token_ids), seq.num_computed_tokens)
         seq.status = SequenceStatus.RUNNING
         if seq.first_scheduled_s is None:
             seq.first_scheduled_s = self.clock()
@@ -246,7 +223,7 @@ class Scheduler:
                 prefills.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n == remaining))
         while self.waiting and self._can_admit(self.waiting[0]):
             seq = self.waiting[0]
-            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            remaining = len(seq.token_ids) - len(seq.prefix_hit) * self.block_size
             if not self._fits_budget(remaining, budget):
                 break
             self.waiting.popleft()
@@ -285,6 +262,7 @@ class Scheduler:
                     next(it)
                 continue
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self._register_full_blocks(seq)
             if not chunk.sample:
                 continue
             token = next(it)
@@ -299,6 +277,14 @@ class Scheduler:
             if reason is not None:
                 self.finish(seq, reason)
         return produced
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed blocks to the prefix cache."""
+        full = seq.num_computed_tokens // self.block_size
+        if full > seq.prefix_blocks:
+            seq.prefix_hash = self.allocator.register(seq.block_table, seq.token_ids, seq.prefix_blocks, full,
+                                                      seq.prefix_hash)  # fmt: skip
+            seq.prefix_blocks = full
 
     def _recover_cap(self) -> None:
         """After `oom_recovery_steps` clean steps, double a cap an OOM lowered (up to the configured one)."""
@@ -350,6 +336,7 @@ class Scheduler:
         self.allocator.free(seq.block_table)
         seq.block_table = []
         seq.slot_state = None
+        seq.prefix_blocks, seq.prefix_hash = 0, 0
         self._reserved_tokens -= seq.reserved_tokens
 
     def _preempt(self, seq: Sequence) -> None:

@@ -205,6 +205,8 @@ class EngineSnapshot:
     max_batch_size: int  # current cap (lowered after an OOM)
     oom_events_total: int
     preemptions_total: int
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache at admission
+    prefix_cache_hits_total: int = 0  # of those, tokens whose KV came from cached blocks
 
 
 class StatsSink(Protocol):

@@ -146,6 +146,32 @@ def test_admission_errors_are_raised_before_any_output(tiny) -> None:  # type: i
     assert statuses == ["length", "length", "rejected", "rejected"]
 
 
+def test_prefix_cache_hits_give_the_same_tokens_as_computing_everything(tiny) -> None:  # type: ignore[no-untyped-def]
+    """Requests sharing a 48-token prefix, run after and alongside each other, with and without prefix caching."""
+    system = random_prompts(1)[0][:2] * 24  # 48 tokens = 3 full blocks
+    prompts = [system + tail for tail in random_prompts(6)]
+
+    def run(enable: bool) -> tuple[list[list[int]], int]:
+        sink = ListSink()
+
+        async def main() -> list[list[int]]:
+            engine = make_engine(tiny, sink, enable_prefix_caching=enable)
+            await engine.start()
+            first = await collect(engine.generate(prompts[0], greedy(6), "p0"))  # fills the cache
+            rest = await asyncio.gather(*(collect(engine.generate(p, greedy(6), f"p{i}"))
+                                          for i, p in enumerate(prompts[1:], 1)))  # fmt: skip
+            await engine.stop(timeout_s=5)
+            return [[t for o in outs for t in o.token_ids_delta] for outs in [first, *rest]]
+
+        outputs = asyncio.run(main())
+        return outputs, sum(step.prefill_tokens for step in sink.steps)
+
+    cached, cached_prefill = run(True)
+    plain, plain_prefill = run(False)
+    assert cached == plain
+    assert plain_prefill - cached_prefill >= 5 * 48  # the five later requests skipped the shared blocks
+
+
 def test_max_waiting_zero_serves_what_can_start_and_refuses_the_rest(tiny) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
         engine = make_engine(tiny, max_model_len=64, max_waiting=0, max_batch_size=1)

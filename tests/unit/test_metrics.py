@@ -36,6 +36,8 @@ ISSUE_METRICS = (
     "fitserve_generation_tokens_total",
     "fitserve_oom_events_total",
     "fitserve_preemptions_total",
+    "fitserve_prefix_cache_queries_total",
+    "fitserve_prefix_cache_hits_total",
     "fitserve_time_to_first_token_seconds",
     "fitserve_inter_token_latency_seconds",
     "fitserve_request_duration_seconds",
@@ -87,6 +89,8 @@ SNAPSHOT = EngineSnapshot(
     max_batch_size=16,
     oom_events_total=1,
     preemptions_total=4,
+    prefix_cache_queries_total=900,
+    prefix_cache_hits_total=320,
 )
 MODEL_INFO = ModelInfo("smollm2-135m-instruct", "bf16", "none", "bfloat16", "cpu")
 
@@ -189,6 +193,8 @@ def test_snapshot_gauges_and_engine_totals() -> None:
     assert sample_value(families, "fitserve_batch_size_limit") == 16
     assert sample_value(families, "fitserve_oom_events_total") == 1
     assert sample_value(families, "fitserve_preemptions_total") == 4
+    assert sample_value(families, "fitserve_prefix_cache_queries_total") == 900
+    assert sample_value(families, "fitserve_prefix_cache_hits_total") == 320
 
 
 def test_snapshot_is_read_at_scrape_time_and_zero_capacity_gives_zero_ratio() -> None:

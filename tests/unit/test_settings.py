@@ -58,6 +58,13 @@ def test_cli_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert args.func.__name__ == "run_serve"
 
 
+def test_prefix_caching_is_on_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_args(_parse(["serve"])).enable_prefix_caching is True
+    assert settings_from_args(_parse(["serve", "--no-prefix-caching"])).enable_prefix_caching is False
+    monkeypatch.setenv("FITSERVE_ENABLE_PREFIX_CACHING", "false")
+    assert settings_from_args(_parse(["serve"])).enable_prefix_caching is False
+
+
 def test_cli_flags_cover_the_issue_list() -> None:
     args = _parse(
         [
