@@ -87,7 +87,9 @@ def reference(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, float]]) -> list[list[int]]:
+def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, float]]) -> tuple[list[list[int]], int]:
+    """Each request's greedy tokens through one engine (prefix caching on), and the prompt tokens it served from
+    cached blocks."""
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
     from server.engine.types import SamplingParams
@@ -101,7 +103,7 @@ def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, 
         max_prefill_tokens=512,
     )
 
-    async def main() -> list[list[int]]:
+    async def main() -> tuple[list[list[int]], int]:
         engine = Engine(model, tokenizer, config)
         await engine.start()
 
@@ -111,25 +113,26 @@ def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, 
             return [t async for out in engine.generate(prompt, params, f"eq-{i}") for t in out.token_ids_delta]
 
         try:
-            return list(await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests))))
+            outputs = list(await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests))))
+            return outputs, engine.snapshot().prefix_cache_hits_total
         finally:
             await engine.stop(timeout_s=10)
 
     return asyncio.run(main())
 
 
-def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tuple[int, int, list[str]]:
-    """(exactly equal requests, total, diffs) for one precision."""
+def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tuple[int, int, list[str], int]:
+    """(exactly equal requests, total, diffs, prompt tokens served from the prefix cache) for one precision."""
     model, tokenizer = load(model_dir, precision)
     requests = make_requests(tokenizer, n)
     expected = [reference(model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
-    got = run_engine(model, tokenizer, requests)
+    got, cached_tokens = run_engine(model, tokenizer, requests)
     diffs = [
         f"request {i} (prompt {len(r[0])} tokens): engine {g} != generate {e}"
         for i, (r, g, e) in enumerate(zip(requests, got, expected))
         if g != e
     ]
-    return len(requests) - len(diffs), len(requests), diffs
+    return len(requests) - len(diffs), len(requests), diffs, cached_tokens
 
 
 @pytest.mark.timeout(1800)
@@ -137,6 +140,7 @@ def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tup
 # result depends on its batch neighbours (measured: 3 of 6 requests diverge). NF4 dequantizes weights and stays exact.
 @pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP32, Precision.NF4], ids=lambda p: p.value)
 def test_engine_equals_generate_token_for_token(default_model_dir: Path, precision: Precision) -> None:
-    exact, total, diffs = check_equivalence(default_model_dir, precision)
+    exact, total, diffs, cached_tokens = check_equivalence(default_model_dir, precision)
     assert not diffs, "\n".join(diffs)
     assert exact == total == 16
+    assert cached_tokens >= 16 * 4, "prefix-cache hits are part of what this test checks"
