@@ -59,6 +59,11 @@ class BlockPool:
         return len(self._free) + len(self._cached)
 
     @property
+    def num_used_blocks(self) -> int:
+        """Blocks that at least one sequence holds."""
+        return len(self._refs)
+
+    @property
     def num_cached(self) -> int:
         """Unused blocks that still hold a registered prefix."""
         return len(self._cached)

@@ -146,7 +146,6 @@ class Scheduler:
         self.oom_events_total = 0
         self.preemptions_total = 0
         self._step = 0
-        self._reserved_tokens = 0
         self._clean_steps = 0  # steps since the last OOM
 
     # ---- admission -------------------------------------------------------------------------------------------
@@ -202,7 +201,6 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         if seq.first_scheduled_s is None:
             seq.first_scheduled_s = self.clock()
-        self._reserved_tokens += seq.reserved_tokens
         self.running.append(seq)
 
     # ---- one step --------------------------------------------------------------------------------------------
@@ -337,7 +335,6 @@ class Scheduler:
         seq.block_table = []
         seq.slot_state = None
         seq.prefix_blocks, seq.prefix_hash = 0, 0
-        self._reserved_tokens -= seq.reserved_tokens
 
     def _preempt(self, seq: Sequence) -> None:
         """Evict a running sequence back to the front of the queue; it will recompute from its tokens."""
@@ -380,13 +377,24 @@ class Scheduler:
 
     @property
     def kv_used_tokens(self) -> int:
-        """Tokens whose K/V are written in the cache."""
-        return sum(seq.num_computed_tokens for seq in self.running)
+        """Cache slots holding K/V that running sequences use; a block shared through the prefix cache counts once."""
+        bs = self.block_size
+        shared: set[int] = set()
+        used = 0
+        for seq in self.running:
+            full = seq.num_computed_tokens // bs
+            for block in seq.block_table[:full]:
+                if block not in shared:
+                    shared.add(block)
+                    used += bs
+            used += seq.num_computed_tokens - full * bs  # the partly written last block is the sequence's own
+        return used
 
     @property
     def kv_reserved_tokens(self) -> int:
-        """Tokens reserved by running sequences (prompt + max_tokens each)."""
-        return self._reserved_tokens
+        """Cache slots held by running sequences: the blocks of their prompt + max_tokens reservations, shared
+        prefix blocks counted once."""
+        return self.allocator.num_used_blocks * self.block_size
 
     @property
     def effective_batch_cap(self) -> int:

@@ -200,8 +200,8 @@ class EngineSnapshot:
     running: int
     waiting: int
     kv_capacity_tokens: int
-    kv_used_tokens: int  # tokens actually written to the cache
-    kv_reserved_tokens: int  # tokens reserved by admitted requests (prompt + max_tokens)
+    kv_used_tokens: int  # cache slots written and in use (a shared prefix block counts once)
+    kv_reserved_tokens: int  # cache slots held by admitted requests (their prompt + max_tokens blocks)
     max_batch_size: int  # current cap (lowered after an OOM)
     oom_events_total: int
     preemptions_total: int

@@ -118,3 +118,19 @@ def test_an_identical_prompt_still_computes_its_last_token() -> None:
     prompt = list(range(100, 132))  # exactly two blocks
     run(s, seq(prompt))
     assert run(s, seq(prompt))[0] == 16  # the last block is recomputed so the step has logits to sample
+
+
+def test_kv_gauges_count_a_shared_prefix_once() -> None:
+    s = scheduler()
+    system = list(range(100, 132))  # two full blocks
+    run(s, seq(system + [1]))  # leaves the two system blocks in the cache
+    a, b = seq(system + [2], max_tokens=8), seq(system + [3], max_tokens=8)
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()
+    s.postprocess(batch, [7] * batch.num_sampled)
+    assert a.block_table[:2] == b.block_table[:2]
+    # each computed 33 tokens (32 cached + 1); the 32 shared ones count once: 32 + 1 + 1
+    assert s.kv_used_tokens == 34
+    # reservations: 3 blocks each (33 + 8 tokens), two of them shared -> 4 distinct blocks
+    assert s.kv_reserved_tokens == 4 * 16
