@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 # modules. Measured on an H200 (torch 2.11+cu130, driver 580): 527 MiB right after CUDA init, 803 MiB once an
 # INT8 model had served a load test (device used 1171 MiB minus torch reserved 368 MiB); docs/benchmarks.md.
 CUDA_CONTEXT_BYTES = 800 << 20
+# On CPU the budget is the server process's memory, and the process holds this much before it loads a weight:
+# the interpreter, torch, transformers and the HTTP stack (resident pages of their shared libraries included).
+# Measured: `fitserve serve` logs "process RSS 277.9 MiB" right before loading (2026-11-26, torch 2.13 CPU).
+CPU_RUNTIME_BYTES = 288 << 20
 SAMPLING_COPIES = 2  # fp32 logits + the fp32 probabilities sampling derives from them
 
 
@@ -65,12 +69,13 @@ class Overhead:
     logits_bytes: int
     dequant_bytes: int
     cuda_context_bytes: int = 0
+    cpu_runtime_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
         """Sum of the parts."""
         return (self.activation_bytes + self.attention_bytes + self.logits_bytes + self.dequant_bytes
-                + self.cuda_context_bytes)  # fmt: skip
+                + self.cuda_context_bytes + self.cpu_runtime_bytes)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -303,7 +308,8 @@ def overhead(shape: ModelShape, precision: Precision, compute_dtype: DType, *, m
     - logits: min(max_num_seqs, T) x vocab x 4 x 2 (fp32 logits of the last token of each sequence, and the
       probabilities sampling derives from them).
     - dequant: the largest converted weight dequantized to the compute dtype for one matmul (INT8/NF4/GPTQ).
-    - CUDA context: a fixed amount per GPU.
+    - CUDA context: a fixed amount per GPU (its device memory is what a GPU budget covers).
+    - CPU runtime: on CPU, where the budget is the process's memory, what the process holds before loading.
     """
     a = compute_dtype.bytes
     h, i = shape.hidden_size, shape.intermediate_size
@@ -314,7 +320,8 @@ def overhead(shape: ModelShape, precision: Precision, compute_dtype: DType, *, m
     logits = rows * shape.vocab_size * 4 * SAMPLING_COPIES
     handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
     dequant = handler.largest_dequant_bytes(list(shape.linears), compute_dtype) if handler.converts_linears() else 0
-    return Overhead(activation, attention, logits, dequant, CUDA_CONTEXT_BYTES * n_cuda_devices)
+    runtime = 0 if n_cuda_devices else CPU_RUNTIME_BYTES
+    return Overhead(activation, attention, logits, dequant, CUDA_CONTEXT_BYTES * n_cuda_devices, runtime)
 
 
 def estimate_precision(shape: ModelShape, precision: Precision, compute_dtype: DType, *, max_batch_tokens: int,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from quant.estimate import CUDA_CONTEXT_BYTES, ModelShape, inspect_model, kv_bytes_per_token, overhead, shape_to_json, weights_bytes
+from quant.estimate import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, ModelShape, inspect_model, kv_bytes_per_token, overhead, shape_to_json, weights_bytes
 from quant.load import measure_quant_state_bytes
 from quant.schemes import DType, Precision, handler_for
 
@@ -68,10 +68,12 @@ def test_overhead_parts(tiny_shape: ModelShape) -> None:
     assert over.attention_bytes == 4 * 128 * 256 * 4
     assert over.logits_bytes == 8 * tiny_shape.vocab_size * 4 * 2
     assert over.dequant_bytes == 0 and over.cuda_context_bytes == 0
+    assert over.cpu_runtime_bytes == CPU_RUNTIME_BYTES  # on CPU the process's own runtime is in the budget
     quant = overhead(tiny_shape, Precision.NF4, DType.BFLOAT16, max_batch_tokens=128, max_num_seqs=8,
                      max_model_len=256, n_cuda_devices=2)  # fmt: skip
     assert quant.dequant_bytes == 128 * 64 * 2  # largest converted weight (gate/up/down) in bf16
     assert quant.cuda_context_bytes == 2 * CUDA_CONTEXT_BYTES
+    assert quant.cpu_runtime_bytes == 0  # host memory is not what a GPU budget covers
 
 
 def test_shape_cache_round_trip(tiny_model_dir: Path, tiny_shape: ModelShape, tmp_path: Path) -> None:
