@@ -123,14 +123,15 @@ def test_admission_errors_are_raised_before_any_output(tiny) -> None:  # type: i
     sink = ListSink()
 
     async def main() -> None:
-        engine = make_engine(tiny, sink, max_model_len=64, max_waiting=1, max_batch_size=1)
+        engine = make_engine(tiny, sink, max_model_len=512, max_waiting=1, max_batch_size=1)
         with pytest.raises(EngineUnavailableError):
             await collect(engine.generate([1, 2, 3], greedy(2), "early"))
         await engine.start()
         with pytest.raises(PromptTooLongError):
-            await collect(engine.generate(list(range(100, 160)), greedy(10), "long"))
-        # one runs, one waits, the third finds the queue full
-        first = engine.generate([5] * 10, greedy(40), "a")
+            await collect(engine.generate(list(range(100, 600)), greedy(20), "long"))
+        # one runs, one waits, the third finds the queue full ("a" runs for hundreds of steps, so it is still
+        # running when "c" arrives: the queue-full check happens in the engine thread, against the real queue)
+        first = engine.generate([5] * 10, greedy(400), "a")
         second = engine.generate([6] * 10, greedy(5), "b")
         task_a = asyncio.ensure_future(collect(first))
         await asyncio.sleep(0.05)
@@ -174,9 +175,9 @@ def test_prefix_cache_hits_give_the_same_tokens_as_computing_everything(tiny) ->
 
 def test_max_waiting_zero_serves_what_can_start_and_refuses_the_rest(tiny) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
-        engine = make_engine(tiny, max_model_len=64, max_waiting=0, max_batch_size=1)
+        engine = make_engine(tiny, max_waiting=0, max_batch_size=1)
         await engine.start()
-        running = asyncio.ensure_future(collect(engine.generate([5] * 10, greedy(30), "a")))
+        running = asyncio.ensure_future(collect(engine.generate([5] * 10, greedy(400), "a")))  # still runs at "b"
         await asyncio.sleep(0.05)
         with pytest.raises(QueueFullError):  # nothing may wait: the one slot is taken
             await collect(engine.generate([6] * 10, greedy(5), "b"))
