@@ -46,6 +46,7 @@ class BlockPool:
         self._free: set[int] = set(range(num_blocks))  # nothing worth keeping
         self._cached: OrderedDict[int, None] = OrderedDict()  # unused but registered: oldest first
         self._refs: dict[int, int] = {}  # block -> sequences using it (absent: unused)
+        self._holders = 0  # sum of self._refs.values()
         self._key_of: dict[int, BlockKey] = {}  # registered block -> its key
         self._block_of: dict[BlockKey, int] = {}  # key -> registered block
         self.hit_tokens_total = 0  # prompt tokens served from cached blocks
@@ -62,6 +63,11 @@ class BlockPool:
     def num_used_blocks(self) -> int:
         """Blocks that at least one sequence holds."""
         return len(self._refs)
+
+    @property
+    def num_extra_holders(self) -> int:
+        """Holds beyond the first on shared blocks: how many blocks a per-sequence count counts twice."""
+        return self._holders - len(self._refs)
 
     @property
     def num_cached(self) -> int:
@@ -104,6 +110,7 @@ class BlockPool:
         for block in hit.blocks:
             self._cached.pop(block, None)
             self._refs[block] = self._refs.get(block, 0) + 1
+        self._holders += len(hit) + num_new
         while len(self._free) < num_new:  # evict the least recently used cached prefixes
             block, _ = self._cached.popitem(last=False)
             del self._block_of[self._key_of.pop(block)]
@@ -116,11 +123,14 @@ class BlockPool:
     def free(self, blocks: Iterable[int]) -> None:
         """A sequence gives its blocks back. Registered ones stay cached (tail blocks are evicted first)."""
         for block in reversed(list(blocks)):
-            refs = self._refs.get(block, 0) - 1
+            if block not in self._refs:
+                continue
+            self._holders -= 1
+            refs = self._refs[block] - 1
             if refs > 0:
                 self._refs[block] = refs
                 continue
-            self._refs.pop(block, None)
+            del self._refs[block]
             if block in self._key_of:
                 self._cached[block] = None
             else:
@@ -134,11 +144,13 @@ class BlockPool:
         `end-1`. A key that another block already holds (two sequences computed the same prefix at the same
         time) keeps its first block; this sequence's copy stays private and is freed normally.
         """
+        if not self.enable_caching:
+            return parent_hash
         bs = self.block_size
         for i in range(start, end):
             key = (parent_hash, tuple(token_ids[i * bs : (i + 1) * bs]))
             parent_hash = hash(key)
-            if not self.enable_caching or key in self._block_of:
+            if key in self._block_of:
                 continue
             block = block_table[i]
             if block in self._key_of:  # already registered (a shared prefix block)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence as SequenceT
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.block_pool import NO_HIT, BlockPool, PrefixHit
+from server.engine.block_pool import BlockPool, PrefixHit
 from server.engine.config import EngineConfig
 from server.engine.types import (
     FinishReason,
@@ -57,7 +57,6 @@ class Sequence:
     slot_state: Any = None  # owned by the runner (cache slots of the block table); reset when blocks change
     prefix_blocks: int = 0  # leading blocks of the block table that are registered in the prefix cache
     prefix_hash: int = 0  # the prefix-cache key hash after those blocks
-    prefix_hit: PrefixHit = NO_HIT  # cached blocks found by the last admission check (taken by _admit)
 
     @property
     def num_output_tokens(self) -> int:
@@ -170,8 +169,8 @@ class Scheduler:
         run or get 429. Otherwise it joins the waiting queue if that has room.
         """
         self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
-        if not self.waiting and self._can_admit(seq):
-            self._admit(seq)
+        if not self.waiting and (hit := self._admission(seq)) is not None:
+            self._admit(seq, hit)
             return
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(self.config.max_waiting)
@@ -181,20 +180,19 @@ class Scheduler:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _can_admit(self, seq: Sequence) -> bool:
-        """Batch cap has room and the KV reservation fits, counting the blocks a cached prefix supplies."""
+    def _admission(self, seq: Sequence) -> PrefixHit | None:
+        """The cached prefix the sequence would start from, or None while the batch cap or the KV reservation
+        (less the blocks that prefix supplies) does not fit."""
         if self.batch_cap is not None and len(self.running) >= self.batch_cap:
-            return False
+            return None
         # at least the last known token is computed, so the step that admits it has logits to sample from
-        seq.prefix_hit = self.allocator.match(seq.token_ids, (len(seq.token_ids) - 1) // self.block_size)
-        needed = self._blocks_for(seq.reserved_tokens) - len(seq.prefix_hit)
-        return self.allocator.can_allocate(seq.prefix_hit, needed)
+        hit = self.allocator.match(seq.token_ids, (len(seq.token_ids) - 1) // self.block_size)
+        fits = self.allocator.can_allocate(hit, self._blocks_for(seq.reserved_tokens) - len(hit))
+        return hit if fits else None
 
-    def _admit(self, seq: Sequence) -> None:
-        """Take the sequence's blocks (a cached prefix first) and start it after that prefix."""
-        hit = seq.prefix_hit
+    def _admit(self, seq: Sequence, hit: PrefixHit) -> None:
+        """Take the sequence's blocks (the cached prefix first) and start it after that prefix."""
         seq.block_table = self.allocator.allocate(hit, self._blocks_for(seq.reserved_tokens) - len(hit))
-        seq.prefix_hit = NO_HIT
         seq.prefix_blocks, seq.prefix_hash = len(hit), hit.last_hash
         seq.num_computed_tokens = len(hit) * self.block_size
         self.allocator.record_lookup(len(seq.token_ids), seq.num_computed_tokens)
@@ -219,13 +217,13 @@ class Scheduler:
                 n = min(remaining, budget)
                 budget -= n
                 prefills.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n == remaining))
-        while self.waiting and self._can_admit(self.waiting[0]):
+        while self.waiting and (hit := self._admission(self.waiting[0])) is not None:
             seq = self.waiting[0]
-            remaining = len(seq.token_ids) - len(seq.prefix_hit) * self.block_size
+            remaining = len(seq.token_ids) - len(hit) * self.block_size
             if not self._fits_budget(remaining, budget):
                 break
             self.waiting.popleft()
-            self._admit(seq)
+            self._admit(seq, hit)
             n = min(remaining, budget)
             budget -= n
             prefills.append(ScheduledChunk(seq, seq.num_computed_tokens, n, n == remaining))
@@ -377,18 +375,10 @@ class Scheduler:
 
     @property
     def kv_used_tokens(self) -> int:
-        """Cache slots holding K/V that running sequences use; a block shared through the prefix cache counts once."""
-        bs = self.block_size
-        shared: set[int] = set()
-        used = 0
-        for seq in self.running:
-            full = seq.num_computed_tokens // bs
-            for block in seq.block_table[:full]:
-                if block not in shared:
-                    shared.add(block)
-                    used += bs
-            used += seq.num_computed_tokens - full * bs  # the partly written last block is the sequence's own
-        return used
+        """Cache slots holding K/V that running sequences use; a block shared through the prefix cache counts once
+        (shared blocks are always full and computed, so each extra holder over-counts exactly one block)."""
+        computed = sum(seq.num_computed_tokens for seq in self.running)
+        return computed - self.allocator.num_extra_holders * self.block_size
 
     @property
     def kv_reserved_tokens(self) -> int:
