@@ -38,8 +38,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-kv-tokens", type=int, default=None, help="cap the KV cache capacity")
     parser.add_argument("--device", default=None, help="cpu, cuda:N or cuda (all GPUs); default: GPUs if present")
     parser.add_argument("--double-quant", action="store_true", help="NF4 with double quantization")
-    parser.add_argument("--prefer-fp32-on-cpu", action="store_true",
-                        help="on CPUs without native bf16, try fp32 first (faster there; see docs/memory-model.md)")
+    parser.add_argument("--prefer-fp32-on-cpu", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CPUs without native bf16 (AVX2 only), try fp32 first: faster there, twice the "
+                             "memory (default: on; see docs/memory-model.md)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 

@@ -92,6 +92,7 @@ def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]
         "min_concurrency": settings.min_concurrency,
         "precision": settings.precision,
         "force": settings.force,
+        "prefer_fp32_on_cpu": settings.prefer_fp32_on_cpu,
         "max_num_seqs": settings.max_batch_size,
         "trust_remote_code": settings.trust_remote_code,
     }

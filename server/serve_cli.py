@@ -34,6 +34,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     plan.add_argument("--max-kv-tokens", type=int, help="cap the KV cache (default: all the budget leaves)")
     plan.add_argument("--precision", help="weight precision (default: auto, the best that fits)")
     plan.add_argument("--force", action="store_true", help="load even when the plan says it does not fit")
+    plan.add_argument("--prefer-fp32-on-cpu", action=argparse.BooleanOptionalAction,
+                      help="on CPUs without native bf16 (AVX2 only) try fp32 first: faster there, twice the memory "
+                           "(default: on)")  # fmt: skip
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-batch-size", type=int, help="most sequences decoded per step")
     engine.add_argument("--max-waiting", type=int, help="queued requests beyond which new ones get 429 (256)")

@@ -73,7 +73,7 @@ class FakeProbe:
     available: int = 10 * GIB
     total: int = 16 * GIB
     cgroup: tuple[int, int] | None = None
-    native_bf16: bool = False
+    native_bf16: bool = True  # AVX512-BF16/AMX: the plain 16-bit -> INT8 -> NF4 ladder
 
     def cuda_device_count(self) -> int:
         return len(self.gpus)

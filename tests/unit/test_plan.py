@@ -168,16 +168,25 @@ def test_multi_gpu_device_map_and_max_memory() -> None:
     assert plan.to_json()["max_memory"] == {"0": plan.max_memory[0], "1": plan.max_memory[1]}
 
 
-def test_prefer_fp32_on_cpu_without_native_bf16() -> None:
-    plan = plan_for(64 * GIB, probe=FakeProbe(native_bf16=False), prefer_fp32_on_cpu=True)
+def test_fp32_first_by_default_on_cpu_without_native_bf16() -> None:
+    plan = plan_for(64 * GIB, probe=FakeProbe(native_bf16=False))
     assert plan.precision is Precision.FP32 and "fp32 compute is faster" in plan.reason
-    assert [c.precision for c in plan.candidates][:2] == [Precision.FP32, Precision.BF16]
-    tight = plan_for(need(Precision.BF16), probe=FakeProbe(native_bf16=False), prefer_fp32_on_cpu=True)
+    assert [c.precision for c in plan.candidates] == [Precision.FP32, Precision.BF16, Precision.INT8, Precision.NF4]
+    assert plan.kv_bytes_per_token == 2 * SHAPE.num_layers * SHAPE.num_kv_heads * SHAPE.head_dim * 4  # fp32 KV
+    tight = plan_for(need(Precision.BF16), probe=FakeProbe(native_bf16=False))
     assert tight.precision is Precision.BF16  # fp32 does not fit: the ladder goes on
+    # the quantized rungs keep bf16 dense layers, so their minimum budgets are those of the plain ladder
+    for precision in (Precision.INT8, Precision.NF4):
+        assert plan_for(need(precision), probe=FakeProbe(native_bf16=False)).precision is precision
+
+
+def test_prefer_fp32_can_be_turned_off() -> None:
+    plan = plan_for(64 * GIB, probe=FakeProbe(native_bf16=False), prefer_fp32_on_cpu=False)
+    assert plan.precision is Precision.BF16 and Precision.FP32 not in [c.precision for c in plan.candidates]
 
 
 def test_prefer_fp32_ignored_on_cpu_with_native_bf16() -> None:
-    plan = plan_for(64 * GIB, probe=FakeProbe(native_bf16=True), prefer_fp32_on_cpu=True)
+    plan = plan_for(64 * GIB, probe=FakeProbe(native_bf16=True))
     assert plan.precision is Precision.BF16
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quant.budget import MIB
+from quant.budget import MIB, read_cpu_flags
 from quant.plan_cli import EXIT_BAD_INPUT, EXIT_NOTHING_FITS, EXIT_OK, add_plan_parser, run_plan
 
 
@@ -16,6 +16,13 @@ def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fitserve")
     add_plan_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["plan", *argv])
+
+
+# On a CPU without native bf16 the ladder starts with fp32 when it fits (issue 3 allows it; docs/memory-model.md
+# section 6); `--no-prefer-fp32-on-cpu` gives the plain 16-bit -> INT8 -> NF4 ladder the acceptance budgets name.
+NATIVE_BF16 = bool(read_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+TOP = "bf16" if NATIVE_BF16 else "fp32"
+SIXTEEN_BIT_LADDER = "--no-prefer-fp32-on-cpu"
 
 
 def plan_json(model_dir: Path, budget: str, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[int, dict]:
@@ -34,7 +41,7 @@ def needs(default_model_dir: Path) -> dict[str, int]:
 
 
 def test_8gib_chooses_16_bit(default_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = plan_json(default_model_dir, "8GiB", capsys)
+    code, out = plan_json(default_model_dir, "8GiB", capsys, SIXTEEN_BIT_LADDER)
     assert code == EXIT_OK and out["chosen"] == "bf16" and out["device"] == "cpu"
     assert out["budget_bytes"] == 8 << 30 and out["reason"]
     assert [c["precision"] for c in out["candidates"]] == ["bf16", "int8", "nf4"]
@@ -44,11 +51,26 @@ def test_8gib_chooses_16_bit(default_model_dir: Path, capsys: pytest.CaptureFixt
         assert cand["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2
 
 
+def test_8gib_by_default_chooses_fp32_on_a_cpu_without_native_bf16(default_model_dir: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    code, out = plan_json(default_model_dir, "8GiB", capsys)
+    assert code == EXIT_OK and out["chosen"] == TOP
+    if not NATIVE_BF16:
+        assert "fp32 compute is faster" in out["reason"]
+        assert [c["precision"] for c in out["candidates"]] == ["fp32", "bf16", "int8", "nf4"]
+        fp32, bf16 = out["candidates"][:2]
+        assert abs(fp32["weights_bytes"] - 2 * bf16["weights_bytes"]) < 1024  # twice the parameters (buffers once)
+        assert fp32["kv_bytes_per_token"] == 2 * bf16["kv_bytes_per_token"]
+
+
+@pytest.mark.parametrize("ladder", [(), (SIXTEEN_BIT_LADDER,)], ids=["default", "16-bit-ladder"])
 def test_between_int8_and_16_bit_chooses_int8(default_model_dir: Path, needs: dict[str, int],
-                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    code, out = plan_json(default_model_dir, str((needs["bf16"] + needs["int8"]) // 2), capsys)
+                                              capsys: pytest.CaptureFixture[str], ladder: tuple[str, ...]) -> None:  # fmt: skip
+    code, out = plan_json(default_model_dir, str((needs["bf16"] + needs["int8"]) // 2), capsys, *ladder)
     assert code == EXIT_OK and out["chosen"] == "int8"
-    assert [c["fits"] for c in out["candidates"]] == [False, True, True]
+    assert {c["precision"]: c["fits"] for c in out["candidates"] if c["precision"] != "fp32"} == {
+        "bf16": False, "int8": True, "nf4": True}  # fmt: skip
+    assert not any(c["fits"] for c in out["candidates"] if c["precision"] == "fp32")
 
 
 def test_between_nf4_and_int8_chooses_nf4(default_model_dir: Path, needs: dict[str, int],
@@ -99,7 +121,7 @@ def test_human_output_has_table_and_verdict(default_model_dir: Path, capsys: pyt
     args = parse("--model", str(default_model_dir), "--memory-budget", "8GiB")
     assert run_plan(args) == EXIT_OK
     out = capsys.readouterr().out
-    assert "memory plan" in out and "nf4" in out and "BF16 on cpu" in out
+    assert "memory plan" in out and "nf4" in out and f"{TOP.upper()} on cpu" in out
 
 
 def test_plan_reads_no_weights(default_model_dir: Path, capsys: pytest.CaptureFixture[str],
@@ -116,5 +138,5 @@ def test_plan_reads_no_weights(default_model_dir: Path, capsys: pytest.CaptureFi
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     code, out = plan_json(default_model_dir, "8GiB", capsys)
-    assert code == EXIT_OK and out["chosen"] == "bf16"
+    assert code == EXIT_OK and out["chosen"] == TOP
     assert list((tmp_path / "shapes").glob("*.json"))  # built, then cached

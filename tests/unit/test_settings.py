@@ -65,6 +65,11 @@ def test_prefix_caching_is_on_unless_switched_off(monkeypatch: pytest.MonkeyPatc
     assert settings_from_args(_parse(["serve"])).enable_prefix_caching is False
 
 
+def test_fp32_preference_is_on_unless_switched_off() -> None:
+    assert settings_from_args(_parse(["serve"])).prefer_fp32_on_cpu is True
+    assert settings_from_args(_parse(["serve", "--no-prefer-fp32-on-cpu"])).prefer_fp32_on_cpu is False
+
+
 def test_cli_flags_cover_the_issue_list() -> None:
     args = _parse(
         [

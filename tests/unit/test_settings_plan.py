@@ -13,12 +13,12 @@ from server.settings import Settings
 
 def test_plan_options_pass_explicit_settings() -> None:
     settings = Settings(precision="nf4", max_model_len=512, min_concurrency=3, max_kv_tokens=4096, force=True,
-                        max_batch_size=4, max_prefill_tokens=256)  # fmt: skip
+                        max_batch_size=4, max_prefill_tokens=256, prefer_fp32_on_cpu=False)  # fmt: skip
     request = PlanRequest(model="m", **plan_options(settings, 2 * 1024**3))
     assert request.precision is Precision.NF4
     assert request.memory_budget_bytes == 2 * 1024**3
     assert (request.max_model_len, request.min_concurrency, request.max_kv_tokens) == (512, 3, 4096)
-    assert request.force is True
+    assert request.force is True and request.prefer_fp32_on_cpu is False
     assert request.max_num_seqs == 4
     assert request.max_batch_tokens == 260
 
@@ -29,6 +29,7 @@ def test_unset_settings_keep_planner_defaults() -> None:
     assert request.max_model_len == defaults.max_model_len
     assert request.max_kv_tokens == defaults.max_kv_tokens
     assert request.precision == "auto"
+    assert request.prefer_fp32_on_cpu is defaults.prefer_fp32_on_cpu is True
 
 
 @pytest.mark.parametrize("trust", [False, True])
