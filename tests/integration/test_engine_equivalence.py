@@ -101,6 +101,7 @@ def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, 
         max_batch_size=None,
         max_waiting=256,
         max_prefill_tokens=512,
+        shared_weight_copy_bytes=1 << 30,  # as `fitserve serve` with spare budget: fp32 packs the tied lm_head too
     )
 
     async def main() -> tuple[list[list[int]], int]:
@@ -121,8 +122,9 @@ def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, 
     return asyncio.run(main())
 
 
-def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tuple[int, int, list[str], int]:
-    """(exactly equal requests, total, diffs, prompt tokens served from the prefix cache) for one precision."""
+def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tuple[int, int, list[str], int, int]:
+    """(exactly equal requests, total, diffs, prompt tokens served from the prefix cache, Linears the engine
+    prepacked for oneDNN) for one precision."""
     model, tokenizer = load(model_dir, precision)
     requests = make_requests(tokenizer, n)
     expected = [reference(model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
@@ -132,7 +134,8 @@ def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tup
         for i, (r, g, e) in enumerate(zip(requests, got, expected))
         if g != e
     ]
-    return len(requests) - len(diffs), len(requests), diffs, cached_tokens
+    packed = sum(type(m).__name__ == "PackedLinear" for m in model.modules())
+    return len(requests) - len(diffs), len(requests), diffs, cached_tokens, packed
 
 
 @pytest.mark.timeout(1800)
@@ -140,7 +143,10 @@ def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tup
 # result depends on its batch neighbours (measured: 3 of 6 requests diverge). NF4 dequantizes weights and stays exact.
 @pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP32, Precision.NF4], ids=lambda p: p.value)
 def test_engine_equals_generate_token_for_token(default_model_dir: Path, precision: Precision) -> None:
-    exact, total, diffs, cached_tokens = check_equivalence(default_model_dir, precision)
+    exact, total, diffs, cached_tokens, packed = check_equivalence(default_model_dir, precision)
     assert not diffs, "\n".join(diffs)
+    # fp32 runs on oneDNN-prepacked Linears (all 211, the tied lm_head too) while the reference ran plain sgemm;
+    # NF4 here has fp32 dense layers, so its one plain Linear (lm_head) is packed; bitsandbytes' 4-bit ones are not
+    assert packed == {Precision.FP32: 211, Precision.NF4: 1, Precision.BF16: 0}[precision]
     assert exact == total == 16
     assert cached_tokens >= 16 * 4, "prefix-cache hits are part of what this test checks"

@@ -1,0 +1,69 @@
+"""oneDNN-prepacked Linears: same results as `nn.Linear`, which modules get converted, and tied weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.cpu_linear import PackedLinear, onednn_linear_available, prepack_linears
+
+pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
+
+
+class TiedLM(torch.nn.Module):
+    """An embedding whose table is also the output projection, between two ordinary Linears."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.up = torch.nn.Linear(hidden, 3 * hidden)
+        self.down = torch.nn.Linear(3 * hidden, hidden, bias=False)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.down(torch.relu(self.up(self.embed(ids)))))
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (5, 32), (1, 7, 32)])
+def test_packed_linear_matches_nn_linear(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 48)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        expected = linear(x)
+        got = PackedLinear(linear)(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_weight_is_packed_only_within_the_allowance() -> None:
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.inference_mode():
+        expected = model(ids)
+    report = prepack_linears(model)
+    assert (report.packed, report.skipped_shared, report.extra_bytes) == (2, 1, 0)
+    assert isinstance(model.up, PackedLinear) and isinstance(model.down, PackedLinear)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.embed.weight
+
+    table_bytes = model.embed.weight.numel() * 4
+    assert prepack_linears(model, shared_copy_bytes=table_bytes - 1).packed == 0
+    report = prepack_linears(model, shared_copy_bytes=table_bytes)
+    assert (report.packed, report.extra_bytes) == (1, table_bytes)
+    assert isinstance(model.lm_head, PackedLinear)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)  # the embedding still works
+
+
+def test_only_fp32_plain_linears_are_converted() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16), torch.nn.Linear(8, 8))
+
+    class NotPlain(torch.nn.Linear):  # stands in for bitsandbytes' Linear8bitLt / Linear4bit subclasses
+        pass
+
+    model.append(NotPlain(8, 8))
+    report = prepack_linears(model)
+    assert report.packed == 1
+    assert [type(m).__name__ for m in model] == ["Linear", "PackedLinear", "NotPlain"]
