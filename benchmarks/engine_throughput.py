@@ -15,6 +15,7 @@ import enum
 import json
 import logging
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,12 +76,14 @@ def load(model_dir: Path, dtype: DType, device: str = "cpu") -> tuple[Any, Any]:
 
 
 def bench_engine(
-    model: Any, tokenizer: Any, batch: int, prompt_tokens: int, max_tokens: int, batched_decode: bool = False
+    model: Any, tokenizer: Any, batch: int, prompt_tokens: int, max_tokens: int, batched_decode: bool = False,
+    prepack: bool = True, pack_shared: bool = False,
 ) -> Result:
     """Run `batch` requests through a fresh Engine on the model's device and time them."""
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
     from server.engine.types import SamplingParams
+    from server.serve import run_in_short_lived_thread
 
     sink = _Sink()
     cfg = EngineConfig(
@@ -89,13 +92,16 @@ def bench_engine(
         kv_capacity_tokens=max(4096, batch * (prompt_tokens + max_tokens) + 256),
         max_prefill_tokens=max(512, prompt_tokens * batch),
         batched_decode_attention=batched_decode,
+        prepack_cpu_linears=prepack,
+        shared_weight_copy_bytes=2**40 if pack_shared else 0,
         device=str(model.device),
     )
     prompts = [[100 + (7 * i + j) % 20000 for j in range(prompt_tokens)] for i in range(batch)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
     async def main() -> float:
-        engine = Engine(model, tokenizer, cfg, stats_sink=sink)
+        # built in a thread that exits, so the engine thread is the only OpenMP master (see server/serve.py)
+        engine = await run_in_short_lived_thread(lambda: Engine(model, tokenizer, cfg, stats_sink=sink))
         await engine.start()
 
         async def one(i: int) -> int:
@@ -168,6 +174,8 @@ def main() -> None:
         "--hf-cb", action="store_true", help="also time transformers' generate_batch (continuous batching)"
     )
     parser.add_argument("--batched-decode", action="store_true", help="EngineConfig.batched_decode_attention")
+    parser.add_argument("--no-prepack", action="store_true", help="EngineConfig.prepack_cpu_linears=False (fp32 CPU)")
+    parser.add_argument("--pack-shared-weights", action="store_true", help="also pack tied weights (an extra copy of lm_head)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/engine_throughput.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -177,12 +185,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir or default_model_dir()
     model, tokenizer = load(model_dir, args.dtype, args.device)
-    baseline = None if args.no_baseline else bench_generate(model, args.prompt_tokens, args.max_tokens)
+    baseline = None
+    if not args.no_baseline:  # in a thread that exits: a live OpenMP team would slow the engine thread
+        box: list[float] = []
+        worker = threading.Thread(target=lambda: box.append(bench_generate(model, args.prompt_tokens, args.max_tokens)))
+        worker.start()
+        worker.join()
+        baseline = box[0]
     results = []
     # warm-up (first forward allocates, first SDPA picks kernels)
-    bench_engine(model, tokenizer, 1, args.prompt_tokens, 4)
+    packing = {"prepack": not args.no_prepack, "pack_shared": args.pack_shared_weights}
+    bench_engine(model, tokenizer, 1, args.prompt_tokens, 4, **packing)
     for b in (int(x) for x in args.batch_sizes.split(",")):
-        r = bench_engine(model, tokenizer, b, args.prompt_tokens, args.max_tokens, args.batched_decode)
+        r = bench_engine(model, tokenizer, b, args.prompt_tokens, args.max_tokens, args.batched_decode, **packing)
         results.append(r)
         logger.info(
             "batch %2d: %7.1f output tok/s, %7.1f decode tok/s, decode step %6.1f ms, median TTFT %6.3f s",
@@ -213,6 +228,8 @@ def main() -> None:
                 "max_tokens": args.max_tokens,
                 "generate_batch1_tokens_per_s": baseline,
                 "batched_decode_attention": args.batched_decode,
+                "prepack_cpu_linears": not args.no_prepack,
+                "pack_shared_weights": args.pack_shared_weights,
                 "hf_generate_batch_tokens_per_s": hf_cb,
                 "results": [asdict(r) for r in results],
             },

@@ -1,0 +1,40 @@
+"""Start-up work runs in threads that end (so the engine thread is the only OpenMP master), and the spare
+budget that may hold a packed tied lm_head."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from server.serve import run_in_short_lived_thread, unplanned_bytes
+
+
+def test_short_lived_thread_returns_the_result_and_is_gone() -> None:
+    seen: list[threading.Thread] = []
+
+    def work(a: int, b: int) -> int:
+        seen.append(threading.current_thread())
+        return a + b
+
+    assert asyncio.run(run_in_short_lived_thread(work, 2, 3)) == 5
+    assert seen[0] is not threading.main_thread()
+    assert not seen[0].is_alive()
+
+
+def test_short_lived_thread_raises_what_the_work_raised() -> None:
+    def fail() -> None:
+        raise ValueError("no model here")
+
+    with pytest.raises(ValueError, match="no model here"):
+        asyncio.run(run_in_short_lived_thread(fail))
+
+
+def test_unplanned_bytes_is_what_the_kv_cap_leaves_over() -> None:
+    plan = SimpleNamespace(budget_bytes=1000, weights_bytes=300, quant_state_bytes=10, overhead_bytes=90,
+                           kv_capacity_tokens=50, kv_bytes_per_token=4)  # fmt: skip
+    assert unplanned_bytes(plan) == 1000 - 300 - 10 - 90 - 200
+    assert unplanned_bytes(SimpleNamespace(**{**vars(plan), "kv_capacity_tokens": 500})) == 0  # over: none
+    assert unplanned_bytes(object()) == 0
