@@ -20,6 +20,7 @@ import platform
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -197,7 +198,8 @@ def summarize_level(level: LevelResult) -> dict[str, Any]:
 
 def comparison_table(results: dict[str, Any], levels: list[int]) -> Table:
     """Side by side: output tokens/s and median TTFT per concurrency."""
-    table = Table(title="fitserve vs transformers serve (CPU)")
+    runs = max((len(r.get("runs", [])) for r in results["servers"].values()), default=1)
+    table = Table(title=f"fitserve vs transformers serve ({results['machine']['gpu'] or 'CPU'}; median of {runs} runs)")
     for col in ("concurrency", "fitserve tok/s", "transformers tok/s", "speed-up", "fitserve TTFT p50 ms",
                 "transformers TTFT p50 ms"):
         table.add_column(col, justify="right")
@@ -227,6 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests-per-level", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="requests per level are at least rounds x concurrency")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="start each server this many times, alternating; the table shows medians over the runs")
     p.add_argument("--level-time-limit", type=float, default=300.0)
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--ready-timeout", type=float, default=300.0)
@@ -244,8 +248,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_server(name: str, args: argparse.Namespace, kv_capacity: int | None) -> dict[str, Any]:
+    """Start one server, drive every level against it, stop it; returns its entry (with "error" on failure)."""
+    port = free_port()
+    spec = server_specs(args, port, kv_capacity)[name]
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = args.out.with_name(f"{args.out.stem}.{name}.log")
+    entry: dict[str, Any] = {"command": shlex.join(spec.command)}
+    proc = None
+    try:
+        t0 = time.perf_counter()
+        proc = start_server(spec, base_url, log_path, args.ready_timeout)
+        entry["startup_s"] = time.perf_counter() - t0
+        levels, entry["warmup_request_s"] = asyncio.run(drive(base_url, spec.model, args))
+        if name == "fitserve":
+            entry["kv_capacity_tokens"] = kv_capacity or fitserve_kv_capacity(base_url)
+        entry["levels"] = [summarize_level(lv) for lv in levels]
+    except (RuntimeError, OSError, httpx.HTTPError) as exc:
+        logger.error("%s failed: %s", name, exc)
+        entry["error"] = str(exc)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    return entry
+
+
+def median_levels(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per concurrency, the median over runs of tok/s and of each run's TTFT/ITL p50 (with every run's value)."""
+    by_c: dict[int, list[dict[str, Any]]] = {}
+    for run in runs:
+        for level in run.get("levels", []):
+            by_c.setdefault(level["concurrency"], []).append(level)
+    merged = []
+    for c, levels in sorted(by_c.items()):
+        row: dict[str, Any] = {"concurrency": c, "runs": len(levels)}
+        for key in ("output_tokens_per_s", "ttft_p50_s", "itl_p50_s", "e2e_p50_s"):
+            values = [lv[key] for lv in levels if lv.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
+            row[f"{key}_per_run"] = values
+        row["output_tokens_per_run"] = [lv["output_tokens"] for lv in levels]
+        merged.append(row)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run both servers one after the other; print the comparison; write JSON. Returns the exit status."""
+    """Run the servers one after the other (alternating, `--repeats` times); print medians; write JSON."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
@@ -256,36 +303,22 @@ def main(argv: list[str] | None = None) -> int:
                     "device": args.device, "gpu": gpu_name(args.device)},
         "workload": {"levels": args.levels, "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
                      "requests_per_level": args.requests_per_level, "rounds": args.rounds, "seed": args.seed,
-                     "temperature": 0.0, "stream": True},
+                     "repeats": args.repeats, "temperature": 0.0, "stream": True},
         "servers": {},
     }
     status = 0
     kv_capacity: int | None = args.kv_capacity_tokens
-    for name in args.servers:
-        port = free_port()
-        spec = server_specs(args, port, kv_capacity)[name]
-        base_url = f"http://127.0.0.1:{port}"
-        log_path = args.out.with_name(f"{args.out.stem}.{name}.log")
-        entry: dict[str, Any] = {"command": shlex.join(spec.command)}
-        proc = None
-        try:
-            t0 = time.perf_counter()
-            proc = start_server(spec, base_url, log_path, args.ready_timeout)
-            entry["startup_s"] = time.perf_counter() - t0
-            levels, entry["warmup_request_s"] = asyncio.run(drive(base_url, spec.model, args))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.servers}
+    for repeat in range(1, args.repeats + 1):
+        for name in args.servers:  # alternate, so drift in the machine's load hits both alike
+            logger.info("repeat %d/%d: %s", repeat, args.repeats, name)
+            entry = run_server(name, args, kv_capacity)
             if name == "fitserve" and kv_capacity is None:
-                kv_capacity = fitserve_kv_capacity(base_url)
-                entry["kv_capacity_tokens"] = kv_capacity
-            entry["levels"] = [summarize_level(lv) for lv in levels]
-        except (RuntimeError, OSError, httpx.HTTPError) as exc:
-            logger.error("%s failed: %s", name, exc)
-            entry["error"] = str(exc)
-            status = 1
-        finally:
-            if proc is not None:
-                stop_server(proc)
-        results["servers"][name] = entry
-        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")  # keep partial results
+                kv_capacity = entry.get("kv_capacity_tokens")
+            status = 1 if "error" in entry else status
+            runs[name].append(entry)
+            results["servers"][name] = {"runs": runs[name], "levels": median_levels(runs[name])}
+            args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")  # keep partial results
     Console(width=120).print(comparison_table(results, args.levels))
     logger.info("wrote %s", args.out)
     return status
