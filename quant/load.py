@@ -169,7 +169,7 @@ def _quiet_int8_cast_warning() -> None:
         bnb_logger.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Give glibc's freed heap back to the OS after a CPU load.
 
     bitsandbytes quantizes from 16-bit copies on CPU; once freed they stay in malloc's arenas and inflate RSS
@@ -205,7 +205,7 @@ def load_model(plan: Plan, trust_remote_code: bool = False) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(plan.model_path, trust_remote_code=trust_remote_code)
     elapsed = time.perf_counter() - start
     if plan.device == "cpu":
-        _release_free_heap()
+        release_free_heap()
     after = read_device_memory(plan.device)
     report = LoadReport(
         precision=plan.precision,

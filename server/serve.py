@@ -189,6 +189,7 @@ def _value(obj: Any) -> Any:
 
 async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngine:
     """Build metrics and the engine around a loaded model, start the engine loop."""
+    from quant.load import release_free_heap
     from server.engine.config import EngineConfig
     from server.engine.engine import Engine
     from server.ledger import ModelInfo, make_ledger_fn
@@ -224,6 +225,8 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
     )
     # built off the event loop's thread (the KV cache allocation and weight prepacking are parallel torch ops)
     engine = await run_in_short_lived_thread(lambda: Engine(loaded.model, loaded.tokenizer, config, stats_sink=metrics))
+    if device == "cpu":  # the weights prepacking replaced sit in malloc's free lists; give them back to the OS
+        release_free_heap()
     await engine.start()
     metrics.attach_snapshot(engine.snapshot)
     try:
