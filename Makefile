@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fitserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test test-unit test-gpu clean
+.PHONY: install model serve test test-unit test-gpu test-gptq clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +39,13 @@ test-unit: model
 test-gpu: model
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
+# GPTQ through GPTQModel (the `gptq` extra) pins numpy 2.2.6, so its tests get a venv of their own.
+GPTQ_VENV ?= .venv-gptq
+test-gptq: model
+	test -x $(GPTQ_VENV)/bin/python || $(PYTHON) -m venv $(GPTQ_VENV)
+	$(GPTQ_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(GPTQ_VENV)/bin/python -m pip install --quiet -e '.[test,gptq]'
+	GPTQMODEL_CPU_WORKERS=2 $(GPTQ_VENV)/bin/python -m pytest tests/unit/test_gptq.py $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GPTQ_VENV) build *.egg-info
