@@ -39,11 +39,10 @@ from loadtest.client import OpenAIClient  # noqa: E402
 from loadtest.scrape import MetricsWatch, parse_metrics  # noqa: E402
 from loadtest.sweep import LevelResult, LevelRunner, LevelSpec  # noqa: E402
 from loadtest.verdict import Objectives  # noqa: E402
-from quant.model_store import default_model_dir  # noqa: E402
 from loadtest.workload import LengthSpec, Workload  # noqa: E402
+from quant.model_store import default_model_dir  # noqa: E402
 
 logger = logging.getLogger("serve_vs_transformers")
-
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,8 @@ def _quiet_int8_cast_warning() -> None:
 
 
 def release_free_heap() -> None:
-    """Give glibc's freed heap back to the OS after a CPU load.
+    """Give glibc's freed heap back to the OS after a CPU load (and, in `fitserve serve`, after the engine's
+    weight prepacking replaced the loaded fp32 weights).
 
     bitsandbytes quantizes from 16-bit copies on CPU; once freed they stay in malloc's arenas and inflate RSS
     (default model, INT8: RSS +679 MiB after load, +467 MiB after trimming, of which ~300 MiB is shared,

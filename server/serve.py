@@ -256,7 +256,8 @@ def unplanned_bytes(plan: Any) -> int:
         used = (plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes
                 + plan.kv_capacity_tokens * plan.kv_bytes_per_token)  # fmt: skip
         return max(int(plan.budget_bytes - used), 0)
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError) as error:
+        logger.warning("plan without its memory figures (%s): no spare budget for a packed tied lm_head", error)
         return 0
 
 

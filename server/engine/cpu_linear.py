@@ -16,13 +16,10 @@ leaves over).
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def onednn_linear_available() -> bool:

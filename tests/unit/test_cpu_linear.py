@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.cpu_linear import PackedLinear, onednn_linear_available, prepack_linears
-
-pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
+from server.engine import cpu_linear
+from server.engine.cpu_linear import PackedLinear, prepack_linears
 
 
 class TiedLM(torch.nn.Module):
@@ -67,3 +66,12 @@ def test_only_fp32_plain_linears_are_converted() -> None:
     report = prepack_linears(model)
     assert report.packed == 1
     assert [type(m).__name__ for m in model] == ["Linear", "PackedLinear", "NotPlain"]
+
+
+def test_without_onednn_nothing_is_converted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch build without oneDNN keeps every Linear as it is (the engine then runs plain `F.linear`)."""
+    monkeypatch.setattr(cpu_linear, "onednn_linear_available", lambda: False)
+    model = TiedLM()
+    report = prepack_linears(model, shared_copy_bytes=1 << 30)
+    assert (report.packed, report.skipped_shared, report.extra_bytes) == (0, 0, 0)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
