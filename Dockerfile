@@ -26,6 +26,7 @@ COPY pyproject.toml README.md ./
 COPY quant ./quant
 COPY server ./server
 COPY loadtest ./loadtest
+COPY src ./src
 RUN pip install --no-cache-dir "/src[nvml]"
 
 FROM ${CUDA_IMAGE}

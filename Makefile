@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fitserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test test-unit test-gpu test-gptq clean
+.PHONY: install model serve test test-unit test-gpu test-gptq lint typecheck wheel-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,5 +47,37 @@ test-gptq: model
 	$(GPTQ_VENV)/bin/python -m pip install --quiet -e '.[test,gptq]'
 	GPTQMODEL_CPU_WORKERS=2 $(GPTQ_VENV)/bin/python -m pytest tests/unit/test_gptq.py $(PYTEST_ARGS)
 
+# ruff (lint + format) and mypy; the tools come from the `dev` extra.
+DEV_STAMP := $(VENV)/.fitserve-dev-installed
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS),dev]'
+	touch $@
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy names modules by their folders; a link tree gives the folders their installed names (fitserve.*).
+TYPECHECK_DIR := .typecheck
+typecheck: $(DEV_STAMP)
+	rm -rf $(TYPECHECK_DIR) && mkdir -p $(TYPECHECK_DIR)/fitserve
+	ln -s ../../src/fitserve/__init__.py $(TYPECHECK_DIR)/fitserve/__init__.py
+	for pkg in quant server loadtest; do ln -s ../../$$pkg $(TYPECHECK_DIR)/fitserve/$$pkg; done
+	cd $(TYPECHECK_DIR) && ../$(BIN)/mypy --config-file ../pyproject.toml $(TYPECHECK_PACKAGES)
+TYPECHECK_PACKAGES ?= -p fitserve.quant -p fitserve.server -p fitserve.loadtest
+
+# Build the wheel and the sdist, install the wheel (not editable) into a fresh venv, run the installed command.
+WHEEL_VENV ?= .venv-wheel
+wheel-check: $(DEV_STAMP)
+	rm -rf dist $(WHEEL_VENV)
+	$(BIN)/python -m build --outdir dist . >/dev/null
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet dist/fitserve-*.whl
+	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/fitserve --help >/dev/null
+	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/python -m fitserve plan --help >/dev/null
+	cd /tmp && ! $(CURDIR)/$(WHEEL_VENV)/bin/python -c 'import server' 2>/dev/null
+	@echo "wheel-check: $$(ls dist) install and run"
+
 clean:
-	rm -rf $(VENV) $(GPTQ_VENV) build *.egg-info
+	rm -rf $(VENV) $(GPTQ_VENV) $(WHEEL_VENV) $(TYPECHECK_DIR) build dist *.egg-info

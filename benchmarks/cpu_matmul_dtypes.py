@@ -24,8 +24,15 @@ import torch
 import torch.nn.functional as F
 
 HIDDEN, INTERMEDIATE, KV_DIM, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
-LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV_DIM, HIDDEN), (KV_DIM, HIDDEN), (HIDDEN, HIDDEN),
-                (INTERMEDIATE, HIDDEN), (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]  # fmt: skip
+LAYER_SHAPES = [
+    (HIDDEN, HIDDEN),
+    (KV_DIM, HIDDEN),
+    (KV_DIM, HIDDEN),
+    (HIDDEN, HIDDEN),
+    (INTERMEDIATE, HIDDEN),
+    (INTERMEDIATE, HIDDEN),
+    (HIDDEN, INTERMEDIATE),
+]
 
 
 def make_weights(num_layers: int) -> list[torch.Tensor]:
@@ -78,11 +85,18 @@ def main() -> None:
         for mode in ("fp32", "bf16", "bf16-upcast"):
             row[f"{mode}_ms"] = median_ms(step_runner(weights, mode, tokens), args.repeats)
         rows.append(row)
-        print(f"{tokens:>6} {row['fp32_ms']:>9.1f} {row['bf16_ms']:>9.1f} {row['bf16-upcast_ms']:>15.1f} "
-              f"{row['bf16_ms'] / row['fp32_ms']:>9.2f}x")  # fmt: skip
+        print(
+            f"{tokens:>6} {row['fp32_ms']:>9.1f} {row['bf16_ms']:>9.1f} {row['bf16-upcast_ms']:>15.1f} "
+            f"{row['bf16_ms'] / row['fp32_ms']:>9.2f}x"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__}  # fmt: skip
+    meta = {
+        "platform": platform.platform(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+    }
     args.out.write_text(json.dumps({"machine": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 

@@ -4,7 +4,8 @@ For each batch size B, B requests (same prompt length, ignore_eos, fixed max_tok
 run to completion. Reported per B: output tokens/s over the whole run, decode tokens/s (decode-only steps:
 decode tokens / their step time), median TTFT and mean step time, plus a plain `model.generate` batch-1 baseline.
 
-    .venv/bin/python benchmarks/engine_throughput.py --dtype fp32 --batch-sizes 1,4,16 --hf-cb --out bench-out/engine.json
+    .venv/bin/python benchmarks/engine_throughput.py --dtype fp32 --batch-sizes 1,4,16 --hf-cb \
+        --out bench-out/engine.json
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 logger = logging.getLogger("engine_throughput")
 
 
-class DType(str, enum.Enum):
+class DType(enum.StrEnum):
     """Dense precisions worth comparing (fp16 for CUDA cards)."""
 
     FP32 = "fp32"
@@ -60,7 +61,7 @@ class _Sink:
 
 def default_model_dir() -> Path:
     """The converted default model (fetched by `fitserve model fetch`)."""
-    from quant.model_store import fetch_default_model
+    from fitserve.quant.model_store import fetch_default_model
 
     return fetch_default_model()
 
@@ -76,14 +77,20 @@ def load(model_dir: Path, dtype: DType, device: str = "cpu") -> tuple[Any, Any]:
 
 
 def bench_engine(
-    model: Any, tokenizer: Any, batch: int, prompt_tokens: int, max_tokens: int, batched_decode: bool = False,
-    prepack: bool = True, pack_shared: bool = False,
+    model: Any,
+    tokenizer: Any,
+    batch: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    batched_decode: bool = False,
+    prepack: bool = True,
+    pack_shared: bool = False,
 ) -> Result:
     """Run `batch` requests through a fresh Engine on the model's device and time them."""
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
-    from server.engine.types import SamplingParams
-    from server.serve import run_in_short_lived_thread
+    from fitserve.server.engine.config import EngineConfig
+    from fitserve.server.engine.engine import Engine
+    from fitserve.server.engine.types import SamplingParams
+    from fitserve.server.serve import run_in_short_lived_thread
 
     sink = _Sink()
     cfg = EngineConfig(
@@ -175,7 +182,9 @@ def main() -> None:
     )
     parser.add_argument("--batched-decode", action="store_true", help="EngineConfig.batched_decode_attention")
     parser.add_argument("--no-prepack", action="store_true", help="EngineConfig.prepack_cpu_linears=False (fp32 CPU)")
-    parser.add_argument("--pack-shared-weights", action="store_true", help="also pack tied weights (an extra copy of lm_head)")
+    parser.add_argument(
+        "--pack-shared-weights", action="store_true", help="also pack tied weights (an extra copy of lm_head)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-out/engine_throughput.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -52,15 +52,15 @@ elif [[ $PHASE == serve ]]; then
     tests/integration/test_cuda_metrics.py tests/integration/test_quant_load.py
   for budget in auto 2GiB 420MiB 380MiB; do
     extra=(); [[ $budget != auto ]] && extra=(--memory-budget "$budget")
-    "$PY" -m server plan "${extra[@]}" --json >"$OUT/plan_$budget.json" 2>/dev/null
-    TAIL=2 step "plan_$budget" 30 "$PY" -m server plan "${extra[@]}"
+    "$PY" -m fitserve plan "${extra[@]}" --json >"$OUT/plan_$budget.json" 2>/dev/null
+    TAIL=2 step "plan_$budget" 30 "$PY" -m fitserve plan "${extra[@]}"
   done
   TAIL=30 step serve_vs_transformers 170 "$PY" benchmarks/serve_vs_transformers.py --device "$DEVICE" \
     --levels "$LEVELS" --max-tokens "$TOKENS" --rounds 2 --ready-timeout 90 --fitserve-args "--max-batch-size 64" \
     --out "$OUT/serve_vs_transformers.json"
   # the planner under a tight budget, then the loadtest's largest batch within a TTFT objective
   port=8765
-  "$PY" -m server serve --memory-budget 1GiB --max-batch-size 128 --port "$port" >"$OUT/serve_1gib.log" 2>&1 &
+  "$PY" -m fitserve serve --memory-budget 1GiB --max-batch-size 128 --port "$port" >"$OUT/serve_1gib.log" 2>&1 &
   server=$!
   "$PY" - "$port" <<'EOF'
 import sys, time, httpx
@@ -72,7 +72,7 @@ for _ in range(180):
         pass
     time.sleep(0.5)
 EOF
-  TAIL=14 step loadtest_find_max 110 "$PY" -m loadtest --url "http://127.0.0.1:$port" --find-max-batch \
+  TAIL=14 step loadtest_find_max 110 "$PY" -m fitserve.loadtest --url "http://127.0.0.1:$port" --find-max-batch \
     --max-concurrency "$MAXC" --max-tokens "$TOKENS" --ignore-eos --slo-ttft-p95 1s --level-time-limit 15 \
     --no-plots --out "$OUT/loadtest"
   "$PY" -c "import httpx, sys; print(httpx.get(f'http://127.0.0.1:{sys.argv[1]}/metrics').text)" "$port" | grep -E "^fitserve_(plan|device|torch|kv|memory|model)" \

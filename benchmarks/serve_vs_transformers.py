@@ -4,7 +4,8 @@ Starts each server in turn on 127.0.0.1 (never both at once), warms it up with o
 with the loadtest client in closed loop at each concurrency (same prompts, same max_tokens, greedy,
 streaming) and records output tokens/s and TTFT. Prints the two side by side and writes a JSON file.
 
-    .venv/bin/python benchmarks/serve_vs_transformers.py --levels 1,4,16 --max-tokens 32 --out bench-out/serve_vs_transformers.json
+    .venv/bin/python benchmarks/serve_vs_transformers.py --levels 1,4,16 --max-tokens 32 \
+        --out bench-out/serve_vs_transformers.json
 
 Issue 4's target: at concurrency 16, fitserve >= 2x transformers serve's output tokens/s with a lower median TTFT.
 """
@@ -35,12 +36,12 @@ from rich.table import Table
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from loadtest.client import OpenAIClient  # noqa: E402
-from loadtest.scrape import MetricsWatch, parse_metrics  # noqa: E402
-from loadtest.sweep import LevelResult, LevelRunner, LevelSpec  # noqa: E402
-from loadtest.verdict import Objectives  # noqa: E402
-from loadtest.workload import LengthSpec, Workload  # noqa: E402
-from quant.model_store import default_model_dir  # noqa: E402
+from fitserve.loadtest.client import OpenAIClient  # noqa: E402
+from fitserve.loadtest.scrape import MetricsWatch, parse_metrics  # noqa: E402
+from fitserve.loadtest.sweep import LevelResult, LevelRunner, LevelSpec  # noqa: E402
+from fitserve.loadtest.verdict import Objectives  # noqa: E402
+from fitserve.loadtest.workload import LengthSpec, Workload  # noqa: E402
+from fitserve.quant.model_store import default_model_dir  # noqa: E402
 
 logger = logging.getLogger("serve_vs_transformers")
 
@@ -90,18 +91,43 @@ def server_specs(args: argparse.Namespace, port: int, kv_capacity_tokens: int | 
     model_dir = str(args.model)
     fitserve = ServerSpec(
         "fitserve",
-        [python, "-m", "server", "serve", "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
-         *shlex.split(args.fitserve_args)],
+        [
+            python,
+            "-m",
+            "server",
+            "serve",
+            "--model",
+            model_dir,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *shlex.split(args.fitserve_args),
+        ],
         "/ready",
         model="",  # resolved from /v1/models
     )
     # the CLI through this interpreter, so it is the transformers this Python imports (no PATH lookup)
-    transformers_cli = [python, "-c", "import sys; from transformers.cli.transformers import main; "
-                        "sys.argv[0] = 'transformers'; sys.exit(main())"]  # fmt: skip
+    transformers_cli = [
+        python,
+        "-c",
+        "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; sys.exit(main())",
+    ]
     transformers = ServerSpec(
         "transformers",
-        [*transformers_cli, "serve", "--continuous-batching", "--device", args.device, "--host", "127.0.0.1",
-         "--port", str(port), *transformers_cache_args(args, kv_capacity_tokens), model_dir],
+        [
+            *transformers_cli,
+            "serve",
+            "--continuous-batching",
+            "--device",
+            args.device,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *transformers_cache_args(args, kv_capacity_tokens),
+            model_dir,
+        ],
         "/health",
         model=model_dir,
     )
@@ -112,8 +138,13 @@ def start_server(spec: ServerSpec, base_url: str, log_path: Path, ready_timeout_
     """Start the server and wait (bounded) until `ready_path` answers 200."""
     logger.info("starting %s: %s", spec.name, shlex.join(spec.command))
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(spec.command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            spec.command,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     deadline = time.monotonic() + ready_timeout_s
     with httpx.Client(timeout=5.0) as http:
         while time.monotonic() < deadline:
@@ -151,10 +182,14 @@ def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
 
 async def drive(base_url: str, model: str, args: argparse.Namespace) -> tuple[list[LevelResult], float]:
     """Warm up, then one closed-loop level per concurrency; returns the levels and the warm-up seconds."""
-    workload = Workload(max_tokens=LengthSpec(args.max_tokens, args.max_tokens),
-                        prompt_words=LengthSpec(args.prompt_words, args.prompt_words), seed=args.seed)
-    async with OpenAIClient(base_url, model or None, stream=True, request_timeout_s=args.request_timeout,
-                            extra_body={"temperature": 0.0}) as client:
+    workload = Workload(
+        max_tokens=LengthSpec(args.max_tokens, args.max_tokens),
+        prompt_words=LengthSpec(args.prompt_words, args.prompt_words),
+        seed=args.seed,
+    )
+    async with OpenAIClient(
+        base_url, model or None, stream=True, request_timeout_s=args.request_timeout, extra_body={"temperature": 0.0}
+    ) as client:
         await client.resolve_model()
         for attempt in range(1, args.warmup_attempts + 1):  # the first request of a fresh server may fail
             t0 = time.perf_counter()
@@ -165,15 +200,27 @@ async def drive(base_url: str, model: str, args: argparse.Namespace) -> tuple[li
             logger.warning("warm-up attempt %d failed: %s: %s", attempt, warm.failure_key, warm.error_message)
         else:
             raise RuntimeError(f"warm-up request failed {args.warmup_attempts} times")
-        runner = LevelRunner(client, workload, Objectives(allow_queueing=True), watch=MetricsWatch(None), seed=args.seed)
+        runner = LevelRunner(
+            client, workload, Objectives(allow_queueing=True), watch=MetricsWatch(None), seed=args.seed
+        )
         levels = []
         for c in args.levels:
             runner.reset_indices()  # every level sends the same prompts
-            spec = LevelSpec(num_requests=max(args.requests_per_level, args.rounds * c),
-                             time_limit_s=args.level_time_limit, concurrency=c)
+            spec = LevelSpec(
+                num_requests=max(args.requests_per_level, args.rounds * c),
+                time_limit_s=args.level_time_limit,
+                concurrency=c,
+            )
             level = await runner.run(spec)
-            logger.info("%s c=%d: %.1f out tok/s, TTFT p50 %.0f ms, %d ok, failures %s", base_url, c,
-                        level.output_tokens_per_s, (level.ttft.p50 or 0) * 1000, level.ok, level.failures)
+            logger.info(
+                "%s c=%d: %.1f out tok/s, TTFT p50 %.0f ms, %d ok, failures %s",
+                base_url,
+                c,
+                level.output_tokens_per_s,
+                (level.ttft.p50 or 0) * 1000,
+                level.ok,
+                level.failures,
+            )
             levels.append(level)
     return levels, warmup_s
 
@@ -199,8 +246,14 @@ def comparison_table(results: dict[str, Any], levels: list[int]) -> Table:
     """Side by side: output tokens/s and median TTFT per concurrency."""
     runs = max((len(r.get("runs", [])) for r in results["servers"].values()), default=1)
     table = Table(title=f"fitserve vs transformers serve ({results['machine']['gpu'] or 'CPU'}; median of {runs} runs)")
-    for col in ("concurrency", "fitserve tok/s", "transformers tok/s", "speed-up", "fitserve TTFT p50 ms",
-                "transformers TTFT p50 ms"):
+    for col in (
+        "concurrency",
+        "fitserve tok/s",
+        "transformers tok/s",
+        "speed-up",
+        "fitserve TTFT p50 ms",
+        "transformers TTFT p50 ms",
+    ):
         table.add_column(col, justify="right")
     by_c = {name: {lv["concurrency"]: lv for lv in r.get("levels", [])} for name, r in results["servers"].items()}
     for c in levels:
@@ -228,8 +281,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests-per-level", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="requests per level are at least rounds x concurrency")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1,
-                   help="start each server this many times, alternating; the table shows medians over the runs")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="start each server this many times, alternating; the table shows medians over the runs",
+    )
     p.add_argument("--level-time-limit", type=float, default=300.0)
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--ready-timeout", type=float, default=300.0)
@@ -237,9 +294,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fitserve-args", default="", help="extra `fitserve serve` arguments")
     p.add_argument("--transformers-args", default="", help="extra `transformers serve` arguments")
     p.add_argument("--cb-block-size", type=int, default=16, help="transformers serve KV block size (tokens)")
-    p.add_argument("--kv-capacity-tokens", type=int, default=None,
-                   help="transformers serve KV capacity (default: what fitserve reported, when it ran first)")
-    p.add_argument("--device", default="cpu", help="transformers serve --device (fitserve picks CUDA itself when present)")
+    p.add_argument(
+        "--kv-capacity-tokens",
+        type=int,
+        default=None,
+        help="transformers serve KV capacity (default: what fitserve reported, when it ran first)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="transformers serve --device (fitserve picks CUDA itself when present)"
+    )
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out" / "serve_vs_transformers.json")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
@@ -298,11 +361,24 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "device": args.device, "gpu": gpu_name(args.device)},
-        "workload": {"levels": args.levels, "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
-                     "requests_per_level": args.requests_per_level, "rounds": args.rounds, "seed": args.seed,
-                     "repeats": args.repeats, "temperature": 0.0, "stream": True},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "device": args.device,
+            "gpu": gpu_name(args.device),
+        },
+        "workload": {
+            "levels": args.levels,
+            "max_tokens": args.max_tokens,
+            "prompt_words": args.prompt_words,
+            "requests_per_level": args.requests_per_level,
+            "rounds": args.rounds,
+            "seed": args.seed,
+            "repeats": args.repeats,
+            "temperature": 0.0,
+            "stream": True,
+        },
         "servers": {},
     }
     status = 0

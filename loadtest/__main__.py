@@ -1,4 +1,4 @@
-"""`python -m loadtest ...`: the same as `fitserve loadtest ...`."""
+"""`python -m fitserve.loadtest ...`: the same as `fitserve loadtest ...`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import argparse
 import logging
 import sys
 
-from loadtest.cli import add_arguments, run_loadtest
+from fitserve.loadtest.cli import add_arguments, run_loadtest
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and run the load test; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m loadtest", description="Load-test an OpenAI-compatible server.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fitserve.loadtest", description="Load-test an OpenAI-compatible server."
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...)")
     add_arguments(parser)
     args = parser.parse_args(argv)

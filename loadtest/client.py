@@ -16,12 +16,12 @@ from typing import Any
 
 import httpx
 
-from loadtest.workload import Endpoint, WorkItem
+from fitserve.loadtest.workload import Endpoint, WorkItem
 
 logger = logging.getLogger(__name__)
 
 
-class ErrorKind(str, enum.Enum):
+class ErrorKind(enum.StrEnum):
     """How a request failed."""
 
     HTTP = "http"  # the server answered with a 4xx/5xx status

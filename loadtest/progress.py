@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from loadtest.client import RequestResult
-from loadtest.sweep import LevelSpec
+from fitserve.loadtest.client import RequestResult
+from fitserve.loadtest.sweep import LevelSpec
 
 
 class LiveProgress:

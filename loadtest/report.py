@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from loadtest.sweep import LevelResult, MaxBatchVerdict, SweepState
+from fitserve.loadtest.sweep import LevelResult, MaxBatchVerdict, SweepState
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +29,32 @@ def _num(value: float | None, fmt: str = "{:.2f}") -> str:
 def summary_table(state: SweepState, title: str = "fitserve loadtest") -> Table:
     """One row per level: requests, throughput, latency percentiles, server peaks, verdict."""
     table = Table(title=title)
-    for col in ("level", "ok", "failed", "out tok/s", "req/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms",
-                "e2e p50/p90/p99 ms", "peak mem GiB", "peak KV", "OOM", "preempt", "verdict"):
+    for col in (
+        "level",
+        "ok",
+        "failed",
+        "out tok/s",
+        "req/s",
+        "TTFT p50/p90/p99 ms",
+        "ITL p50/p90/p99 ms",
+        "e2e p50/p90/p99 ms",
+        "peak mem GiB",
+        "peak KV",
+        "OOM",
+        "preempt",
+        "verdict",
+    ):
         table.add_column(col, justify="left" if col in ("level", "verdict") else "right")
     for lv in state.levels:
         m = lv.metrics
         failed = ", ".join(f"{k}:{n}" for k, n in sorted(lv.failures.items())) or "0"
-        verdict = "interrupted" if lv.interrupted else "pass" if lv.passed else ", ".join(f.reason.value for f in lv.findings) or "fail"
+        verdict = (
+            "interrupted"
+            if lv.interrupted
+            else "pass"
+            if lv.passed
+            else ", ".join(f.reason.value for f in lv.findings) or "fail"
+        )
         table.add_row(
             lv.spec.label,
             str(lv.ok),
@@ -60,12 +79,16 @@ def verdict_lines(v: MaxBatchVerdict) -> list[str]:
     if v.first_failing is None:
         lines.append(f"No level failed up to --max-concurrency {v.max_concurrency}.")
     else:
-        lines.append(f"Concurrency {v.first_failing} failed: " + "; ".join(f"{f.reason.value} ({f.detail})" for f in v.reasons))
+        lines.append(
+            f"Concurrency {v.first_failing} failed: " + "; ".join(f"{f.reason.value} ({f.detail})" for f in v.reasons)
+        )
     if v.predicted_capacity is not None:
         parts = []
         if v.predicted_kv_capacity is not None:
-            parts.append(f"KV capacity {v.kv_capacity_tokens} tokens / {v.request_tokens} tokens per request = "
-                         f"{v.predicted_kv_capacity}")
+            parts.append(
+                f"KV capacity {v.kv_capacity_tokens} tokens / {v.request_tokens} tokens per request = "
+                f"{v.predicted_kv_capacity}"
+            )
         if v.server_max_batch_size is not None:
             parts.append(f"server max batch {v.server_max_batch_size}")
         lines.append(f"Server's prediction: {v.predicted_capacity} ({'; '.join(parts)})")
@@ -128,8 +151,17 @@ def csv_row(lv: LevelResult) -> dict[str, Any]:
             value = getattr(dist, q)
             row[f"{name}_{q}_s"] = None if value is None else round(value, 6)
     m = lv.metrics
-    for key in ("memory_budget_bytes", "peak_memory_used_bytes", "peak_kv_usage_ratio", "peak_running", "peak_waiting",
-                "oom_events_delta", "preemptions_delta", "kv_capacity_tokens", "max_batch_size"):
+    for key in (
+        "memory_budget_bytes",
+        "peak_memory_used_bytes",
+        "peak_kv_usage_ratio",
+        "peak_running",
+        "peak_waiting",
+        "oom_events_delta",
+        "preemptions_delta",
+        "kv_capacity_tokens",
+        "max_batch_size",
+    ):
         row[key] = getattr(m, key) if m else None
     row["passed"] = lv.passed
     row["findings"] = ";".join(f.reason.value for f in lv.findings)
@@ -190,7 +222,12 @@ def write_plots(levels: list[LevelResult], out_dir: Path) -> list[Path]:
     mem = [(lv, lv.metrics) for lv in done if lv.metrics and lv.metrics.peak_memory_used_bytes is not None]
     if mem:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        ax.plot([_x(lv) for lv, _ in mem], [m.peak_memory_used_bytes / _GIB for _, m in mem], marker="o", label="peak memory used")
+        ax.plot(
+            [_x(lv) for lv, _ in mem],
+            [m.peak_memory_used_bytes / _GIB for _, m in mem],
+            marker="o",
+            label="peak memory used",
+        )
         budgets = [m.memory_budget_bytes for _, m in mem if m.memory_budget_bytes is not None]
         if budgets:
             ax.axhline(budgets[-1] / _GIB, color="tab:red", linestyle="--", label="memory budget")

@@ -7,6 +7,7 @@ that does not expose `fitserve_*` series is simply reported as having no server 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -114,7 +115,9 @@ class LevelMetrics:
         return asdict(self)
 
 
-def summarize_samples(before: MetricsSample | None, during: list[MetricsSample], after: MetricsSample | None) -> LevelMetrics:
+def summarize_samples(
+    before: MetricsSample | None, during: list[MetricsSample], after: MetricsSample | None
+) -> LevelMetrics:
     """Peaks over every sample and counter deltas between `before` and `after`."""
     all_samples = [s for s in (before, *during, after) if s is not None]
     out = LevelMetrics(samples=len(all_samples))
@@ -197,10 +200,8 @@ class MetricsWatch:
         """Stop polling, take the `after` sample; None when the target exposes no fitserve metrics."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         if self._before is None:
             return None

@@ -17,18 +17,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.client import OpenAIClient, RequestResult
-from loadtest.scrape import LevelMetrics, MetricsWatch
-from loadtest.stats import Percentiles, summarize
-from loadtest.verdict import Finding, LevelEvidence, Objectives, judge
-from loadtest.workload import Workload
+from fitserve.loadtest.client import OpenAIClient, RequestResult
+from fitserve.loadtest.scrape import LevelMetrics, MetricsWatch
+from fitserve.loadtest.stats import Percentiles, summarize
+from fitserve.loadtest.verdict import Finding, LevelEvidence, Objectives, judge
+from fitserve.loadtest.workload import Workload
 
 logger = logging.getLogger(__name__)
 
 OnRequestDone = Callable[[RequestResult], None]
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     """What the run does."""
 
     CONCURRENCY = "concurrency"  # closed loop at each given concurrency
@@ -247,7 +247,12 @@ class LevelRunner:
             self.on_request_done(r)
 
     def _summarize(
-        self, spec: LevelSpec, results: list[RequestResult], duration_s: float, metrics: LevelMetrics | None, interrupted: bool
+        self,
+        spec: LevelSpec,
+        results: list[RequestResult],
+        duration_s: float,
+        metrics: LevelMetrics | None,
+        interrupted: bool,
     ) -> LevelResult:
         ok = [r for r in results if r.ok]
         failures = Counter(r.failure_key for r in results if not r.ok)
@@ -289,8 +294,10 @@ def level_line(level: LevelResult) -> str:
     """One log line per finished level, so a run that is killed part-way still shows what it measured."""
     ttft = f"{level.ttft.p50 * 1e3:.0f} ms" if level.ttft.p50 is not None else "-"
     verdict = "pass" if level.passed else ", ".join(f.reason.value for f in level.findings) or "interrupted"
-    return (f"{level.spec.label}: {level.ok} ok, {level.failed_requests} failed, "
-            f"{level.output_tokens_per_s:.1f} out tok/s, TTFT p50 {ttft}, {verdict}")  # fmt: skip
+    return (
+        f"{level.spec.label}: {level.ok} ok, {level.failed_requests} failed, "
+        f"{level.output_tokens_per_s:.1f} out tok/s, TTFT p50 {ttft}, {verdict}"
+    )
 
 
 async def run_levels(runner: LevelRunner, specs: list[LevelSpec], state: SweepState) -> SweepState:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from loadtest.scrape import KV_FULL_RATIO, LevelMetrics
-from loadtest.stats import Percentiles
+from fitserve.loadtest.scrape import KV_FULL_RATIO, LevelMetrics
+from fitserve.loadtest.stats import Percentiles
 
 
-class FailureReason(str, enum.Enum):
+class FailureReason(enum.StrEnum):
     """Why a level did not pass."""
 
     HTTP_429 = "http_429"
@@ -86,7 +86,11 @@ def _error_findings(failures: dict[str, int]) -> list[Finding]:
         if key.isdigit():
             status = int(key)
             reason = (
-                FailureReason.HTTP_429 if status == 429 else FailureReason.HTTP_5XX if status >= 500 else FailureReason.HTTP_4XX
+                FailureReason.HTTP_429
+                if status == 429
+                else FailureReason.HTTP_5XX
+                if status >= 500
+                else FailureReason.HTTP_4XX
             )
         else:
             reason = {
@@ -100,13 +104,17 @@ def _error_findings(failures: dict[str, int]) -> list[Finding]:
     ]
 
 
-def _server_findings(m: LevelMetrics, concurrency: int | None, request_tokens: int | None, allow_queueing: bool) -> list[Finding]:
+def _server_findings(
+    m: LevelMetrics, concurrency: int | None, request_tokens: int | None, allow_queueing: bool
+) -> list[Finding]:
     out: list[Finding] = []
     if m.oom_events_delta:
         out.append(Finding(FailureReason.OOM, f"fitserve_oom_events_total rose by {m.oom_events_delta:g}"))
     if m.preemptions_delta:
         out.append(Finding(FailureReason.PREEMPTION, f"fitserve_preemptions_total rose by {m.preemptions_delta:g}"))
-    full_ratio = m.peak_kv_usage_ratio_while_waiting is not None and m.peak_kv_usage_ratio_while_waiting >= KV_FULL_RATIO
+    full_ratio = (
+        m.peak_kv_usage_ratio_while_waiting is not None and m.peak_kv_usage_ratio_while_waiting >= KV_FULL_RATIO
+    )
     no_room = (
         request_tokens is not None
         and m.min_kv_free_tokens_while_waiting is not None
@@ -116,8 +124,10 @@ def _server_findings(m: LevelMetrics, concurrency: int | None, request_tokens: i
         out.append(
             Finding(
                 FailureReason.KV_SATURATED,
-                f"requests waited while the KV cache was full (usage ratio {m.peak_kv_usage_ratio_while_waiting or 0:.2f}, "
-                f"least free {_fmt(m.min_kv_free_tokens_while_waiting)} tokens, a request needs up to {_fmt(request_tokens)})",
+                "requests waited while the KV cache was full "
+                f"(usage ratio {m.peak_kv_usage_ratio_while_waiting or 0:.2f}, "
+                f"least free {_fmt(m.min_kv_free_tokens_while_waiting)} tokens, "
+                f"a request needs up to {_fmt(request_tokens)})",
             )
         )
     elif (

@@ -45,7 +45,7 @@ _FILLER: tuple[str, ...] = (
 )
 
 
-class Endpoint(str, enum.Enum):
+class Endpoint(enum.StrEnum):
     """Which OpenAI endpoint the load test calls."""
 
     CHAT = "chat"
@@ -180,7 +180,9 @@ def _parse_dataset_line(obj: Any) -> Prompt:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError("messages must be a list of {role, content} objects with string values")
-        return Prompt(messages=tuple({"role": m["role"], "content": m["content"]} for m in messages), max_tokens=max_tokens)
+        return Prompt(
+            messages=tuple({"role": m["role"], "content": m["content"]} for m in messages), max_tokens=max_tokens
+        )
     raise ValueError("expected a 'prompt' string or a non-empty 'messages' list")
 
 

@@ -1,4 +1,4 @@
-"""`python -m quant`: the same as `fitserve plan`."""
+"""`python -m fitserve.quant`: the same as `fitserve plan`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from quant.plan_cli import add_plan_arguments, run_plan
+from fitserve.quant.plan_cli import add_plan_arguments, run_plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the plan options and run the plan; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m quant", description="Show which precision fits the budget.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fitserve.quant", description="Show which precision fits the budget."
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level")
     add_plan_arguments(parser)
     args = parser.parse_args(argv)

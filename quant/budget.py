@@ -27,12 +27,21 @@ DEFAULT_RESERVE_FRACTION = 0.05
 DEFAULT_RESERVE_MIN_BYTES = 512 * MIB
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
-    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
-    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
-}  # fmt: skip
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "kb": 10**3,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "mb": 10**6,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "gb": 10**9,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "tb": 10**12,
+}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
@@ -77,13 +86,14 @@ def format_bytes(n_bytes: int | float) -> str:
     return f"{sign}{value:.1f} GiB"  # pragma: no cover
 
 
-def reserve_bytes(total_bytes: int, fraction: float = DEFAULT_RESERVE_FRACTION,
-                  min_bytes: int = DEFAULT_RESERVE_MIN_BYTES) -> int:  # fmt: skip
+def reserve_bytes(
+    total_bytes: int, fraction: float = DEFAULT_RESERVE_FRACTION, min_bytes: int = DEFAULT_RESERVE_MIN_BYTES
+) -> int:
     """The reserve kept back from a device: max(fraction x total, min_bytes)."""
     return max(int(total_bytes * fraction), min_bytes)
 
 
-class BudgetSource(str, enum.Enum):
+class BudgetSource(enum.StrEnum):
     """Where a device's budget figure came from."""
 
     USER = "user"  # --memory-budget
@@ -120,7 +130,7 @@ class Budget:
 
     @property
     def device(self) -> str:
-        """"cpu", "cuda:0" for one GPU, "cuda" for several."""
+        """ "cpu", "cuda:0" for one GPU, "cuda" for several."""
         if len(self.devices) == 1:
             return self.devices[0].device
         return "cuda"
@@ -313,15 +323,18 @@ def detect_budget(
         count = probe.cuda_device_count()
         device = "cpu" if count == 0 else ("cuda:0" if count == 1 else "cuda")
     if device == "cpu":
-        return Budget((_cpu_budget(probe, memory_budget_bytes, reserve_fraction, reserve_min_bytes),),
-                      user_specified=memory_budget_bytes is not None)  # fmt: skip
+        return Budget(
+            (_cpu_budget(probe, memory_budget_bytes, reserve_fraction, reserve_min_bytes),),
+            user_specified=memory_budget_bytes is not None,
+        )
     indices = _cuda_indices(device, probe.cuda_device_count())
     devices = []
     for index in indices:
         free, total, source = probe.cuda_mem_info(index)
         reserve = reserve_bytes(total, reserve_fraction, reserve_min_bytes)
-        devices.append(DeviceBudget(f"cuda:{index}", total, free, reserve, max(free - reserve, 0), source,
-                                    probe.cuda_name(index)))  # fmt: skip
+        devices.append(
+            DeviceBudget(f"cuda:{index}", total, free, reserve, max(free - reserve, 0), source, probe.cuda_name(index))
+        )
     if memory_budget_bytes is not None:
         devices = _split_user_budget(devices, memory_budget_bytes)
     return Budget(tuple(devices), user_specified=memory_budget_bytes is not None)
@@ -340,8 +353,9 @@ def _cpu_budget(probe: MemoryProbe, user_bytes: int | None, fraction: float, min
     reserve = reserve_bytes(total, fraction, min_bytes)
     if user_bytes is not None:
         if user_bytes > available:
-            logger.warning("memory budget %s is more than the %s available now", format_bytes(user_bytes),
-                           format_bytes(available))  # fmt: skip
+            logger.warning(
+                "memory budget %s is more than the %s available now", format_bytes(user_bytes), format_bytes(available)
+            )
         return DeviceBudget("cpu", total, available, 0, user_bytes, BudgetSource.USER, "cpu")
     return DeviceBudget("cpu", total, available, reserve, max(available - reserve, 0), source, "cpu")
 
@@ -354,8 +368,12 @@ def _split_user_budget(devices: list[DeviceBudget], user_bytes: int) -> list[Dev
     out = []
     for dev, share in zip(devices, shares, strict=True):
         if share > dev.free_bytes:
-            logger.warning("memory budget share %s for %s is more than its free %s", format_bytes(share),
-                           dev.device, format_bytes(dev.free_bytes))  # fmt: skip
+            logger.warning(
+                "memory budget share %s for %s is more than its free %s",
+                format_bytes(share),
+                dev.device,
+                format_bytes(dev.free_bytes),
+            )
         out.append(DeviceBudget(dev.device, dev.total_bytes, dev.free_bytes, 0, share, BudgetSource.USER, dev.name))
     return out
 
@@ -368,8 +386,9 @@ def read_device_memory(device: str) -> DeviceMemory:
     if device == "cpu":
         import psutil
 
-        return DeviceMemory(total_bytes=int(psutil.virtual_memory().total),
-                            used_bytes=int(psutil.Process().memory_info().rss))  # fmt: skip
+        return DeviceMemory(
+            total_bytes=int(psutil.virtual_memory().total), used_bytes=int(psutil.Process().memory_info().rss)
+        )
     import torch
 
     indices = _cuda_indices(device, torch.cuda.device_count() if torch.cuda.is_available() else 0)

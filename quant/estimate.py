@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from quant.schemes import DType, GptqParams, LinearShape, Precision, dense_dtype_for, handler_for
+from fitserve.quant.schemes import DType, GptqParams, LinearShape, Precision, dense_dtype_for, handler_for
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,14 @@ class Overhead:
     @property
     def total_bytes(self) -> int:
         """Sum of the parts."""
-        return (self.activation_bytes + self.attention_bytes + self.logits_bytes + self.dequant_bytes
-                + self.cuda_context_bytes + self.cpu_runtime_bytes)  # fmt: skip
+        return (
+            self.activation_bytes
+            + self.attention_bytes
+            + self.logits_bytes
+            + self.dequant_bytes
+            + self.cuda_context_bytes
+            + self.cpu_runtime_bytes
+        )
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ class PrecisionEstimate:
 
 
 def _load_config(model: str | Path, trust_remote_code: bool = False) -> Any:
-    from quant.model_store import load_config
+    from fitserve.quant.model_store import load_config
 
     return load_config(model, trust_remote_code=trust_remote_code)
 
@@ -123,8 +129,10 @@ def _prequantized(config: Any) -> tuple[Precision | None, GptqParams | None, dic
             return Precision.INT8, None, qdict
         if qdict.get("load_in_4bit") and qdict.get("bnb_4bit_quant_type", "nf4") == "nf4":
             return Precision.NF4, None, qdict
-    raise ValueError(f"unsupported pre-quantized checkpoint (quant_method={method!r}); fitserve loads GPTQ, "
-                     f"bitsandbytes INT8/NF4 or unquantized checkpoints")  # fmt: skip
+    raise ValueError(
+        f"unsupported pre-quantized checkpoint (quant_method={method!r}); fitserve loads GPTQ, "
+        f"bitsandbytes INT8/NF4 or unquantized checkpoints"
+    )
 
 
 def _skip_patterns(model: Any, qdict: dict[str, Any]) -> list[str]:
@@ -187,8 +195,9 @@ def shape_from_json(data: dict[str, Any]) -> ModelShape:
     return ModelShape(**fields)
 
 
-def inspect_model(model: str | Path, cache_dir: Path | None = None, use_cache: bool = True,
-                  trust_remote_code: bool = False) -> ModelShape:  # fmt: skip
+def inspect_model(
+    model: str | Path, cache_dir: Path | None = None, use_cache: bool = True, trust_remote_code: bool = False
+) -> ModelShape:
     """The model's shape, from the on-disk shape cache or by building its meta-device skeleton.
 
     The cache (default `$FITSERVE_HOME/shapes`) holds one small JSON per local model, keyed by the bytes of
@@ -198,7 +207,7 @@ def inspect_model(model: str | Path, cache_dir: Path | None = None, use_cache: b
     cache_file = None
     if use_cache:
         if cache_dir is None:
-            from quant.model_store import fitserve_home
+            from fitserve.quant.model_store import fitserve_home
 
             cache_dir = fitserve_home() / "shapes"
         cache_file = _shape_cache_file(model, cache_dir)
@@ -277,8 +286,9 @@ def kv_bytes_per_token(shape: ModelShape, kv_dtype: DType) -> int:
     return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * kv_dtype.bytes
 
 
-def weights_bytes(shape: ModelShape, precision: Precision, compute_dtype: DType,
-                  double_quant: bool = False) -> tuple[int, int]:  # fmt: skip
+def weights_bytes(
+    shape: ModelShape, precision: Precision, compute_dtype: DType, double_quant: bool = False
+) -> tuple[int, int]:
     """(footprint bytes, quant-state bytes) of the weights in `precision`.
 
     footprint = dense params x dense dtype bytes + buffers + sum over converted Linears of the scheme's
@@ -295,9 +305,17 @@ def weights_bytes(shape: ModelShape, precision: Precision, compute_dtype: DType,
     return footprint, side
 
 
-def overhead(shape: ModelShape, precision: Precision, compute_dtype: DType, *, max_batch_tokens: int,
-             max_num_seqs: int, max_model_len: int, n_cuda_devices: int = 0,
-             double_quant: bool = False) -> Overhead:  # fmt: skip
+def overhead(
+    shape: ModelShape,
+    precision: Precision,
+    compute_dtype: DType,
+    *,
+    max_batch_tokens: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    n_cuda_devices: int = 0,
+    double_quant: bool = False,
+) -> Overhead:
     """Runtime overhead of serving, in bytes (a = activation dtype bytes, T = max_batch_tokens):
 
     - activations: T x max(2h + 3i, 2h + (2 q_heads + 2 kv_heads) x head_dim) x a, the widest point of one
@@ -324,18 +342,40 @@ def overhead(shape: ModelShape, precision: Precision, compute_dtype: DType, *, m
     return Overhead(activation, attention, logits, dequant, CUDA_CONTEXT_BYTES * n_cuda_devices, runtime)
 
 
-def estimate_precision(shape: ModelShape, precision: Precision, compute_dtype: DType, *, max_batch_tokens: int,
-                       max_num_seqs: int, max_model_len: int, n_cuda_devices: int = 0,
-                       double_quant: bool = False) -> PrecisionEstimate:  # fmt: skip
+def estimate_precision(
+    shape: ModelShape,
+    precision: Precision,
+    compute_dtype: DType,
+    *,
+    max_batch_tokens: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    n_cuda_devices: int = 0,
+    double_quant: bool = False,
+) -> PrecisionEstimate:
     """All the bytes one precision needs."""
     dense_dtype = dense_dtype_for(precision, compute_dtype)
     footprint, side = weights_bytes(shape, precision, dense_dtype, double_quant)
-    over = overhead(shape, precision, dense_dtype, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
-                    max_model_len=max_model_len, n_cuda_devices=n_cuda_devices, double_quant=double_quant)  # fmt: skip
+    over = overhead(
+        shape,
+        precision,
+        dense_dtype,
+        max_batch_tokens=max_batch_tokens,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        n_cuda_devices=n_cuda_devices,
+        double_quant=double_quant,
+    )
     return PrecisionEstimate(precision, dense_dtype, footprint, side, kv_bytes_per_token(shape, dense_dtype), over)
 
 
 __all__ = [
-    "ModelShape", "Overhead", "PrecisionEstimate", "inspect_model", "kv_bytes_per_token", "weights_bytes",
-    "overhead", "estimate_precision",
-]  # fmt: skip
+    "ModelShape",
+    "Overhead",
+    "PrecisionEstimate",
+    "estimate_precision",
+    "inspect_model",
+    "kv_bytes_per_token",
+    "overhead",
+    "weights_bytes",
+]

@@ -7,14 +7,15 @@ parameters), and device memory before and after.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from quant.budget import DeviceMemory, format_bytes, read_device_memory
-from quant.plan import Plan
-from quant.schemes import Precision, handler_for
+from fitserve.quant.budget import DeviceMemory, format_bytes, read_device_memory
+from fitserve.quant.plan import Plan
+from fitserve.quant.schemes import Precision, handler_for
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +46,19 @@ class LoadReport:
 
     def to_log_line(self) -> str:
         """One line for the server log."""
-        line = (f"loaded {self.precision.value} on {self.device} in {self.load_time_s:.2f}s: weights predicted "
-                f"{format_bytes(self.predicted_weights_bytes)} measured {format_bytes(self.measured_weights_bytes)} "
-                f"({self.weights_error_ratio:+.2%}); quant state predicted "
-                f"{format_bytes(self.predicted_quant_state_bytes)} measured "
-                f"{format_bytes(self.measured_quant_state_bytes)}; {self._memory_label()} "
-                f"{format_bytes(self.memory_before.used_bytes)} -> {format_bytes(self.memory_after.used_bytes)}")  # fmt: skip
+        line = (
+            f"loaded {self.precision.value} on {self.device} in {self.load_time_s:.2f}s: weights predicted "
+            f"{format_bytes(self.predicted_weights_bytes)} measured {format_bytes(self.measured_weights_bytes)} "
+            f"({self.weights_error_ratio:+.2%}); quant state predicted "
+            f"{format_bytes(self.predicted_quant_state_bytes)} measured "
+            f"{format_bytes(self.measured_quant_state_bytes)}; {self._memory_label()} "
+            f"{format_bytes(self.memory_before.used_bytes)} -> {format_bytes(self.memory_after.used_bytes)}"
+        )
         if self.memory_after.torch_allocated_bytes is not None:
-            line += (f"; torch allocated {format_bytes(self.memory_after.torch_allocated_bytes)}, reserved "
-                     f"{format_bytes(self.memory_after.torch_reserved_bytes or 0)}")  # fmt: skip
+            line += (
+                f"; torch allocated {format_bytes(self.memory_after.torch_allocated_bytes)}, reserved "
+                f"{format_bytes(self.memory_after.torch_reserved_bytes or 0)}"
+            )
         return line
 
     def _memory_label(self) -> str:
@@ -66,12 +71,24 @@ class LoadReport:
         table = Table(title=f"load report: {self.precision.value} on {self.device}")
         for col in ("", "predicted", "measured", "error"):
             table.add_column(col, justify="right")
-        table.add_row("weights", format_bytes(self.predicted_weights_bytes), format_bytes(self.measured_weights_bytes),
-                      f"{self.weights_error_ratio:+.2%}")  # fmt: skip
-        table.add_row("quant state", format_bytes(self.predicted_quant_state_bytes),
-                      format_bytes(self.measured_quant_state_bytes), "")  # fmt: skip
-        table.add_row(f"{self._memory_label()} before/after", format_bytes(self.memory_before.used_bytes),
-                      format_bytes(self.memory_after.used_bytes), "")  # fmt: skip
+        table.add_row(
+            "weights",
+            format_bytes(self.predicted_weights_bytes),
+            format_bytes(self.measured_weights_bytes),
+            f"{self.weights_error_ratio:+.2%}",
+        )
+        table.add_row(
+            "quant state",
+            format_bytes(self.predicted_quant_state_bytes),
+            format_bytes(self.measured_quant_state_bytes),
+            "",
+        )
+        table.add_row(
+            f"{self._memory_label()} before/after",
+            format_bytes(self.memory_before.used_bytes),
+            format_bytes(self.memory_after.used_bytes),
+            "",
+        )
         table.add_row("load time", "", f"{self.load_time_s:.2f} s", "")
         return table
 
@@ -181,10 +198,8 @@ def release_free_heap() -> None:
     import gc
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
 
 
 def load_model(plan: Plan, trust_remote_code: bool = False) -> LoadedModel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from quant.model_store import FetchError, fetch_default_model, fitserve_home, list_models
+from fitserve.quant.model_store import FetchError, fetch_default_model, fitserve_home, list_models
 
 logger = logging.getLogger(__name__)
 

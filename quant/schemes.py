@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-class Precision(str, enum.Enum):
+class Precision(enum.StrEnum):
     """How the model's weights are stored once loaded."""
 
     FP32 = "fp32"
@@ -32,7 +32,7 @@ class Precision(str, enum.Enum):
         return self in (Precision.INT8, Precision.NF4, Precision.GPTQ)
 
 
-class DType(str, enum.Enum):
+class DType(enum.StrEnum):
     """Floating-point dtypes the planner reasons about (names as torch spells them)."""
 
     FLOAT32 = "float32"
@@ -203,9 +203,7 @@ class GptqHandler(SchemeHandler):
         return {"dtype": compute_dtype.to_torch()}
 
 
-def handler_for(
-    precision: Precision, *, double_quant: bool = False, gptq: GptqParams | None = None
-) -> SchemeHandler:
+def handler_for(precision: Precision, *, double_quant: bool = False, gptq: GptqParams | None = None) -> SchemeHandler:
     """The one factory: the handler for a precision."""
     if precision is Precision.INT8:
         return Int8Handler(precision)

@@ -1,7 +1,7 @@
-"""`python -m server ...` runs the `fitserve` command line."""
+"""`python -m fitserve.server ...` runs the `fitserve` command line (the same as `python -m fitserve`)."""
 
 import sys
 
-from server.cli import main
+from fitserve.server.cli import main
 
 sys.exit(main())

@@ -20,14 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from server.engine.types import EngineClient, EngineError
-from server.middleware import RequestGuardMiddleware, error_response
-from server.protocol.errors import APIError
-from server.routes import chat, completions, health, models, tokenize
-from server.routes import metrics as metrics_routes
-from server.routes.deps import ServerState
-from server.serving.transport import ClientDisconnectedError
-from server.settings import Settings
+from fitserve.server.engine.types import EngineClient, EngineError
+from fitserve.server.middleware import RequestGuardMiddleware, error_response
+from fitserve.server.protocol.errors import APIError
+from fitserve.server.routes import chat, completions, health, models, tokenize
+from fitserve.server.routes import metrics as metrics_routes
+from fitserve.server.routes.deps import ServerState
+from fitserve.server.serving.transport import ClientDisconnectedError
+from fitserve.server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ def create_app(
     for module in (completions, chat, models, tokenize, health, metrics_routes):
         app.include_router(module.router)
     _add_exception_handlers(app)
-    app.add_middleware(
-        RequestGuardMiddleware, api_key=settings.api_key_value(), max_body_bytes=settings.max_body_bytes
-    )
+    app.add_middleware(RequestGuardMiddleware, api_key=settings.api_key_value(), max_body_bytes=settings.max_body_bytes)
     return app
 
 
@@ -104,7 +102,7 @@ async def _load_engine(
         built = await factory(state.settings)
     except asyncio.CancelledError:
         raise
-    except Exception as error:  # noqa: BLE001 - any load failure is reported the same way
+    except Exception as error:
         logger.exception("loading the model failed")
         state.load_error = f"{type(error).__name__}: {error}"
         if on_failure is not None:
@@ -119,13 +117,13 @@ async def _load_engine(
 
 
 def _default_factory() -> EngineFactory:
-    from server.serve import build_engine  # lazy: pulls in quant, torch and transformers
+    from fitserve.server.serve import build_engine  # lazy: pulls in quant, torch and transformers
 
     return build_engine
 
 
 def _version() -> str:
-    from server.routes.health import package_version
+    from fitserve.server.routes.health import package_version
 
     return package_version()
 
@@ -176,7 +174,9 @@ def validation_to_api_error(error: RequestValidationError) -> APIError:
         return APIError.invalid("The request body must be a JSON object sent as Content-Type: application/json.")
     message = str(first.get("msg", "invalid value"))
     if first.get("type") == "missing":
-        return APIError.invalid(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        return APIError.invalid(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
     if param:
         message = f"Invalid value for '{param}': {message}"
     more = len(errors) - 1

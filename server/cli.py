@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 # (module, function) pairs that each add one subcommand.
 _SUBCOMMANDS: tuple[tuple[str, str], ...] = (
-    ("quant.plan_cli", "add_plan_parser"),
-    ("server.serve_cli", "add_serve_parser"),
-    ("loadtest.cli", "add_loadtest_parser"),
-    ("quant.model_cli", "add_model_parser"),
+    ("fitserve.quant.plan_cli", "add_plan_parser"),
+    ("fitserve.server.serve_cli", "add_serve_parser"),
+    ("fitserve.loadtest.cli", "add_loadtest_parser"),
+    ("fitserve.quant.model_cli", "add_model_parser"),
 )
 
 

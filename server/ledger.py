@@ -114,7 +114,7 @@ def make_ledger_fn(
     `read_memory` defaults to `quant.budget.read_device_memory`; tests pass a fake.
     """
     if read_memory is None:
-        from quant.budget import read_device_memory
+        from fitserve.quant.budget import read_device_memory
 
         read_memory = read_device_memory
     reader = read_memory

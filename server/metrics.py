@@ -24,8 +24,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine.types import EngineSnapshot, RequestStats, StepStats
-from server.ledger import MemoryLedger, ModelInfo
+from fitserve.server.engine.types import EngineSnapshot, RequestStats, StepStats
+from fitserve.server.ledger import MemoryLedger, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class MetricKind(enum.Enum):
     HISTOGRAM = "histogram"
 
 
-class RequestStatus(str, enum.Enum):
+class RequestStatus(enum.StrEnum):
     """Values of the `status` label of `fitserve_requests_total` (`RequestStats.status`)."""
 
     OK = "ok"
@@ -60,26 +60,106 @@ class MetricSpec:
 
 # Buckets span CPU (seconds per token) and GPU (milliseconds per token) serving.
 TTFT_BUCKETS_S: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)  # fmt: skip
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 ITL_BUCKETS_S: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
 REQUEST_DURATION_BUCKETS_S: tuple[float, ...] = (
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0,
-)  # fmt: skip
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
 QUEUE_BUCKETS_S: tuple[float, ...] = (
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-)  # fmt: skip
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
 STEP_DURATION_BUCKETS_S: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+)
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 _DEVICE = ("device",)
 
 # Memory ledger (collected at scrape time from the ledger function).
-MEMORY_BUDGET = MetricSpec("fitserve_memory_budget_bytes", MetricKind.GAUGE, "Memory budget the plan was made for.", _DEVICE)
+MEMORY_BUDGET = MetricSpec(
+    "fitserve_memory_budget_bytes", MetricKind.GAUGE, "Memory budget the plan was made for.", _DEVICE
+)
 DEVICE_TOTAL = MetricSpec(
     "fitserve_device_memory_total_bytes", MetricKind.GAUGE, "Total memory of the device (CPU: physical RAM).", _DEVICE
 )
@@ -108,7 +188,10 @@ TORCH_PEAK = MetricSpec(
     _DEVICE,
 )
 HEADROOM = MetricSpec(
-    "fitserve_memory_headroom_bytes", MetricKind.GAUGE, "Memory budget minus device memory used (negative: over budget).", _DEVICE
+    "fitserve_memory_headroom_bytes",
+    MetricKind.GAUGE,
+    "Memory budget minus device memory used (negative: over budget).",
+    _DEVICE,
 )
 WEIGHTS = MetricSpec(
     "fitserve_model_weights_bytes", MetricKind.GAUGE, "Model weight bytes measured after loading.", _DEVICE
@@ -133,9 +216,7 @@ KV_RESERVED = MetricSpec(
     MetricKind.GAUGE,
     "KV cache tokens reserved by admitted requests (prompt + max_tokens).",
 )
-KV_USAGE = MetricSpec(
-    "fitserve_kv_cache_usage_ratio", MetricKind.GAUGE, "Used KV cache tokens over capacity (0 to 1)."
-)
+KV_USAGE = MetricSpec("fitserve_kv_cache_usage_ratio", MetricKind.GAUGE, "Used KV cache tokens over capacity (0 to 1).")
 RUNNING = MetricSpec("fitserve_requests_running", MetricKind.GAUGE, "Requests currently in the running batch.")
 WAITING = MetricSpec("fitserve_requests_waiting", MetricKind.GAUGE, "Requests waiting to be scheduled.")
 BATCH_LIMIT = MetricSpec(
@@ -148,11 +229,13 @@ PREEMPTIONS = MetricSpec(
     "fitserve_preemptions_total", MetricKind.COUNTER, "Running requests preempted back to the waiting queue."
 )
 PREFIX_QUERIES = MetricSpec(
-    "fitserve_prefix_cache_queries_total", MetricKind.COUNTER,
+    "fitserve_prefix_cache_queries_total",
+    MetricKind.COUNTER,
     "Prompt tokens looked up in the prefix cache when requests were admitted.",
 )
 PREFIX_HITS = MetricSpec(
-    "fitserve_prefix_cache_hits_total", MetricKind.COUNTER,
+    "fitserve_prefix_cache_hits_total",
+    MetricKind.COUNTER,
     "Prompt tokens whose KV came from cached blocks instead of being computed.",
 )
 # Events (recorded from StepStats / RequestStats).
@@ -174,7 +257,9 @@ TTFT = MetricSpec(
     "fitserve_time_to_first_token_seconds", MetricKind.HISTOGRAM, "Time from arrival to the first generated token."
 )
 ITL = MetricSpec(
-    "fitserve_inter_token_latency_seconds", MetricKind.HISTOGRAM, "Time between consecutive generated tokens of a request."
+    "fitserve_inter_token_latency_seconds",
+    MetricKind.HISTOGRAM,
+    "Time between consecutive generated tokens of a request.",
 )
 REQUEST_DURATION = MetricSpec(
     "fitserve_request_duration_seconds", MetricKind.HISTOGRAM, "Time from arrival to the end of a request."
@@ -184,11 +269,37 @@ REQUEST_QUEUE = MetricSpec(
 )
 
 METRICS: tuple[MetricSpec, ...] = (
-    MEMORY_BUDGET, DEVICE_TOTAL, DEVICE_USED, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, HEADROOM, WEIGHTS,
-    PLAN_PREDICTED, MODEL_INFO, KV_CAPACITY, KV_USED, KV_RESERVED, KV_USAGE, RUNNING, WAITING, BATCH_LIMIT,
-    OOM_EVENTS, PREEMPTIONS, PREFIX_QUERIES, PREFIX_HITS, BATCH_SIZE, STEP_DURATION, REQUESTS, PROMPT_TOKENS,
-    GENERATION_TOKENS, TTFT, ITL, REQUEST_DURATION, REQUEST_QUEUE,
-)  # fmt: skip
+    MEMORY_BUDGET,
+    DEVICE_TOTAL,
+    DEVICE_USED,
+    TORCH_ALLOCATED,
+    TORCH_RESERVED,
+    TORCH_PEAK,
+    HEADROOM,
+    WEIGHTS,
+    PLAN_PREDICTED,
+    MODEL_INFO,
+    KV_CAPACITY,
+    KV_USED,
+    KV_RESERVED,
+    KV_USAGE,
+    RUNNING,
+    WAITING,
+    BATCH_LIMIT,
+    OOM_EVENTS,
+    PREEMPTIONS,
+    PREFIX_QUERIES,
+    PREFIX_HITS,
+    BATCH_SIZE,
+    STEP_DURATION,
+    REQUESTS,
+    PROMPT_TOKENS,
+    GENERATION_TOKENS,
+    TTFT,
+    ITL,
+    REQUEST_DURATION,
+    REQUEST_QUEUE,
+)
 
 
 def exposed_sample_names() -> frozenset[str]:
@@ -253,7 +364,16 @@ class _StateCollector(Collector):
 
     @staticmethod
     def _ledger_families(ledger: object | None) -> list[Metric]:
-        specs = (MEMORY_BUDGET, DEVICE_TOTAL, DEVICE_USED, TORCH_ALLOCATED, TORCH_RESERVED, TORCH_PEAK, HEADROOM, WEIGHTS)
+        specs = (
+            MEMORY_BUDGET,
+            DEVICE_TOTAL,
+            DEVICE_USED,
+            TORCH_ALLOCATED,
+            TORCH_RESERVED,
+            TORCH_PEAK,
+            HEADROOM,
+            WEIGHTS,
+        )
         families = {spec.name: _gauge(spec) for spec in specs}
         predicted = _gauge(PLAN_PREDICTED)
         if isinstance(ledger, MemoryLedger):
@@ -278,7 +398,9 @@ class _StateCollector(Collector):
 
     @staticmethod
     def _snapshot_families(snapshot: object | None) -> list[Metric]:
-        gauges = {spec: _gauge(spec) for spec in (KV_CAPACITY, KV_USED, KV_RESERVED, KV_USAGE, RUNNING, WAITING, BATCH_LIMIT)}
+        gauges = {
+            spec: _gauge(spec) for spec in (KV_CAPACITY, KV_USED, KV_RESERVED, KV_USAGE, RUNNING, WAITING, BATCH_LIMIT)
+        }
         counters = {spec: _counter(spec) for spec in (OOM_EVENTS, PREEMPTIONS, PREFIX_QUERIES, PREFIX_HITS)}
         if isinstance(snapshot, EngineSnapshot):
             capacity = snapshot.kv_capacity_tokens

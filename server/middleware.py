@@ -12,14 +12,16 @@ import secrets
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.protocol.errors import APIError, ErrorType
+from fitserve.server.protocol.errors import APIError, ErrorType
 
 PROTECTED_PREFIX = "/v1"
 
 
 def error_response(error: APIError) -> JSONResponse:
     """The JSON response for an `APIError`."""
-    return JSONResponse(error.to_response().model_dump(mode="json"), status_code=error.status_code, headers=error.headers)
+    return JSONResponse(
+        error.to_response().model_dump(mode="json"), status_code=error.status_code, headers=error.headers
+    )
 
 
 class RequestGuardMiddleware:

@@ -23,9 +23,9 @@ from typing import Any
 
 import uvicorn
 
-from server.app import BuiltEngine, create_app
-from server.routes.deps import ServerState
-from server.settings import Settings
+from fitserve.server.app import BuiltEngine, create_app
+from fitserve.server.routes.deps import ServerState
+from fitserve.server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,14 @@ class PlannedServing:
 
     model_dir: Path
     served_model_name: str
-    plan: Any  # quant.plan.Plan
+    plan: Any  # fitserve.quant.plan.Plan
 
 
 @dataclass
 class LoadedServing(PlannedServing):
     """A planned model, loaded."""
 
-    loaded: Any = None  # quant.load.LoadedModel
+    loaded: Any = None  # fitserve.quant.load.LoadedModel
 
 
 async def run_in_short_lived_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -91,9 +91,9 @@ class StartupError(Exception):
 
 def plan_serving(settings: Settings) -> PlannedServing:
     """Resolve the model and plan its precision within the budget (fast; raises StartupError)."""
-    from quant.budget import parse_size
-    from quant.model_store import FetchError, ModelNotFoundError, resolve_model
-    from quant.plan import NothingFitsError, PlanRequest, make_plan
+    from fitserve.quant.budget import parse_size
+    from fitserve.quant.model_store import FetchError, ModelNotFoundError, resolve_model
+    from fitserve.quant.plan import NothingFitsError, PlanRequest, make_plan
 
     try:
         model_dir = resolve_model(settings.model)
@@ -108,7 +108,7 @@ def plan_serving(settings: Settings) -> PlannedServing:
 
 def load_serving(planned: PlannedServing, settings: Settings) -> LoadedServing:
     """Load the planned model (blocking; seconds to minutes)."""
-    from quant.load import load_model
+    from fitserve.quant.load import load_model
 
     loaded = _load(load_model, planned.plan, settings)
     logger.info("load report:\n%s", render_table(loaded.report))
@@ -189,11 +189,11 @@ def _value(obj: Any) -> Any:
 
 async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngine:
     """Build metrics and the engine around a loaded model, start the engine loop."""
-    from quant.load import release_free_heap
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
-    from server.ledger import ModelInfo, make_ledger_fn
-    from server.metrics import ServerMetrics
+    from fitserve.quant.load import release_free_heap
+    from fitserve.server.engine.config import EngineConfig
+    from fitserve.server.engine.engine import Engine
+    from fitserve.server.ledger import ModelInfo, make_ledger_fn
+    from fitserve.server.metrics import ServerMetrics
 
     plan, loaded = serving.plan, serving.loaded
     device = str(getattr(plan, "device", "cpu"))
@@ -231,7 +231,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
     metrics.attach_snapshot(engine.snapshot)
     try:
         metrics.attach_ledger(make_ledger_fn(plan, report, device))
-    except Exception:  # noqa: BLE001 - the ledger is informative; serving must not depend on it
+    except Exception:
         logger.warning("memory ledger unavailable", exc_info=True)
 
     async def stop() -> None:
@@ -241,9 +241,13 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
     logger.info(
         "engine started: model=%s max_model_len=%d kv_capacity_tokens=%d max_batch_size=%s max_waiting=%d "
         "prefix_caching=%s",
-        serving.served_model_name, config.max_model_len, config.kv_capacity_tokens,
-        config.max_batch_size, config.max_waiting, config.enable_prefix_caching,
-    )  # fmt: skip
+        serving.served_model_name,
+        config.max_model_len,
+        config.kv_capacity_tokens,
+        config.max_batch_size,
+        config.max_waiting,
+        config.enable_prefix_caching,
+    )
     return BuiltEngine(engine=engine, metrics=metrics, close=stop)
 
 
@@ -253,8 +257,12 @@ def unplanned_bytes(plan: Any) -> int:
     Non-zero when the KV cache is capped (max_num_seqs x max_model_len) below what the budget could hold.
     """
     try:
-        used = (plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes
-                + plan.kv_capacity_tokens * plan.kv_bytes_per_token)  # fmt: skip
+        used = (
+            plan.weights_bytes
+            + plan.quant_state_bytes
+            + plan.overhead_bytes
+            + plan.kv_capacity_tokens * plan.kv_bytes_per_token
+        )
         return max(int(plan.budget_bytes - used), 0)
     except (AttributeError, TypeError) as error:
         logger.warning("plan without its memory figures (%s): no spare budget for a packed tied lm_head", error)
@@ -306,8 +314,9 @@ def run(settings: Settings) -> int:
         lifespan="on",
     )
     server = _DrainingServer(config, app.state.server)
-    logger.info("serving %s on http://%s:%d (loading the model)", planned.served_model_name, settings.host,
-                settings.port)  # fmt: skip
+    logger.info(
+        "serving %s on http://%s:%d (loading the model)", planned.served_model_name, settings.host, settings.port
+    )
     server.run()
     if failures:
         logger.error("stopped: the model failed to load (%s)", failures[0])

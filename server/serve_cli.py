@@ -7,7 +7,7 @@ import logging
 
 from pydantic import ValidationError
 
-from server.settings import Settings
+from fitserve.server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +34,21 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     plan.add_argument("--max-kv-tokens", type=int, help="cap the KV cache (default: all the budget leaves)")
     plan.add_argument("--precision", help="weight precision (default: auto, the best that fits)")
     plan.add_argument("--force", action="store_true", help="load even when the plan says it does not fit")
-    plan.add_argument("--prefer-fp32-on-cpu", action=argparse.BooleanOptionalAction,
-                      help="on CPUs without native bf16 (AVX2 only) try fp32 first: faster there, twice the memory "
-                           "(default: on)")  # fmt: skip
+    plan.add_argument(
+        "--prefer-fp32-on-cpu",
+        action=argparse.BooleanOptionalAction,
+        help="on CPUs without native bf16 (AVX2 only) try fp32 first: faster there, twice the memory (default: on)",
+    )
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-batch-size", type=int, help="most sequences decoded per step")
     engine.add_argument("--max-waiting", type=int, help="queued requests beyond which new ones get 429 (256)")
     engine.add_argument("--max-prefill-tokens", type=int, help="prompt tokens computed per step")
-    engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                        help="compute every prompt in full instead of reusing cached KV blocks of a shared prefix")  # fmt: skip
+    engine.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="compute every prompt in full instead of reusing cached KV blocks of a shared prefix",
+    )
     engine.add_argument(
         "--oom-inject-steps", help="fault injection: comma-separated engine steps that raise OOM (off by default)"
     )
@@ -52,7 +58,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     http.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1 routes")
     http.add_argument("--max-body-bytes", type=int, help="request bodies above this get 413 (default 1 MiB)")
     http.add_argument(
-        "--shutdown-timeout", dest="shutdown_timeout_s", type=float, metavar="SECONDS", help="seconds to drain requests on SIGTERM"
+        "--shutdown-timeout",
+        dest="shutdown_timeout_s",
+        type=float,
+        metavar="SECONDS",
+        help="seconds to drain requests on SIGTERM",
     )
     http.add_argument("--log-level", dest="serve_log_level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ...")
     parser.set_defaults(func=run_serve)
@@ -71,7 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Entry point of `fitserve serve`; returns the exit status."""
-    from server.serve import EXIT_CANNOT_LOAD, run
+    from fitserve.server.serve import EXIT_CANNOT_LOAD, run
 
     try:
         settings = settings_from_args(args)

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 
-class LogLevel(str, enum.Enum):
+class LogLevel(enum.StrEnum):
     """Logging levels accepted by `--log-level`."""
 
     DEBUG = "DEBUG"
@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="request bodies above this get 413")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="grace period for running requests on SIGTERM")
     trust_remote_code: bool = Field(False, description="allow model repositories to run their own code")
-    oom_inject_steps: Annotated[tuple[int, ...], NoDecode] = Field((), description="fault injection: engine steps that raise OOM")
+    oom_inject_steps: Annotated[tuple[int, ...], NoDecode] = Field(
+        (), description="fault injection: engine steps that raise OOM"
+    )
     log_level: LogLevel | None = Field(None, description="None keeps the level the CLI configured")
 
     @field_validator("oom_inject_steps", mode="before")

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The converted default model (SmolLM2-135M-Instruct, bf16 safetensors), fetched if missing."""
-    from quant.model_store import fetch_default_model
+    from fitserve.quant.model_store import fetch_default_model
 
     return fetch_default_model()
 

@@ -46,7 +46,7 @@ def live_server(
     stop_timeout_s: float = 60.0,
     api_key: str | None = None,
 ) -> Iterator[str]:
-    """Start `python -m server serve *args --port <free>`, wait for /ready, yield the base URL, stop it.
+    """Start `python -m fitserve serve *args --port <free>`, wait for /ready, yield the base URL, stop it.
 
     `env` entries are added to the current environment. `api_key`, when the server was given one, is sent
     with the readiness probe (only /v1 routes need it, so it is rarely needed).

@@ -136,8 +136,9 @@ class BlockPool:
             else:
                 self._free.add(block)
 
-    def register(self, block_table: Sequence[int], token_ids: Sequence[int], start: int, end: int,
-                 parent_hash: int) -> int:  # fmt: skip
+    def register(
+        self, block_table: Sequence[int], token_ids: Sequence[int], start: int, end: int, parent_hash: int
+    ) -> int:
         """Register blocks `start..end-1` of a sequence, now fully computed, under their keys.
 
         `parent_hash` is the hash after block `start-1` (the root for block 0); returns the hash after block

@@ -11,16 +11,17 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence as SequenceT
+from collections.abc import AsyncIterator, Iterable
+from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.config import EngineConfig
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.runner import ModelRunner, is_oom
-from server.engine.sampling import SampledToken
-from server.engine.scheduler import ScheduledBatch, Scheduler, Sequence
-from server.engine.types import (
+from fitserve.server.engine.config import EngineConfig
+from fitserve.server.engine.detokenizer import IncrementalDetokenizer
+from fitserve.server.engine.runner import ModelRunner, is_oom
+from fitserve.server.engine.sampling import SampledToken
+from fitserve.server.engine.scheduler import ScheduledBatch, Scheduler, Sequence
+from fitserve.server.engine.types import (
     EngineError,
     EngineOverloadedError,
     EngineSnapshot,
@@ -244,7 +245,7 @@ class Engine:
                     continue
                 deliveries += self._step()
                 self._deliver(deliveries)
-        except BaseException as exc:  # noqa: BLE001 - the loop must report any death to its clients
+        except BaseException as exc:
             logger.exception("engine loop died")
             self._dead = exc
             self._accepting = False
@@ -282,11 +283,11 @@ class Engine:
         t0 = time.perf_counter()
         try:
             sampled = self.runner.run(batch)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every step failure is attributed and reported, never raised
             if is_oom(exc):
                 return self._handle_oom(batch, exc)
             return self._handle_step_error(batch, exc)
-        by_seq = {c.seq: s for c, s in zip((c for c in batch.chunks if c.sample), sampled)}
+        by_seq = {c.seq: s for c, s in zip((c for c in batch.chunks if c.sample), sampled, strict=False)}
         produced = self.scheduler.postprocess(batch, [s.token_id for s in sampled])
         deliveries = [self._emit(seq, token, by_seq[seq]) for seq, token in produced]
         self._record_step(
@@ -365,9 +366,15 @@ class Engine:
         if req is not None:
             text += req.detokenizer.flush() if seq.finish_reason is not FinishReason.ABORT else ""
         out = RequestOutput(
-            seq.request_id, text, (), True, seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
+            seq.request_id,
+            text,
+            (),
+            True,
+            seq.finish_reason,
+            seq.num_prompt_tokens,
+            seq.num_output_tokens,
             () if seq.params.logprobs is not None else None,
-        )  # fmt: skip
+        )
         self._finish_request(seq)
         queue = req.queue if req is not None else asyncio.Queue()
         return (queue, out)
@@ -431,14 +438,14 @@ class Engine:
         if self.stats_sink is not None:
             try:
                 self.stats_sink.record_step(stats)
-            except Exception:  # noqa: BLE001 - stats must never break serving
+            except Exception:
                 logger.exception("stats sink failed on record_step")
 
     def _record_request(self, stats: RequestStats) -> None:
         if self.stats_sink is not None:
             try:
                 self.stats_sink.record_request(stats)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("stats sink failed on record_request")
 
     def _build_snapshot(self) -> EngineSnapshot:

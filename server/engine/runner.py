@@ -12,11 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.config import EngineConfig
-from server.engine.cpu_linear import prepack_linears
-from server.engine.kv_cache import BATCH_KWARG, DecodeGroup, PackedBatch, PagedKVCache, SeqSlice, register_attention
-from server.engine.sampling import SampledToken, make_generator, sample
-from server.engine.scheduler import ScheduledBatch, Sequence
+from fitserve.server.engine.config import EngineConfig
+from fitserve.server.engine.cpu_linear import prepack_linears
+from fitserve.server.engine.kv_cache import (
+    BATCH_KWARG,
+    DecodeGroup,
+    PackedBatch,
+    PagedKVCache,
+    SeqSlice,
+    register_attention,
+)
+from fitserve.server.engine.sampling import SampledToken, make_generator, sample
+from fitserve.server.engine.scheduler import ScheduledBatch, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +86,12 @@ class ModelRunner:
         self.oom_inject_steps = frozenset(config.oom_inject_steps)
         if config.prepack_cpu_linears and self.device.type == "cpu" and self.dtype == torch.float32:
             packed = prepack_linears(self.model, shared_copy_bytes=config.shared_weight_copy_bytes)
-            logger.info("oneDNN prepacked Linears: %d packed, %d shared weights left as they are, %.1f MiB extra",
-                        packed.packed, packed.skipped_shared, packed.extra_bytes / 2**20)  # fmt: skip
+            logger.info(
+                "oneDNN prepacked Linears: %d packed, %d shared weights left as they are, %.1f MiB extra",
+                packed.packed,
+                packed.skipped_shared,
+                packed.extra_bytes / 2**20,
+            )
         logger.info(
             "KV cache: %d blocks x %d tokens, %s, %.1f MiB",
             num_blocks,

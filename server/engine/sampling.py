@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.types import SamplingParams
+from fitserve.server.engine.types import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,10 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def apply_penalties(
-    logits: torch.Tensor, output_token_ids: Sequence[Sequence[int]], presence: Sequence[float], frequency: Sequence[float]
+    logits: torch.Tensor,
+    output_token_ids: Sequence[Sequence[int]],
+    presence: Sequence[float],
+    frequency: Sequence[float],
 ) -> torch.Tensor:
     """OpenAI presence/frequency penalties over each row's generated tokens (in place; returns logits).
 
@@ -78,7 +81,7 @@ def sample(
     generators: Sequence[torch.Generator | None],
 ) -> list[SampledToken]:
     """Sample one token per row of `logits` [B, V] following each row's `SamplingParams`."""
-    rows, vocab = logits.shape
+    _rows, vocab = logits.shape
     greedy_only = all(p.temperature == 0 for p in params)
     penalised = any(p.presence_penalty or p.frequency_penalty for p in params)
     want_logprobs = any(p.logprobs is not None for p in params)
@@ -110,13 +113,13 @@ def sample(
         return [SampledToken(t) for t in tokens]
     logprobs = raw.log_softmax(dim=-1)
     out: list[SampledToken] = []
-    for i, (p, tok) in enumerate(zip(params, tokens)):
+    for i, (p, tok) in enumerate(zip(params, tokens, strict=False)):
         if p.logprobs is None:
             out.append(SampledToken(tok))
             continue
         top: tuple[tuple[int, float], ...] = ()
         if p.logprobs > 0:
             values, ids = logprobs[i].topk(min(p.logprobs, vocab))
-            top = tuple(zip(ids.tolist(), values.tolist()))
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=False))
         out.append(SampledToken(tok, logprobs[i, tok].item(), top))
     return out

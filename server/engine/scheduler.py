@@ -11,13 +11,14 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence as SequenceT
+from collections.abc import Callable, Iterable
+from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.block_pool import BlockPool, PrefixHit
-from server.engine.config import EngineConfig
-from server.engine.types import (
+from fitserve.server.engine.block_pool import BlockPool, PrefixHit
+from fitserve.server.engine.config import EngineConfig
+from fitserve.server.engine.types import (
     FinishReason,
     InvalidRequestError,
     PromptTooLongError,
@@ -134,8 +135,9 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.block_size = config.block_size_tokens
-        self.allocator = BlockPool(config.kv_capacity_tokens // self.block_size, self.block_size,
-                                   enable_caching=config.enable_prefix_caching)  # fmt: skip
+        self.allocator = BlockPool(
+            config.kv_capacity_tokens // self.block_size, self.block_size, enable_caching=config.enable_prefix_caching
+        )
         self.capacity_tokens = self.allocator.num_blocks * self.block_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.clock = clock
@@ -278,8 +280,9 @@ class Scheduler:
         """Offer the sequence's newly completed blocks to the prefix cache."""
         full = seq.num_computed_tokens // self.block_size
         if full > seq.prefix_blocks:
-            seq.prefix_hash = self.allocator.register(seq.block_table, seq.token_ids, seq.prefix_blocks, full,
-                                                      seq.prefix_hash)  # fmt: skip
+            seq.prefix_hash = self.allocator.register(
+                seq.block_table, seq.token_ids, seq.prefix_blocks, full, seq.prefix_hash
+            )
             seq.prefix_blocks = full
 
     def _recover_cap(self) -> None:

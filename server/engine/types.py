@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     """Why a sequence stopped (OpenAI's `finish_reason`, plus engine-side outcomes)."""
 
     STOP = "stop"  # EOS, a stop token id or a stop string

@@ -8,10 +8,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.protocol.common import MAX_LOGPROBS, FinishReasonName, SamplingRequest, Usage
+from fitserve.server.protocol.common import MAX_LOGPROBS, FinishReasonName, SamplingRequest, Usage
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     """Message roles the chat template understands."""
 
     SYSTEM = "system"

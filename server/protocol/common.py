@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.engine.types import FinishReason, SamplingParams
+from fitserve.server.engine.types import FinishReason, SamplingParams
 
 MAX_N = 16
 MAX_STOP_SEQUENCES = 16

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from server.protocol.common import MAX_LOGPROBS, FinishReasonName, SamplingRequest, Usage
+from fitserve.server.protocol.common import MAX_LOGPROBS, FinishReasonName, SamplingRequest, Usage
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 

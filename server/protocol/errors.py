@@ -10,10 +10,10 @@ import enum
 
 from pydantic import BaseModel
 
-from server.engine.types import EngineError, PromptTooLongError, QueueFullError
+from fitserve.server.engine.types import EngineError, PromptTooLongError, QueueFullError
 
 
-class ErrorType(str, enum.Enum):
+class ErrorType(enum.StrEnum):
     """OpenAI's `error.type` values used by this server."""
 
     INVALID_REQUEST = "invalid_request_error"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.protocol.chat import ChatMessage
+from fitserve.server.protocol.chat import ChatMessage
 
 
 class TokenizeRequest(BaseModel):

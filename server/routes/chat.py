@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from server.engine.types import EngineClient
-from server.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
-from server.routes.deps import get_engine
-from server.serving.chat import ChatServing
+from fitserve.server.engine.types import EngineClient
+from fitserve.server.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
+from fitserve.server.routes.deps import get_engine
+from fitserve.server.serving.chat import ChatServing
 
 router = APIRouter(tags=["chat"])
 

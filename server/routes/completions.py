@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from server.engine.types import EngineClient
-from server.protocol.completions import CompletionRequest, CompletionResponse
-from server.routes.deps import get_engine
-from server.serving.completions import CompletionServing
+from fitserve.server.engine.types import EngineClient
+from fitserve.server.protocol.completions import CompletionRequest, CompletionResponse
+from fitserve.server.routes.deps import get_engine
+from fitserve.server.serving.completions import CompletionServing
 
 router = APIRouter(tags=["completions"])
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from fastapi import Request
 
-from server.engine.types import EngineClient
-from server.protocol.errors import APIError
-from server.settings import Settings
+from fitserve.server.engine.types import EngineClient
+from fitserve.server.protocol.errors import APIError
+from fitserve.server.settings import Settings
 
 
 @dataclass

@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
-from server.engine.types import EngineError
-from server.protocol.errors import APIError
-from server.routes.deps import ServerState, get_state, not_loaded_error
+from fitserve.server.engine.types import EngineError
+from fitserve.server.protocol.errors import APIError
+from fitserve.server.routes.deps import ServerState, get_state, not_loaded_error
 
 router = APIRouter(tags=["health"])
 

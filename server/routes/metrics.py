@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from server.protocol.errors import APIError
-from server.routes.deps import ServerState, get_state
+from fitserve.server.protocol.errors import APIError
+from fitserve.server.routes.deps import ServerState, get_state
 
 router = APIRouter(tags=["metrics"])
 

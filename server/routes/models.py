@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from server.engine.types import EngineClient
-from server.protocol.common import now_s
-from server.protocol.errors import APIError
-from server.protocol.models import ModelCard, ModelList
-from server.routes.deps import get_engine
+from fitserve.server.engine.types import EngineClient
+from fitserve.server.protocol.common import now_s
+from fitserve.server.protocol.errors import APIError
+from fitserve.server.protocol.models import ModelCard, ModelList
+from fitserve.server.routes.deps import get_engine
 
 router = APIRouter(tags=["models"])
 

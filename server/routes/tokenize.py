@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from server.engine.types import EngineClient
-from server.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from server.routes.deps import get_engine
-from server.serving.tokenize import TokenizeServing
+from fitserve.server.engine.types import EngineClient
+from fitserve.server.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from fitserve.server.routes.deps import get_engine
+from fitserve.server.serving.tokenize import TokenizeServing
 
 router = APIRouter(tags=["tokenize"])
 

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.engine.types import EngineClient
-from server.protocol.chat import (
+from fitserve.server.engine.types import EngineClient
+from fitserve.server.protocol.chat import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
@@ -17,12 +17,12 @@ from server.protocol.chat import (
     ChunkChoice,
     Delta,
 )
-from server.protocol.common import Usage, finish_reason_name, new_id, now_s
-from server.protocol.errors import APIError
-from server.serving.common import ChoiceAccumulator, check_model, render_chat
-from server.serving.generation import ChoiceGeneration, ChoiceRequest
-from server.serving.logprobs import to_chat_logprobs
-from server.serving.transport import SSE_DONE, SSEResponse, run_until_disconnect, sse_data, sse_error
+from fitserve.server.protocol.common import Usage, finish_reason_name, new_id, now_s
+from fitserve.server.protocol.errors import APIError
+from fitserve.server.serving.common import ChoiceAccumulator, check_model, render_chat
+from fitserve.server.serving.generation import ChoiceGeneration, ChoiceRequest
+from fitserve.server.serving.logprobs import to_chat_logprobs
+from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_disconnect, sse_data, sse_error
 
 
 class ChatServing:
@@ -52,9 +52,7 @@ class ChatServing:
         if request.stream:
             await run_until_disconnect(raw_request, generation.start())
             return SSEResponse(self._stream(request, generation, response_id, len(prompt_ids)))
-        body = await run_until_disconnect(
-            raw_request, self._collect(request, generation, response_id, len(prompt_ids))
-        )
+        body = await run_until_disconnect(raw_request, self._collect(request, generation, response_id, len(prompt_ids)))
         return JSONResponse(body.model_dump(mode="json"))
 
     async def _collect(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from server.engine.types import EngineClient, FinishReason, RequestOutput, TokenLogprob
-from server.protocol.errors import APIError
+from fitserve.server.engine.types import EngineClient, FinishReason, RequestOutput, TokenLogprob
+from fitserve.server.protocol.errors import APIError
 
 
 def check_model(engine: EngineClient, requested: str | None) -> None:
@@ -34,7 +34,7 @@ def tokenize_text(engine: EngineClient, text: str, add_special_tokens: bool = Tr
     """Tokenize with the engine's tokenizer; tokenizer failures are the input's fault (400)."""
     try:
         return engine.tokenize(text, add_special_tokens=add_special_tokens)
-    except Exception as error:  # noqa: BLE001 - tokenizer errors carry no stable type
+    except Exception as error:
         raise APIError.invalid(f"could not tokenize the input: {error}", param="prompt") from error
 
 
@@ -42,7 +42,7 @@ def render_chat(engine: EngineClient, messages: list[dict[str, str]], add_genera
     """Apply the chat template; template errors (e.g. roles that must alternate) become 400."""
     try:
         return engine.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    except Exception as error:  # noqa: BLE001 - jinja raises its own exception types
+    except Exception as error:
         raise APIError.invalid(f"could not apply the chat template: {error}", param="messages") from error
 
 

@@ -7,19 +7,19 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.engine.types import EngineClient
-from server.protocol.common import Usage, finish_reason_name, new_id, now_s
-from server.protocol.completions import (
+from fitserve.server.engine.types import EngineClient
+from fitserve.server.protocol.common import Usage, finish_reason_name, new_id, now_s
+from fitserve.server.protocol.completions import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
 )
-from server.protocol.errors import APIError
-from server.serving.common import ChoiceAccumulator, check_model, check_token_ids, tokenize_text
-from server.serving.generation import ChoiceGeneration, ChoiceRequest
-from server.serving.logprobs import to_completion_logprobs
-from server.serving.transport import SSE_DONE, SSEResponse, run_until_disconnect, sse_data, sse_error
+from fitserve.server.protocol.errors import APIError
+from fitserve.server.serving.common import ChoiceAccumulator, check_model, check_token_ids, tokenize_text
+from fitserve.server.serving.generation import ChoiceGeneration, ChoiceRequest
+from fitserve.server.serving.logprobs import to_completion_logprobs
+from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_disconnect, sse_data, sse_error
 
 
 class CompletionServing:

@@ -9,12 +9,13 @@ iterating the engine generators, and aborts every request id explicitly as well.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from server.engine.types import EngineClient, EngineError, FinishReason, RequestOutput, SamplingParams
-from server.protocol.errors import APIError
+from fitserve.server.engine.types import EngineClient, EngineError, FinishReason, RequestOutput, SamplingParams
+from fitserve.server.protocol.errors import APIError
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +119,14 @@ class ChoiceGeneration:
         finally:
             aclose = getattr(generator, "aclose", None)
             if aclose is not None:
-                try:
+                with contextlib.suppress(Exception, asyncio.CancelledError):  # best effort while cancelling
                     await aclose()
-                except (Exception, asyncio.CancelledError):  # noqa: BLE001 - best effort while cancelling
-                    pass
 
     async def _abort_all(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             try:
                 await self._engine.abort(request_id)
-            except Exception:  # noqa: BLE001 - abort is best effort
+            except Exception:
                 logger.exception("aborting request %s failed", request_id)
 
     def _to_api_error(self, error: BaseException) -> APIError:
@@ -145,4 +144,3 @@ def _raise_for_failed_finish(reason: FinishReason | None) -> None:
         raise APIError(503, "the request was aborted (server shutting down)", code="request_aborted")
     if reason is FinishReason.ERROR:
         raise APIError(503, "the engine failed while generating this request", code="generation_failed")
-

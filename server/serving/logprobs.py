@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from server.engine.types import TokenLogprob
-from server.protocol.chat import ChatLogprobs, LogprobEntry, TopLogprobEntry
-from server.protocol.completions import CompletionLogprobs
+from fitserve.server.engine.types import TokenLogprob
+from fitserve.server.protocol.chat import ChatLogprobs, LogprobEntry, TopLogprobEntry
+from fitserve.server.protocol.completions import CompletionLogprobs
 
 
 def to_completion_logprobs(entries: Sequence[TokenLogprob], text_offset_start: int) -> CompletionLogprobs:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from server.engine.types import EngineClient
-from server.protocol.errors import APIError
-from server.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from server.serving.common import check_model, check_token_ids, render_chat, tokenize_text
+from fitserve.server.engine.types import EngineClient
+from fitserve.server.protocol.errors import APIError
+from fitserve.server.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from fitserve.server.serving.common import check_model, check_token_ids, render_chat, tokenize_text
 
 
 class TokenizeServing:
@@ -30,6 +30,6 @@ class TokenizeServing:
         check_token_ids(self._engine, request.tokens, param="tokens")
         try:
             text = self._engine.detokenize(request.tokens)
-        except Exception as error:  # noqa: BLE001 - tokenizer errors carry no stable type
+        except Exception as error:
             raise APIError.invalid(f"could not detokenize: {error}", param="tokens") from error
         return DetokenizeResponse(prompt=text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -12,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.protocol.errors import APIError
+from fitserve.server.protocol.errors import APIError
 
 T = TypeVar("T")
 
@@ -76,9 +77,7 @@ async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
         if not task.done():
             task.cancel()
     if task.cancelled() or not task.done():
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
         raise ClientDisconnectedError("client disconnected")
     return task.result()

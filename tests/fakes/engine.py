@@ -13,7 +13,7 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from server.engine.types import (
+from fitserve.server.engine.types import (
     EngineError,
     EngineOverloadedError,
     EngineUnavailableError,

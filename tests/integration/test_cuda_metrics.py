@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.ledger import make_ledger_fn
-from server.metrics import ServerMetrics
+from fitserve.server.ledger import make_ledger_fn
+from fitserve.server.metrics import ServerMetrics
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +29,9 @@ def test_cuda_memory_metrics_match_torch() -> None:
 
     device = "cuda:0"
     torch.cuda.init()  # reset_peak_memory_stats does not initialise CUDA itself ("Invalid device argument")
-    plan = SimpleNamespace(budget_bytes=8 * 1024 * MiB, weights_bytes=0, kv_bytes_per_token=0, kv_capacity_tokens=0, overhead_bytes=0)
+    plan = SimpleNamespace(
+        budget_bytes=8 * 1024 * MiB, weights_bytes=0, kv_bytes_per_token=0, kv_capacity_tokens=0, overhead_bytes=0
+    )
     metrics = ServerMetrics(ledger_fn=make_ledger_fn(plan, SimpleNamespace(measured_weights_bytes=0), device))
     torch.cuda.reset_peak_memory_stats(device)
     blocks = [torch.ones(64 * MiB, dtype=torch.uint8, device=device) for _ in range(4)]

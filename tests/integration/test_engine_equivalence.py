@@ -33,7 +33,7 @@ LONG_CONTEXT = (
 )
 
 
-class Precision(str, enum.Enum):
+class Precision(enum.StrEnum):
     """The precisions this test loads the default model in."""
 
     BF16 = "bf16"
@@ -90,9 +90,9 @@ def reference(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
 def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, float]]) -> tuple[list[list[int]], int]:
     """Each request's greedy tokens through one engine (prefix caching on), and the prompt tokens it served from
     cached blocks."""
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
-    from server.engine.types import SamplingParams
+    from fitserve.server.engine.config import EngineConfig
+    from fitserve.server.engine.engine import Engine
+    from fitserve.server.engine.types import SamplingParams
 
     config = EngineConfig(
         served_model_name="smollm2-135m-instruct",
@@ -131,7 +131,7 @@ def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tup
     got, cached_tokens = run_engine(model, tokenizer, requests)
     diffs = [
         f"request {i} (prompt {len(r[0])} tokens): engine {g} != generate {e}"
-        for i, (r, g, e) in enumerate(zip(requests, got, expected))
+        for i, (r, g, e) in enumerate(zip(requests, got, expected, strict=False))
         if g != e
     ]
     packed = sum(type(m).__name__ == "PackedLinear" for m in model.modules())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.__main__ import main
+from fitserve.loadtest.__main__ import main
 from tests.live_server import live_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -22,9 +22,29 @@ def test_find_max_batch_finds_the_servers_batch_cap(default_model_dir: Path, tmp
     """
     with live_server(["--model", str(default_model_dir), "--max-batch-size", "2", "--max-waiting", "4"]) as url:
         rc = main(
-            ["--url", url, "--find-max-batch", "--max-concurrency", "4", "--requests-per-level", "2",
-             "--max-tokens", "12", "--prompt-words", "16", "--ignore-eos", "--poll-interval", "100ms",
-             "--level-time-limit", "240", "--request-timeout", "240", "--quiet", "--out", str(tmp_path)]
+            [
+                "--url",
+                url,
+                "--find-max-batch",
+                "--max-concurrency",
+                "4",
+                "--requests-per-level",
+                "2",
+                "--max-tokens",
+                "12",
+                "--prompt-words",
+                "16",
+                "--ignore-eos",
+                "--poll-interval",
+                "100ms",
+                "--level-time-limit",
+                "240",
+                "--request-timeout",
+                "240",
+                "--quiet",
+                "--out",
+                str(tmp_path),
+            ]
         )
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())

@@ -19,8 +19,20 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def base_url(default_model_dir: Path) -> Iterator[str]:
-    args = ["--model", str(default_model_dir), "--served-model-name", SERVED, "--max-model-len", "512", "--max-kv-tokens", "4096",
-            "--max-batch-size", "4", "--max-body-bytes", "20000"]  # fmt: skip
+    args = [
+        "--model",
+        str(default_model_dir),
+        "--served-model-name",
+        SERVED,
+        "--max-model-len",
+        "512",
+        "--max-kv-tokens",
+        "4096",
+        "--max-batch-size",
+        "4",
+        "--max-body-bytes",
+        "20000",
+    ]
     with live_server(args) as url:
         yield url
 
@@ -54,17 +66,19 @@ def test_completion_length_and_usage(client: openai.OpenAI) -> None:
 
 
 def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
-    response = client.chat.completions.create(
-        model=SERVED, messages=CAPITAL, max_completion_tokens=3, temperature=0
-    )
+    response = client.chat.completions.create(model=SERVED, messages=CAPITAL, max_completion_tokens=3, temperature=0)
     assert response.usage is not None and response.usage.completion_tokens <= 3
 
 
 def test_chat_streaming_with_usage(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model=SERVED, messages=CAPITAL, temperature=0, max_tokens=24, stream=True,
+        model=SERVED,
+        messages=CAPITAL,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -78,7 +92,9 @@ def test_chat_streaming_with_usage(client: openai.OpenAI) -> None:
 
 
 def test_completion_streaming(client: openai.OpenAI) -> None:
-    stream = client.completions.create(model=SERVED, prompt="Once upon a time", max_tokens=6, stream=True, temperature=0)
+    stream = client.completions.create(
+        model=SERVED, prompt="Once upon a time", max_tokens=6, stream=True, temperature=0
+    )
     chunks = list(stream)
     assert chunks[-1].choices[0].finish_reason == "length"
     assert "".join(c.choices[0].text for c in chunks)

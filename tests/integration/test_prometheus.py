@@ -22,14 +22,18 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import METRICS
+from fitserve.server.metrics import METRICS
 from tests.live_server import live_server
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUESTS = 20
-CPU_ABSENT = {"fitserve_torch_memory_allocated_bytes", "fitserve_torch_memory_reserved_bytes", "fitserve_torch_memory_peak_bytes"}
+CPU_ABSENT = {
+    "fitserve_torch_memory_allocated_bytes",
+    "fitserve_torch_memory_reserved_bytes",
+    "fitserve_torch_memory_peak_bytes",
+}
 
 
 def free_port() -> int:
@@ -91,7 +95,11 @@ def prometheus(fitserve_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
-            {"job_name": "fitserve", "metrics_path": "/metrics", "static_configs": [{"targets": [urlsplit(fitserve_url).netloc]}]}
+            {
+                "job_name": "fitserve",
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": [urlsplit(fitserve_url).netloc]}],
+            }
         ],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -110,8 +118,11 @@ def prometheus(fitserve_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         )
     server = Prometheus(f"http://127.0.0.1:{port}", process, log_path)
     try:
-        wait_for(lambda: process.poll() is None and httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200,
-                 60, "Prometheus to be ready")  # fmt: skip
+        wait_for(
+            lambda: process.poll() is None and httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200,
+            60,
+            "Prometheus to be ready",
+        )
         wait_for(lambda: server.scalar('up{job="fitserve"}') == 1, 30, "Prometheus to scrape fitserve")
         yield server
     except BaseException:
@@ -171,12 +182,18 @@ def test_prometheus_sees_tokens_weights_and_ttft_quantile(prometheus: Prometheus
     assert completion_tokens > 0
     before = served["generated_before"]
     assert before is not None, "Prometheus had no fitserve_generation_tokens_total sample before the load"
-    wait_for(lambda: (prometheus.scalar("fitserve_generation_tokens_total") or 0) >= before + completion_tokens,
-             30, "Prometheus to see the generated tokens")  # fmt: skip
+    wait_for(
+        lambda: (prometheus.scalar("fitserve_generation_tokens_total") or 0) >= before + completion_tokens,
+        30,
+        "Prometheus to see the generated tokens",
+    )
     # Two more scrapes after the rise, so rate() and the 1m windows below have the new samples.
-    scrapes = prometheus.scalar('count_over_time(fitserve_generation_tokens_total[1m])') or 0
-    wait_for(lambda: (prometheus.scalar('count_over_time(fitserve_generation_tokens_total[1m])') or 0) >= scrapes + 2,
-             30, "two more scrapes")  # fmt: skip
+    scrapes = prometheus.scalar("count_over_time(fitserve_generation_tokens_total[1m])") or 0
+    wait_for(
+        lambda: (prometheus.scalar("count_over_time(fitserve_generation_tokens_total[1m])") or 0) >= scrapes + 2,
+        30,
+        "two more scrapes",
+    )
     assert prometheus.scalar("increase(fitserve_generation_tokens_total[1m])") > 0
 
     (weights_at_start,) = served["weights_at_start"]

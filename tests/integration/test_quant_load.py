@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from quant.load import LoadedModel, load_model
-from quant.plan import PlanRequest, make_plan
-from quant.schemes import Precision
+from fitserve.quant.load import LoadedModel, load_model
+from fitserve.quant.plan import PlanRequest, make_plan
+from fitserve.quant.schemes import Precision
 
 pytestmark = pytest.mark.integration
 
@@ -20,8 +20,9 @@ def greedy_answer(loaded: LoadedModel, max_new_tokens: int = 24) -> str:
     import torch
 
     tok = loaded.tokenizer
-    enc = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
-                                  return_dict=True, return_tensors="pt").to(loaded.model.device)  # fmt: skip
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    ).to(loaded.model.device)
     with torch.inference_mode():
         out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -31,14 +32,22 @@ def load(default_model_dir: Path, precision: str, device: str = "cpu", double_qu
     import torch
 
     torch.set_num_threads(2)
-    plan = make_plan(PlanRequest(model=default_model_dir, memory_budget_bytes=4 << 30, precision=precision,
-                                 device=device, double_quant=double_quant))  # fmt: skip
+    plan = make_plan(
+        PlanRequest(
+            model=default_model_dir,
+            memory_budget_bytes=4 << 30,
+            precision=precision,
+            device=device,
+            double_quant=double_quant,
+        )
+    )
     assert plan.precision is Precision(precision)
     return load_model(plan)
 
 
-@pytest.mark.parametrize(("precision", "double_quant"), [("bf16", False), ("int8", False), ("nf4", False),
-                                                         ("nf4", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("precision", "double_quant"), [("bf16", False), ("int8", False), ("nf4", False), ("nf4", True)]
+)
 def test_predicted_weights_within_3_percent_on_cpu(default_model_dir: Path, precision: str, double_quant: bool) -> None:
     loaded = load(default_model_dir, precision, double_quant=double_quant)
     report = loaded.report
@@ -74,7 +83,7 @@ def test_predicted_weights_within_3_percent_on_cuda(default_model_dir: Path, pre
 def test_cuda_budget_matches_mem_get_info() -> None:
     import torch
 
-    from quant.budget import detect_budget, reserve_bytes
+    from fitserve.quant.budget import detect_budget, reserve_bytes
 
     free, total = torch.cuda.mem_get_info(0)  # first: this creates our CUDA context, which NVML then sees too
     budget = detect_budget("cuda:0")

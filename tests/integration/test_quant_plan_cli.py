@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from quant.budget import read_cpu_flags
+from fitserve.quant.budget import read_cpu_flags
 
 pytestmark = pytest.mark.integration
 
@@ -35,8 +35,9 @@ def test_plan_json_cold_then_warm(default_model_dir: Path, tmp_path: Path) -> No
     assert cold_plan["chosen"] == ("bf16" if native_bf16 else "fp32"), cold_plan["reason"]
     if not native_bf16:
         assert "fp32 compute is faster" in cold_plan["reason"]
-        sixteen, _ = run_cli("--model", str(default_model_dir), "--memory-budget", "8GiB", "--json",
-                             "--no-prefer-fp32-on-cpu", env=env)  # fmt: skip
+        sixteen, _ = run_cli(
+            "--model", str(default_model_dir), "--memory-budget", "8GiB", "--json", "--no-prefer-fp32-on-cpu", env=env
+        )
         assert json.loads(sixteen.stdout)["chosen"] == "bf16"
     warm, warm_s = run_cli("--model", str(default_model_dir), "--memory-budget", "8GiB", "--json", env=env)
     assert warm.returncode == 0 and json.loads(warm.stdout) == json.loads(cold.stdout)
@@ -51,7 +52,11 @@ def test_default_model_and_exit_3(default_model_dir: Path) -> None:
 
 
 def test_python_m_quant_human_output(default_model_dir: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "quant", "--model", str(default_model_dir), "--memory-budget",
-                           "700MiB"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "quant", "--model", str(default_model_dir), "--memory-budget", "700MiB"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "memory plan" in proc.stdout and "INT8 on cpu" in proc.stdout

@@ -14,7 +14,16 @@ pytestmark = pytest.mark.integration
 
 
 def test_api_key_from_flag_and_environment(default_model_dir: Path) -> None:
-    args = ["--model", str(default_model_dir), "--max-model-len", "256", "--max-kv-tokens", "4096", "--served-model-name", "smol"]
+    args = [
+        "--model",
+        str(default_model_dir),
+        "--max-model-len",
+        "256",
+        "--max-kv-tokens",
+        "4096",
+        "--served-model-name",
+        "smol",
+    ]
     with live_server(args, env={"FITSERVE_API_KEY": "from-env"}) as base_url:
         anonymous = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as caught:
@@ -24,7 +33,5 @@ def test_api_key_from_flag_and_environment(default_model_dir: Path) -> None:
             assert http.post("/v1/chat/completions", json={}).status_code == 401
             assert http.get("/health").status_code == 200
         keyed = openai.OpenAI(base_url=f"{base_url}/v1", api_key="from-env", max_retries=0)
-        reply = keyed.chat.completions.create(
-            model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
-        )
+        reply = keyed.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
         assert reply.choices[0].finish_reason in ("stop", "length")

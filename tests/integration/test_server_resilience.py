@@ -18,8 +18,20 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 
 
 def test_injected_oom_keeps_serving(default_model_dir: Path) -> None:
-    args = ["--model", str(default_model_dir), "--served-model-name", SERVED, "--max-model-len", "256", "--max-kv-tokens", "4096",
-            "--max-batch-size", "4", "--oom-inject-steps", "3"]  # fmt: skip
+    args = [
+        "--model",
+        str(default_model_dir),
+        "--served-model-name",
+        SERVED,
+        "--max-model-len",
+        "256",
+        "--max-kv-tokens",
+        "4096",
+        "--max-batch-size",
+        "4",
+        "--oom-inject-steps",
+        "3",
+    ]
     with live_server(args) as base_url, httpx.Client(base_url=base_url, timeout=120) as http:
         body = {"model": SERVED, "messages": CHAT, "max_tokens": 8, "temperature": 0}
         first = http.post("/v1/chat/completions", json=body)
@@ -65,8 +77,20 @@ async def _flood(base_url: str, count: int) -> list[tuple[str, object]]:
 
 
 def test_64_concurrent_streams_complete_or_get_429(default_model_dir: Path) -> None:
-    args = ["--model", str(default_model_dir), "--served-model-name", SERVED, "--max-model-len", "256", "--max-kv-tokens", "4096",
-            "--max-batch-size", "4", "--max-waiting", "8"]  # fmt: skip
+    args = [
+        "--model",
+        str(default_model_dir),
+        "--served-model-name",
+        SERVED,
+        "--max-model-len",
+        "256",
+        "--max-kv-tokens",
+        "4096",
+        "--max-batch-size",
+        "4",
+        "--max-waiting",
+        "8",
+    ]
     with live_server(args) as base_url:
         results = asyncio.run(_flood(base_url, 64))
         assert len(results) == 64  # none lost, none hung (wait_for would have raised)

@@ -20,8 +20,24 @@ pytestmark = pytest.mark.integration
 def test_sigterm_finishes_running_stream_then_exits(default_model_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     log_path = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "server", "serve", "--model", str(default_model_dir), "--served-model-name",
-               "smol", "--max-model-len", "256", "--max-kv-tokens", "4096", "--port", str(port), "--shutdown-timeout", "120"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--model",
+        str(default_model_dir),
+        "--served-model-name",
+        "smol",
+        "--max-model-len",
+        "256",
+        "--max-kv-tokens",
+        "4096",
+        "--port",
+        str(port),
+        "--shutdown-timeout",
+        "120",
+    ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
@@ -38,8 +54,14 @@ def test_sigterm_finishes_running_stream_then_exits(default_model_dir: Path, tmp
         first_chunk = threading.Event()
 
         def stream() -> None:
-            body = {"model": "smol", "prompt": "Tell me a story:", "max_tokens": 40, "stream": True,
-                    "temperature": 0, "ignore_eos": True}  # fmt: skip
+            body = {
+                "model": "smol",
+                "prompt": "Tell me a story:",
+                "max_tokens": 40,
+                "stream": True,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=300) as response:
                 for line in response.iter_lines():
                     if line:

@@ -99,17 +99,19 @@ def create_fake_app(behaviour: FakeBehaviour) -> FastAPI:
         if not body.get("stream"):
             state.in_flight -= 1
             text = "".join(f" w{i}" for i in range(max_tokens))
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            choice = (
+                {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            )
             usage = {"prompt_tokens": behaviour.prompt_tokens, "completion_tokens": max_tokens}
             return JSONResponse({"choices": [choice], "usage": usage})
         return StreamingResponse(_stream(behaviour, state, gate, chat, max_tokens), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request):  # noqa: ANN202
+    async def chat(request: Request):
         return await handle(request, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(request: Request):  # noqa: ANN202
+    async def completions(request: Request):
         return await handle(request, chat=False)
 
     return app
@@ -159,8 +161,11 @@ async def _stream(
             yield f"data: {json.dumps({'choices': [choice]})}\n\n"
         release()
         if b.send_usage:
-            usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": max_tokens,
-                     "total_tokens": b.prompt_tokens + max_tokens}
+            usage = {
+                "prompt_tokens": b.prompt_tokens,
+                "completion_tokens": max_tokens,
+                "total_tokens": b.prompt_tokens + max_tokens,
+            }
             yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
         if b.send_done:
             yield "data: [DONE]\n\n"

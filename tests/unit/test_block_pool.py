@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.block_pool import NO_HIT, BlockPool
-from server.engine.config import EngineConfig
-from server.engine.scheduler import Scheduler, Sequence
-from server.engine.types import SamplingParams
+from fitserve.server.engine.block_pool import NO_HIT, BlockPool
+from fitserve.server.engine.config import EngineConfig
+from fitserve.server.engine.scheduler import Scheduler, Sequence
+from fitserve.server.engine.types import SamplingParams
 
 BS = 4
 
@@ -26,10 +26,10 @@ def test_a_finished_prefix_is_found_again() -> None:
     table = computed(pool, tokens)
     pool.free(table)
     assert pool.num_free == 8 and pool.num_cached == 3
-    hit = pool.match(tokens + [99], 3)
+    hit = pool.match([*tokens, 99], 3)
     assert hit.blocks == tuple(table)
     assert pool.match(tokens, 2).blocks == tuple(table[:2])  # capped by the caller
-    assert pool.match([0, 1, 2, 7] + tokens[4:], 3) == NO_HIT  # first block differs: nothing after it counts
+    assert pool.match([0, 1, 2, 7, *tokens[4:]], 3) == NO_HIT  # first block differs: nothing after it counts
 
 
 def test_equal_tokens_after_a_different_prefix_do_not_match() -> None:
@@ -83,8 +83,16 @@ def test_disabled_caching_never_hits() -> None:
 
 
 def scheduler(enable: bool = True) -> Scheduler:
-    return Scheduler(EngineConfig(served_model_name="t", max_model_len=256, kv_capacity_tokens=256,
-                                  max_prefill_tokens=64, block_size_tokens=16, enable_prefix_caching=enable))  # fmt: skip
+    return Scheduler(
+        EngineConfig(
+            served_model_name="t",
+            max_model_len=256,
+            kv_capacity_tokens=256,
+            max_prefill_tokens=64,
+            block_size_tokens=16,
+            enable_prefix_caching=enable,
+        )
+    )
 
 
 def run(s: Scheduler, seq: Sequence) -> list[int]:
@@ -123,8 +131,8 @@ def test_an_identical_prompt_still_computes_its_last_token() -> None:
 def test_kv_gauges_count_a_shared_prefix_once() -> None:
     s = scheduler()
     system = list(range(100, 132))  # two full blocks
-    run(s, seq(system + [1]))  # leaves the two system blocks in the cache
-    a, b = seq(system + [2], max_tokens=8), seq(system + [3], max_tokens=8)
+    run(s, seq([*system, 1]))  # leaves the two system blocks in the cache
+    a, b = seq([*system, 2], max_tokens=8), seq([*system, 3], max_tokens=8)
     s.add(a)
     s.add(b)
     batch = s.schedule()

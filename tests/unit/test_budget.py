@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quant.budget import (
+from fitserve.quant.budget import (
     GIB,
     MIB,
     Budget,
@@ -170,7 +170,10 @@ def test_bad_devices(device: str) -> None:
 
 
 def test_budget_of_devices_built_by_hand() -> None:
-    devs = (DeviceBudget("cuda:0", 10, 8, 1, 7, BudgetSource.CUDA), DeviceBudget("cuda:1", 10, 6, 1, 5, BudgetSource.CUDA))
+    devs = (
+        DeviceBudget("cuda:0", 10, 8, 1, 7, BudgetSource.CUDA),
+        DeviceBudget("cuda:1", 10, 6, 1, 5, BudgetSource.CUDA),
+    )
     assert Budget(devs).budget_bytes == 12 and Budget(devs).device == "cuda"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine import cpu_linear
-from server.engine.cpu_linear import PackedLinear, prepack_linears
+from fitserve.server.engine import cpu_linear
+from fitserve.server.engine.cpu_linear import PackedLinear, prepack_linears
 
 
 class TiedLM(torch.nn.Module):

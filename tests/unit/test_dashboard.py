@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from server.metrics import METRICS, exposed_sample_names
+from fitserve.server.metrics import METRICS, exposed_sample_names
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "fitserve.json"
 _STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
@@ -22,9 +22,9 @@ def walk_exprs(node: object) -> Iterator[str]:
     """Every PromQL string in the dashboard: panel targets' `expr` and template variables' queries."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key in ("expr", "definition") and isinstance(value, str):
-                yield value
-            elif key == "query" and isinstance(value, str) and "fitserve_" in value:
+            is_expr = key in ("expr", "definition") and isinstance(value, str)
+            is_metric_query = key == "query" and isinstance(value, str) and "fitserve_" in value
+            if is_expr or is_metric_query:
                 yield value
             else:
                 yield from walk_exprs(value)

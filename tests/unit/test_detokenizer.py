@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.engine.detokenizer import IncrementalDetokenizer
+from fitserve.server.engine.detokenizer import IncrementalDetokenizer
 
 
 class ByteTokenizer:

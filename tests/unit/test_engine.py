@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.types import (
+from fitserve.server.engine.config import EngineConfig
+from fitserve.server.engine.engine import Engine
+from fitserve.server.engine.types import (
     EngineClient,
     EngineOverloadedError,
     EngineUnavailableError,
@@ -66,7 +66,9 @@ def greedy(max_tokens: int, **kw: object) -> SamplingParams:
 
 def random_prompts(n: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
-    return [torch.randint(100, 40000, (int(k),), generator=gen).tolist() for k in torch.randint(2, 80, (n,), generator=gen)]
+    return [
+        torch.randint(100, 40000, (int(k),), generator=gen).tolist() for k in torch.randint(2, 80, (n,), generator=gen)
+    ]
 
 
 def test_engine_is_an_engine_client(tiny) -> None:  # type: ignore[no-untyped-def]
@@ -85,7 +87,7 @@ def test_concurrent_greedy_equals_generate(tiny) -> None:  # type: ignore[no-unt
     with torch.inference_mode():
         refs = [
             model.generate(torch.tensor([p]), max_new_tokens=m, min_new_tokens=m, do_sample=False)[0, len(p) :].tolist()
-            for p, m in zip(ps, max_tokens)
+            for p, m in zip(ps, max_tokens, strict=False)
         ]
     sink = ListSink()
 
@@ -104,7 +106,7 @@ def test_concurrent_greedy_equals_generate(tiny) -> None:  # type: ignore[no-unt
         return results
 
     results = asyncio.run(main())
-    for outs, ref, m, p in zip(results, refs, max_tokens, ps):
+    for outs, ref, m, p in zip(results, refs, max_tokens, ps, strict=False):
         tokens = [t for o in outs for t in o.token_ids_delta]
         assert tokens == ref
         assert outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH
@@ -159,8 +161,9 @@ def test_prefix_cache_hits_give_the_same_tokens_as_computing_everything(tiny) ->
             engine = make_engine(tiny, sink, enable_prefix_caching=enable)
             await engine.start()
             first = await collect(engine.generate(prompts[0], greedy(6), "p0"))  # fills the cache
-            rest = await asyncio.gather(*(collect(engine.generate(p, greedy(6), f"p{i}"))
-                                          for i, p in enumerate(prompts[1:], 1)))  # fmt: skip
+            rest = await asyncio.gather(
+                *(collect(engine.generate(p, greedy(6), f"p{i}")) for i, p in enumerate(prompts[1:], 1))
+            )
             await engine.stop(timeout_s=5)
             return [[t for o in outs for t in o.token_ids_delta] for outs in [first, *rest]]
 
@@ -280,14 +283,12 @@ def test_injected_oom_is_survived(tiny) -> None:  # type: ignore[no-untyped-def]
     async def main() -> tuple[list[list[RequestOutput]], int, int]:
         engine = make_engine(tiny, sink, oom_inject_steps=(3,))
         await engine.start()
-        results = await asyncio.gather(
-            *(collect(engine.generate(p, greedy(6), f"o{i}")) for i, p in enumerate(ps))
-        )
+        results = await asyncio.gather(*(collect(engine.generate(p, greedy(6), f"o{i}")) for i, p in enumerate(ps)))
         snap = engine.snapshot()
         # still serving after the OOM
         after = await collect(engine.generate([1, 2, 3], greedy(2), "after"))
         await engine.stop(timeout_s=5)
-        return results + [after], snap.oom_events_total, snap.max_batch_size
+        return [*results, after], snap.oom_events_total, snap.max_batch_size
 
     results, ooms, cap = asyncio.run(main())
     assert ooms == 1 and cap < 4
@@ -329,7 +330,7 @@ def test_stop_aborts_what_does_not_finish_in_time(tiny) -> None:  # type: ignore
 
 
 def test_bad_token_ids_are_a_400_and_a_failing_step_does_not_kill_the_engine(tiny) -> None:  # type: ignore[no-untyped-def]
-    from server.engine.types import EngineError, InvalidRequestError
+    from fitserve.server.engine.types import EngineError, InvalidRequestError
 
     async def main() -> None:
         engine = make_engine(tiny)

@@ -6,9 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from quant.estimate import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, ModelShape, inspect_model, kv_bytes_per_token, overhead, shape_to_json, weights_bytes
-from quant.load import measure_quant_state_bytes
-from quant.schemes import DType, Precision, handler_for
+from fitserve.quant.estimate import (
+    CPU_RUNTIME_BYTES,
+    CUDA_CONTEXT_BYTES,
+    ModelShape,
+    inspect_model,
+    kv_bytes_per_token,
+    overhead,
+    shape_to_json,
+    weights_bytes,
+)
+from fitserve.quant.load import measure_quant_state_bytes
+from fitserve.quant.schemes import DType, Precision, handler_for
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +26,12 @@ def tiny_shape(tiny_model_dir: Path) -> ModelShape:
 
 
 def test_shape_read_from_config_and_skeleton(tiny_shape: ModelShape) -> None:
-    assert (tiny_shape.num_layers, tiny_shape.hidden_size, tiny_shape.num_kv_heads, tiny_shape.head_dim) == (2, 64, 2, 16)
+    assert (tiny_shape.num_layers, tiny_shape.hidden_size, tiny_shape.num_kv_heads, tiny_shape.head_dim) == (
+        2,
+        64,
+        2,
+        16,
+    )
     assert tiny_shape.tie_word_embeddings and tiny_shape.prequantized is None
     assert len(tiny_shape.linears) == 2 * 7  # q k v o gate up down per layer; lm_head stays dense
 
@@ -47,8 +61,13 @@ def _load(tiny_model_dir: Path, precision: Precision, double_quant: bool = False
 
 @pytest.mark.parametrize(
     ("precision", "double_quant"),
-    [(Precision.FP32, False), (Precision.BF16, False), (Precision.INT8, False), (Precision.NF4, False),
-     (Precision.NF4, True)],  # fmt: skip
+    [
+        (Precision.FP32, False),
+        (Precision.BF16, False),
+        (Precision.INT8, False),
+        (Precision.NF4, False),
+        (Precision.NF4, True),
+    ],
 )
 def test_prediction_matches_real_footprint(
     tiny_model_dir: Path, tiny_shape: ModelShape, precision: Precision, double_quant: bool
@@ -62,15 +81,21 @@ def test_prediction_matches_real_footprint(
 
 
 def test_overhead_parts(tiny_shape: ModelShape) -> None:
-    over = overhead(tiny_shape, Precision.BF16, DType.BFLOAT16, max_batch_tokens=128, max_num_seqs=8,
-                    max_model_len=256)  # fmt: skip
+    over = overhead(tiny_shape, Precision.BF16, DType.BFLOAT16, max_batch_tokens=128, max_num_seqs=8, max_model_len=256)
     assert over.activation_bytes == 128 * max(2 * 64 + 3 * 128, 2 * 64 + (2 * 4 + 2 * 2) * 16) * 2
     assert over.attention_bytes == 4 * 128 * 256 * 4
     assert over.logits_bytes == 8 * tiny_shape.vocab_size * 4 * 2
     assert over.dequant_bytes == 0 and over.cuda_context_bytes == 0
     assert over.cpu_runtime_bytes == CPU_RUNTIME_BYTES  # on CPU the process's own runtime is in the budget
-    quant = overhead(tiny_shape, Precision.NF4, DType.BFLOAT16, max_batch_tokens=128, max_num_seqs=8,
-                     max_model_len=256, n_cuda_devices=2)  # fmt: skip
+    quant = overhead(
+        tiny_shape,
+        Precision.NF4,
+        DType.BFLOAT16,
+        max_batch_tokens=128,
+        max_num_seqs=8,
+        max_model_len=256,
+        n_cuda_devices=2,
+    )
     assert quant.dequant_bytes == 128 * 64 * 2  # largest converted weight (gate/up/down) in bf16
     assert quant.cuda_context_bytes == 2 * CUDA_CONTEXT_BYTES
     assert quant.cpu_runtime_bytes == 0  # host memory is not what a GPU budget covers

@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("gptqmodel", reason="GPTQ tests need the optional extra: pip install 'fitserve[gptq]'")
 
-from quant.estimate import inspect_model  # noqa: E402
-from quant.load import load_model  # noqa: E402
-from quant.plan import PlanInputError, PlanRequest, make_plan  # noqa: E402
-from quant.schemes import Precision  # noqa: E402
+from fitserve.quant.estimate import inspect_model
+from fitserve.quant.load import load_model
+from fitserve.quant.plan import PlanInputError, PlanRequest, make_plan
+from fitserve.quant.schemes import Precision
 
 CALIBRATION = [f"Sample {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(8)]
 

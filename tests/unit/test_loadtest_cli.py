@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import loadtest.cli as cli
-from loadtest.__main__ import main
-from loadtest.sweep import SweepState
+import fitserve.loadtest.cli as cli
+from fitserve.loadtest.__main__ import main
+from fitserve.loadtest.sweep import SweepState
 from tests.loadtest_fakes import FakeBehaviour, create_fake_app, serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)
@@ -22,8 +22,23 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_concurrency_levels_write_json_csv_and_plots(tmp_path: Path) -> None:
     with serve_in_thread(create_fake_app(FakeBehaviour(fitserve_metrics=True))) as url:
-        rc = main(["--url", url, "--concurrency", "1,3", "--requests-per-level", "3", "--max-tokens", "2:4",
-                   "--poll-interval", "20ms", "--quiet", "--out", str(tmp_path)])
+        rc = main(
+            [
+                "--url",
+                url,
+                "--concurrency",
+                "1,3",
+                "--requests-per-level",
+                "3",
+                "--max-tokens",
+                "2:4",
+                "--poll-interval",
+                "20ms",
+                "--quiet",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["mode"] == "concurrency" and results["verdict"] is None and not results["interrupted"]
@@ -41,8 +56,26 @@ def test_concurrency_levels_write_json_csv_and_plots(tmp_path: Path) -> None:
 
 def test_rate_mode_and_failures_by_status(tmp_path: Path) -> None:
     with serve_in_thread(create_fake_app(FakeBehaviour(reject_above=1, reject_status=429))) as url:
-        rc = main(["--url", url, "--model", "fake-model", "--endpoint", "completions", "--rate", "40",
-                   "--requests-per-level", "10", "--max-tokens", "4", "--quiet", "--no-plots", "--out", str(tmp_path)])
+        rc = main(
+            [
+                "--url",
+                url,
+                "--model",
+                "fake-model",
+                "--endpoint",
+                "completions",
+                "--rate",
+                "40",
+                "--requests-per-level",
+                "10",
+                "--max-tokens",
+                "4",
+                "--quiet",
+                "--no-plots",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert rc == 0
     level = json.loads((tmp_path / "results.json").read_text())["levels"][0]
     assert level["rate_rps"] == 40 and level["concurrency"] is None
@@ -65,15 +98,29 @@ def test_unreachable_server_fails_cleanly(tmp_path: Path) -> None:
 def test_ctrl_c_writes_what_it_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_run_sweep = cli.run_sweep
 
-    async def interrupted_after_one_level(args, state: SweepState, workload, progress) -> None:  # noqa: ANN001
+    async def interrupted_after_one_level(args, state: SweepState, workload, progress) -> None:
         args.concurrency = [1]
         await real_run_sweep(args, state, workload, progress)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "run_sweep", interrupted_after_one_level)
     with serve_in_thread(create_fake_app(FakeBehaviour())) as url:
-        rc = main(["--url", url, "--concurrency", "1,2,4", "--requests-per-level", "2", "--max-tokens", "2",
-                   "--quiet", "--no-plots", "--out", str(tmp_path)])
+        rc = main(
+            [
+                "--url",
+                url,
+                "--concurrency",
+                "1,2,4",
+                "--requests-per-level",
+                "2",
+                "--max-tokens",
+                "2",
+                "--quiet",
+                "--no-plots",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert rc == cli.EXIT_INTERRUPTED
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["interrupted"] is True and [lv["concurrency"] for lv in results["levels"]] == [1]
@@ -82,7 +129,7 @@ def test_ctrl_c_writes_what_it_has(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_sigterm_writes_what_it_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_run_sweep = cli.run_sweep
 
-    async def terminated_after_one_level(args, state: SweepState, workload, progress) -> None:  # noqa: ANN001
+    async def terminated_after_one_level(args, state: SweepState, workload, progress) -> None:
         args.concurrency = [1]
         await real_run_sweep(args, state, workload, progress)
         os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends
@@ -91,8 +138,22 @@ def test_sigterm_writes_what_it_has(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(cli, "run_sweep", terminated_after_one_level)
     before = signal.getsignal(signal.SIGTERM)
     with serve_in_thread(create_fake_app(FakeBehaviour())) as url:
-        rc = main(["--url", url, "--concurrency", "1,2", "--requests-per-level", "2", "--max-tokens", "2",
-                   "--quiet", "--no-plots", "--out", str(tmp_path)])
+        rc = main(
+            [
+                "--url",
+                url,
+                "--concurrency",
+                "1,2",
+                "--requests-per-level",
+                "2",
+                "--max-tokens",
+                "2",
+                "--quiet",
+                "--no-plots",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert rc == cli.EXIT_INTERRUPTED
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is only installed while the run lasts
     results = json.loads((tmp_path / "results.json").read_text())

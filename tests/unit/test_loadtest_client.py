@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from loadtest.client import ErrorKind, OpenAIClient, RequestResult, normalize_base_url
-from loadtest.workload import Endpoint, LengthSpec, Workload
+from fitserve.loadtest.client import ErrorKind, OpenAIClient, RequestResult, normalize_base_url
+from fitserve.loadtest.workload import Endpoint, LengthSpec, Workload
 from tests.loadtest_fakes import FakeBehaviour, create_fake_app, serve_in_thread
 
 pytestmark = pytest.mark.timeout(30)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.__main__ import main
+from fitserve.loadtest.__main__ import main
 from tests.loadtest_fakes import FakeBehaviour, create_fake_app, serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)
@@ -15,9 +15,26 @@ pytestmark = pytest.mark.timeout(60)
 
 def _find_max_batch(url: str, out: Path, *extra: str, max_concurrency: int = 32) -> dict:
     rc = main(
-        ["--url", url, "--find-max-batch", "--max-concurrency", str(max_concurrency), "--requests-per-level", "4",
-         "--max-tokens", "3", "--poll-interval", "20ms", "--request-timeout", "10", "--quiet",
-         "--no-plots", "--out", str(out), *extra]
+        [
+            "--url",
+            url,
+            "--find-max-batch",
+            "--max-concurrency",
+            str(max_concurrency),
+            "--requests-per-level",
+            "4",
+            "--max-tokens",
+            "3",
+            "--poll-interval",
+            "20ms",
+            "--request-timeout",
+            "10",
+            "--quiet",
+            "--no-plots",
+            "--out",
+            str(out),
+            *extra,
+        ]
     )
     assert rc == 0
     return json.loads((out / "results.json").read_text())

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.scrape import MetricsSample, parse_metrics, summarize_samples
-from loadtest.stats import percentile, summarize
-from loadtest.verdict import FailureReason, LevelEvidence, Objectives, judge
-from loadtest.workload import Endpoint, LengthSpec, Workload, builtin_prompt, load_dataset
+from fitserve.loadtest.scrape import MetricsSample, parse_metrics, summarize_samples
+from fitserve.loadtest.stats import percentile, summarize
+from fitserve.loadtest.verdict import FailureReason, LevelEvidence, Objectives, judge
+from fitserve.loadtest.workload import Endpoint, LengthSpec, Workload, builtin_prompt, load_dataset
 
 
 def test_length_spec_parses_fixed_and_ranges() -> None:
@@ -52,9 +52,12 @@ def test_request_bodies_for_both_endpoints() -> None:
 def test_dataset_lines_and_errors(tmp_path: Path) -> None:
     good = tmp_path / "d.jsonl"
     good.write_text(
-        json.dumps("just text") + "\n\n"
-        + json.dumps({"prompt": "p", "max_tokens": 3}) + "\n"
-        + json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}) + "\n"
+        json.dumps("just text")
+        + "\n\n"
+        + json.dumps({"prompt": "p", "max_tokens": 3})
+        + "\n"
+        + json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]})
+        + "\n"
     )
     prompts = load_dataset(good)
     assert len(prompts) == 3
@@ -117,10 +120,26 @@ def test_parse_metrics_reads_fitserve_series() -> None:
 def test_summarize_samples_peaks_deltas_and_waiting_window() -> None:
     before = MetricsSample(t_s=0, oom_events_total=1, preemptions_total=0, requests_waiting=0, kv_capacity_tokens=100)
     during = [
-        MetricsSample(t_s=1, device_memory_used_bytes=10, kv_usage_ratio=0.5, requests_running=2, requests_waiting=0,
-                      kv_capacity_tokens=100, kv_used_tokens=50, kv_reserved_tokens=60),
-        MetricsSample(t_s=2, device_memory_used_bytes=30, kv_usage_ratio=0.9, requests_running=4, requests_waiting=3,
-                      kv_capacity_tokens=100, kv_used_tokens=90, kv_reserved_tokens=95),
+        MetricsSample(
+            t_s=1,
+            device_memory_used_bytes=10,
+            kv_usage_ratio=0.5,
+            requests_running=2,
+            requests_waiting=0,
+            kv_capacity_tokens=100,
+            kv_used_tokens=50,
+            kv_reserved_tokens=60,
+        ),
+        MetricsSample(
+            t_s=2,
+            device_memory_used_bytes=30,
+            kv_usage_ratio=0.9,
+            requests_running=4,
+            requests_waiting=3,
+            kv_capacity_tokens=100,
+            kv_used_tokens=90,
+            kv_reserved_tokens=95,
+        ),
     ]
     after = MetricsSample(t_s=3, oom_events_total=1, preemptions_total=2, requests_waiting=0, kv_capacity_tokens=100)
     m = summarize_samples(before, during, after)
@@ -130,29 +149,58 @@ def test_summarize_samples_peaks_deltas_and_waiting_window() -> None:
 
 
 def _evidence(metrics=None, failures=None, concurrency=4, request_tokens=30, ttft=(0.1,)) -> LevelEvidence:
-    return LevelEvidence(concurrency, failures or {}, summarize(list(ttft)), summarize([0.01]), summarize([1.0]),
-                         metrics, request_tokens)
+    return LevelEvidence(
+        concurrency, failures or {}, summarize(list(ttft)), summarize([0.01]), summarize([1.0]), metrics, request_tokens
+    )
 
 
 def test_judge_classifies_errors() -> None:
-    reasons = {f.reason for f in judge(_evidence(failures={"429": 2, "503": 1, "400": 1, "connection": 1, "timeout": 3}),
-                                       Objectives())}
-    assert reasons == {FailureReason.HTTP_429, FailureReason.HTTP_5XX, FailureReason.HTTP_4XX,
-                       FailureReason.CONNECTION, FailureReason.TIMEOUT}
+    reasons = {
+        f.reason
+        for f in judge(_evidence(failures={"429": 2, "503": 1, "400": 1, "connection": 1, "timeout": 3}), Objectives())
+    }
+    assert reasons == {
+        FailureReason.HTTP_429,
+        FailureReason.HTTP_5XX,
+        FailureReason.HTTP_4XX,
+        FailureReason.CONNECTION,
+        FailureReason.TIMEOUT,
+    }
     assert judge(_evidence(), Objectives()) == []
 
 
 def test_judge_kv_saturation_beats_queueing_and_respects_allow_queueing() -> None:
     full = summarize_samples(
         MetricsSample(t_s=0, oom_events_total=0, preemptions_total=0),
-        [MetricsSample(t_s=1, requests_running=2, requests_waiting=1, kv_capacity_tokens=100, kv_used_tokens=60,
-                       kv_reserved_tokens=80, kv_usage_ratio=0.6)],
+        [
+            MetricsSample(
+                t_s=1,
+                requests_running=2,
+                requests_waiting=1,
+                kv_capacity_tokens=100,
+                kv_used_tokens=60,
+                kv_reserved_tokens=80,
+                kv_usage_ratio=0.6,
+            )
+        ],
         MetricsSample(t_s=2, oom_events_total=0, preemptions_total=0),
     )
     # 20 free tokens < 30 needed by one request: the cache is what keeps the waiting request out.
     assert [f.reason for f in judge(_evidence(full), Objectives())] == [FailureReason.KV_SATURATED]
-    roomy = summarize_samples(None, [MetricsSample(t_s=1, requests_running=2, requests_waiting=1, kv_capacity_tokens=1000,
-                                                   kv_used_tokens=60, kv_usage_ratio=0.06)], None)
+    roomy = summarize_samples(
+        None,
+        [
+            MetricsSample(
+                t_s=1,
+                requests_running=2,
+                requests_waiting=1,
+                kv_capacity_tokens=1000,
+                kv_used_tokens=60,
+                kv_usage_ratio=0.06,
+            )
+        ],
+        None,
+    )
     assert [f.reason for f in judge(_evidence(roomy), Objectives())] == [FailureReason.QUEUEING]
     assert judge(_evidence(roomy), Objectives(allow_queueing=True)) == []
     assert judge(_evidence(roomy, concurrency=2), Objectives()) == []  # all 2 ran: a transient wait is fine
@@ -163,4 +211,6 @@ def test_judge_objectives() -> None:
     assert [f.reason for f in judge(slow, Objectives(ttft_p95_s=1.0))] == [FailureReason.SLO_TTFT]
     assert judge(slow, Objectives(ttft_p95_s=3.0, itl_p95_s=0.02, e2e_p95_s=1.5)) == []
     assert [f.reason for f in judge(slow, Objectives(itl_p95_s=0.005, e2e_p95_s=0.5))] == [
-        FailureReason.SLO_ITL, FailureReason.SLO_E2E]
+        FailureReason.SLO_ITL,
+        FailureReason.SLO_E2E,
+    ]

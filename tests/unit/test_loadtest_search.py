@@ -6,17 +6,27 @@ import asyncio
 
 import pytest
 
-from loadtest.stats import summarize
-from loadtest.sweep import LevelResult, LevelSpec, Mode, SweepState, find_max_batch
-from loadtest.verdict import FailureReason, Finding
+from fitserve.loadtest.stats import summarize
+from fitserve.loadtest.sweep import LevelResult, LevelSpec, Mode, SweepState, find_max_batch
+from fitserve.loadtest.verdict import FailureReason, Finding
 
 
 def _level(c: int, passed: bool) -> LevelResult:
     empty = summarize([])
     return LevelResult(
-        spec=LevelSpec(num_requests=2 * c, time_limit_s=1.0, concurrency=c), duration_s=1.0, ok=2 * c,
-        failures={} if passed else {"429": 1}, output_tokens=0, output_tokens_per_s=0.0, requests_per_s=0.0,
-        ttft=empty, itl=empty, e2e=empty, metrics=None, max_prompt_tokens=None, request_tokens=None,
+        spec=LevelSpec(num_requests=2 * c, time_limit_s=1.0, concurrency=c),
+        duration_s=1.0,
+        ok=2 * c,
+        failures={} if passed else {"429": 1},
+        output_tokens=0,
+        output_tokens_per_s=0.0,
+        requests_per_s=0.0,
+        ttft=empty,
+        itl=empty,
+        e2e=empty,
+        metrics=None,
+        max_prompt_tokens=None,
+        request_tokens=None,
         findings=[] if passed else [Finding(FailureReason.HTTP_429, "1 x 429")],
     )
 

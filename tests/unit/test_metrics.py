@@ -8,9 +8,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.engine.types import EngineSnapshot, RequestStats, StepStats
-from server.ledger import MemoryLedger, ModelInfo
-from server.metrics import METRICS, TTFT_BUCKETS_S, MetricKind, RequestStatus, ServerMetrics, exposed_sample_names
+from fitserve.server.engine.types import EngineSnapshot, RequestStats, StepStats
+from fitserve.server.ledger import MemoryLedger, ModelInfo
+from fitserve.server.metrics import (
+    METRICS,
+    TTFT_BUCKETS_S,
+    MetricKind,
+    RequestStatus,
+    ServerMetrics,
+    exposed_sample_names,
+)
 
 # The issue's metric list is the contract: these exact names must be exported.
 ISSUE_METRICS = (
@@ -108,7 +115,9 @@ def scrape(metrics: ServerMetrics) -> dict[str, object]:
 def sample_value(families: dict[str, object], name: str, sample: str | None = None, **labels: str) -> float:
     family = families[name]
     wanted = sample or name
-    values = [s.value for s in family.samples if s.name == wanted and all(s.labels.get(k) == v for k, v in labels.items())]
+    values = [
+        s.value for s in family.samples if s.name == wanted and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert len(values) == 1, (name, wanted, labels, family.samples)
     return values[0]
 
@@ -117,7 +126,9 @@ def fed_metrics(ledger: MemoryLedger) -> ServerMetrics:
     metrics = ServerMetrics(CollectorRegistry(), model_info=MODEL_INFO, ledger_fn=lambda: ledger)
     metrics.attach_snapshot(lambda: SNAPSHOT)
     metrics.record_step(StepStats(batch_size=3, prefill_tokens=12, decode_tokens=2, step_duration_s=0.04))
-    metrics.record_request(RequestStats("ok", 12, 5, queue_s=0.01, ttft_s=0.2, e2e_s=1.0, inter_token_latencies_s=(0.1,) * 4))
+    metrics.record_request(
+        RequestStats("ok", 12, 5, queue_s=0.01, ttft_s=0.2, e2e_s=1.0, inter_token_latencies_s=(0.1,) * 4)
+    )
     return metrics
 
 
@@ -210,8 +221,12 @@ def test_snapshot_is_read_at_scrape_time_and_zero_capacity_gives_zero_ratio() ->
 
 def test_histograms_bucket_each_observation() -> None:
     metrics = ServerMetrics()
-    metrics.record_request(RequestStats("ok", 10, 3, queue_s=0.002, ttft_s=0.03, e2e_s=0.7, inter_token_latencies_s=(0.004, 0.04)))
-    metrics.record_request(RequestStats("length", 20, 16, queue_s=3.0, ttft_s=4.0, e2e_s=12.0, inter_token_latencies_s=(0.3,) * 15))
+    metrics.record_request(
+        RequestStats("ok", 10, 3, queue_s=0.002, ttft_s=0.03, e2e_s=0.7, inter_token_latencies_s=(0.004, 0.04))
+    )
+    metrics.record_request(
+        RequestStats("length", 20, 16, queue_s=3.0, ttft_s=4.0, e2e_s=12.0, inter_token_latencies_s=(0.3,) * 15)
+    )
     metrics.record_request(RequestStats("rejected", 9000, 0, queue_s=None, ttft_s=None, e2e_s=None))
     families = scrape(metrics)
     ttft = "fitserve_time_to_first_token_seconds"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.ledger import MemoryLedger, build_ledger, make_ledger_fn
+from fitserve.server.ledger import MemoryLedger, build_ledger, make_ledger_fn
 
 MiB = 2**20
 
@@ -34,7 +34,9 @@ class FakeMemory:
 
 
 def test_ledger_arithmetic() -> None:
-    ledger = build_ledger("cpu", FakePlan(), FakeLoadReport(), FakeMemory(total_bytes=24 * 1024 * MiB, used_bytes=900 * MiB))
+    ledger = build_ledger(
+        "cpu", FakePlan(), FakeLoadReport(), FakeMemory(total_bytes=24 * 1024 * MiB, used_bytes=900 * MiB)
+    )
     assert ledger.device == "cpu"
     assert ledger.budget_bytes == 4096 * MiB
     assert ledger.headroom_bytes == (4096 - 900) * MiB
@@ -53,8 +55,10 @@ def test_headroom_goes_negative_over_budget() -> None:
 
 
 def test_make_ledger_fn_reads_memory_for_its_device_on_every_call() -> None:
-    readings = [FakeMemory(80 * 1024 * MiB, 1024 * MiB, 700 * MiB, 800 * MiB, 750 * MiB),
-                FakeMemory(80 * 1024 * MiB, 2048 * MiB, 1700 * MiB, 1800 * MiB, 1750 * MiB)]  # fmt: skip
+    readings = [
+        FakeMemory(80 * 1024 * MiB, 1024 * MiB, 700 * MiB, 800 * MiB, 750 * MiB),
+        FakeMemory(80 * 1024 * MiB, 2048 * MiB, 1700 * MiB, 1800 * MiB, 1750 * MiB),
+    ]
     asked: list[str] = []
 
     def read_memory(device: str) -> FakeMemory:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from quant import model_store
-from quant.model_store import ModelNotFoundError, fetch_default_model, list_models, resolve_model
+from fitserve.quant import model_store
+from fitserve.quant.model_store import ModelNotFoundError, fetch_default_model, list_models, resolve_model
 
 
 def test_fitserve_home_env(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_list_models_shows_default(default_model_dir: Path) -> None:
 
 def test_resolve_local_dir_and_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert resolve_model(tiny_model_dir) == tiny_model_dir.resolve()
-    with pytest.raises(ModelNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
         resolve_model(tmp_path)
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model(str(tmp_path / "missing" / "model"))

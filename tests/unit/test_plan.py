@@ -4,27 +4,46 @@ from __future__ import annotations
 
 import pytest
 
-from quant.budget import GIB, MIB, BudgetError
-from quant.estimate import ModelShape, estimate_precision
-from quant.plan import NothingFitsError, Plan, PlanInputError, PlanRequest, make_plan
-from quant.schemes import DType, GptqParams, LinearShape, Precision
+from fitserve.quant.budget import GIB, MIB, BudgetError
+from fitserve.quant.estimate import ModelShape, estimate_precision
+from fitserve.quant.plan import NothingFitsError, Plan, PlanInputError, PlanRequest, make_plan
+from fitserve.quant.schemes import DType, GptqParams, LinearShape, Precision
 from tests.unit.test_budget import FakeProbe
 
 
 def fake_shape(prequantized: Precision | None = None) -> ModelShape:
     """A 1B-ish Llama: 16 layers, hidden 2048, 8 KV heads of 64, vocab 32000, untied."""
-    layer = [LinearShape(2048, 2048), LinearShape(512, 2048), LinearShape(512, 2048), LinearShape(2048, 2048),
-             LinearShape(8192, 2048), LinearShape(8192, 2048), LinearShape(2048, 8192)]  # fmt: skip
+    layer = [
+        LinearShape(2048, 2048),
+        LinearShape(512, 2048),
+        LinearShape(512, 2048),
+        LinearShape(2048, 2048),
+        LinearShape(8192, 2048),
+        LinearShape(8192, 2048),
+        LinearShape(2048, 8192),
+    ]
     linears = tuple(layer * 16)
     dense = 2 * 32000 * 2048 + 33 * 2048  # embeddings + lm_head + norms
     total = dense + sum(lin.numel for lin in linears)
     return ModelShape(
-        model_path="/fake/model", architecture="LlamaForCausalLM", num_layers=16, hidden_size=2048,
-        intermediate_size=8192, num_attention_heads=32, num_kv_heads=8, head_dim=64, vocab_size=32000,
-        max_position_embeddings=4096, tie_word_embeddings=False, total_params=total, dense_params=dense,
-        buffer_bytes=256, linears=linears, prequantized=prequantized,
+        model_path="/fake/model",
+        architecture="LlamaForCausalLM",
+        num_layers=16,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        total_params=total,
+        dense_params=dense,
+        buffer_bytes=256,
+        linears=linears,
+        prequantized=prequantized,
         gptq=GptqParams(4, 128) if prequantized is Precision.GPTQ else None,
-    )  # fmt: skip
+    )
 
 
 SHAPE = fake_shape()
@@ -32,8 +51,15 @@ SHAPE = fake_shape()
 
 def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, max_model_len: int = 2048) -> int:
     """Minimum total bytes for one full-length sequence, computed independently of the planner."""
-    est = estimate_precision(SHAPE, precision, dtype, max_batch_tokens=2048, max_num_seqs=8,
-                             max_model_len=max_model_len, n_cuda_devices=n_cuda)  # fmt: skip
+    est = estimate_precision(
+        SHAPE,
+        precision,
+        dtype,
+        max_batch_tokens=2048,
+        max_num_seqs=8,
+        max_model_len=max_model_len,
+        n_cuda_devices=n_cuda,
+    )
     return est.weights_bytes + est.quant_state_bytes + est.overhead_bytes + est.kv_bytes_per_token * max_model_len
 
 
@@ -236,8 +262,15 @@ def test_json_has_the_issue_keys() -> None:
         assert key in out
     assert out["chosen"] == "int8"
     for cand in out["candidates"]:
-        for key in ("precision", "weights_bytes", "kv_bytes_per_token", "overhead_bytes", "total_bytes", "fits",
-                    "kv_capacity_tokens"):  # fmt: skip
+        for key in (
+            "precision",
+            "weights_bytes",
+            "kv_bytes_per_token",
+            "overhead_bytes",
+            "total_bytes",
+            "fits",
+            "kv_capacity_tokens",
+        ):
             assert key in cand
     assert [c["fits"] for c in out["candidates"]] == [False, True, True]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from quant.budget import MIB, read_cpu_flags
-from quant.plan_cli import EXIT_BAD_INPUT, EXIT_NOTHING_FITS, EXIT_OK, add_plan_parser, run_plan
+from fitserve.quant.budget import MIB, read_cpu_flags
+from fitserve.quant.plan_cli import EXIT_BAD_INPUT, EXIT_NOTHING_FITS, EXIT_OK, add_plan_parser, run_plan
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -34,7 +34,7 @@ def plan_json(model_dir: Path, budget: str, capsys: pytest.CaptureFixture[str], 
 @pytest.fixture(scope="module")
 def needs(default_model_dir: Path) -> dict[str, int]:
     """Minimum total bytes per precision on the default model, from a generous plan."""
-    from quant.plan import PlanRequest, make_plan
+    from fitserve.quant.plan import PlanRequest, make_plan
 
     plan = make_plan(PlanRequest(model=default_model_dir, memory_budget_bytes=8 << 30))
     return {c.precision.value: c.total_bytes for c in plan.candidates}
@@ -46,13 +46,21 @@ def test_8gib_chooses_16_bit(default_model_dir: Path, capsys: pytest.CaptureFixt
     assert out["budget_bytes"] == 8 << 30 and out["reason"]
     assert [c["precision"] for c in out["candidates"]] == ["bf16", "int8", "nf4"]
     for cand in out["candidates"]:
-        assert {"precision", "weights_bytes", "kv_bytes_per_token", "overhead_bytes", "total_bytes", "fits",
-                "kv_capacity_tokens"} <= set(cand)  # fmt: skip
+        assert {
+            "precision",
+            "weights_bytes",
+            "kv_bytes_per_token",
+            "overhead_bytes",
+            "total_bytes",
+            "fits",
+            "kv_capacity_tokens",
+        } <= set(cand)
         assert cand["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2
 
 
-def test_8gib_by_default_chooses_fp32_on_a_cpu_without_native_bf16(default_model_dir: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_8gib_by_default_chooses_fp32_on_a_cpu_without_native_bf16(
+    default_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out = plan_json(default_model_dir, "8GiB", capsys)
     assert code == EXIT_OK and out["chosen"] == TOP
     if not NATIVE_BF16:
@@ -64,23 +72,29 @@ def test_8gib_by_default_chooses_fp32_on_a_cpu_without_native_bf16(default_model
 
 
 @pytest.mark.parametrize("ladder", [(), (SIXTEEN_BIT_LADDER,)], ids=["default", "16-bit-ladder"])
-def test_between_int8_and_16_bit_chooses_int8(default_model_dir: Path, needs: dict[str, int],
-                                              capsys: pytest.CaptureFixture[str], ladder: tuple[str, ...]) -> None:  # fmt: skip
+def test_between_int8_and_16_bit_chooses_int8(
+    default_model_dir: Path, needs: dict[str, int], capsys: pytest.CaptureFixture[str], ladder: tuple[str, ...]
+) -> None:
     code, out = plan_json(default_model_dir, str((needs["bf16"] + needs["int8"]) // 2), capsys, *ladder)
     assert code == EXIT_OK and out["chosen"] == "int8"
     assert {c["precision"]: c["fits"] for c in out["candidates"] if c["precision"] != "fp32"} == {
-        "bf16": False, "int8": True, "nf4": True}  # fmt: skip
+        "bf16": False,
+        "int8": True,
+        "nf4": True,
+    }
     assert not any(c["fits"] for c in out["candidates"] if c["precision"] == "fp32")
 
 
-def test_between_nf4_and_int8_chooses_nf4(default_model_dir: Path, needs: dict[str, int],
-                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_between_nf4_and_int8_chooses_nf4(
+    default_model_dir: Path, needs: dict[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out = plan_json(default_model_dir, str((needs["int8"] + needs["nf4"]) // 2), capsys)
     assert code == EXIT_OK and out["chosen"] == "nf4"
 
 
-def test_40mib_exits_3_with_the_message(default_model_dir: Path, needs: dict[str, int],
-                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_40mib_exits_3_with_the_message(
+    default_model_dir: Path, needs: dict[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
     args = parse("--model", str(default_model_dir), "--memory-budget", "40MiB")
     assert run_plan(args) == EXIT_NOTHING_FITS
     err = capsys.readouterr().err
@@ -124,8 +138,9 @@ def test_human_output_has_table_and_verdict(default_model_dir: Path, capsys: pyt
     assert "memory plan" in out and "nf4" in out and f"{TOP.upper()} on cpu" in out
 
 
-def test_plan_reads_no_weights(default_model_dir: Path, capsys: pytest.CaptureFixture[str],
-                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # fmt: skip
+def test_plan_reads_no_weights(
+    default_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("FITSERVE_HOME", str(tmp_path))  # cold shape cache: the skeleton is really built
     import safetensors
     import safetensors.torch

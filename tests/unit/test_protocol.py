@@ -7,11 +7,11 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from server.engine.types import FinishReason
-from server.protocol.chat import ChatCompletionChunk, ChatCompletionRequest, ChunkChoice, Delta
-from server.protocol.common import Usage, finish_reason_name
-from server.protocol.completions import CompletionRequest
-from server.protocol.tokenize import DetokenizeRequest, TokenizeRequest
+from fitserve.server.engine.types import FinishReason
+from fitserve.server.protocol.chat import ChatCompletionChunk, ChatCompletionRequest, ChunkChoice, Delta
+from fitserve.server.protocol.common import Usage, finish_reason_name
+from fitserve.server.protocol.completions import CompletionRequest
+from fitserve.server.protocol.tokenize import DetokenizeRequest, TokenizeRequest
 
 USER = [{"role": "user", "content": "hi"}]
 

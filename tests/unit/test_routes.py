@@ -166,10 +166,10 @@ def test_health_ready_version_and_metrics() -> None:
 def test_http_layer_never_imports_torch() -> None:
     code = (
         "import sys\n"
-        "from server.app import create_app\n"
-        "from server.settings import Settings\n"
+        "from fitserve.server.app import create_app\n"
+        "from fitserve.server.settings import Settings\n"
         "from tests.fakes import FakeEngine\n"
-        "import server.serve_cli\n"
+        "import fitserve.server.serve_cli\n"
         "create_app(Settings(), engine=FakeEngine())\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from server.app import create_app
-from server.settings import Settings
+from fitserve.server.app import create_app
+from fitserve.server.settings import Settings
 from tests.fakes import FakeEngine
 
 MODEL = "fake-model"

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server.engine.types import EngineOverloadedError, EngineUnavailableError
+from fitserve.server.engine.types import EngineOverloadedError, EngineUnavailableError
 from tests.fakes import FakeEngine
 from tests.fakes.routes import MODEL, assert_openai_error, make_client, sse_events
 
@@ -64,9 +64,10 @@ def test_unknown_route_and_wrong_method() -> None:
 def test_prompt_too_long_says_how_long_and_the_limit() -> None:
     client = make_client(FakeEngine(model_name=MODEL, max_model_len=40))
     error = assert_openai_error(
-        client.post(COMPLETIONS, json={"model": MODEL, "prompt": "y" * 50, "max_tokens": 5}), 400,
+        client.post(COMPLETIONS, json={"model": MODEL, "prompt": "y" * 50, "max_tokens": 5}),
+        400,
         "context_length_exceeded",
-    )  # fmt: skip
+    )
     assert "51" in error["message"] and "40" in error["message"]
     assert error["param"] == "prompt"
     chat = client.post(CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": "z" * 60}]})

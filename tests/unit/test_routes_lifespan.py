@@ -7,8 +7,8 @@ import time
 
 from fastapi.testclient import TestClient
 
-from server.app import BuiltEngine, create_app
-from server.settings import Settings
+from fitserve.server.app import BuiltEngine, create_app
+from fitserve.server.settings import Settings
 from tests.fakes import FakeEngine
 from tests.fakes.routes import MODEL, assert_openai_error
 
@@ -39,7 +39,9 @@ def test_ready_is_503_while_loading_then_200_and_engine_closed_on_shutdown() -> 
         error = assert_openai_error(client.get("/ready"), 503, "engine_unavailable")
         assert "loading" in error["message"]
         assert_openai_error(client.get("/health"), 503, "engine_unavailable")
-        chat = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+        chat = client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+        )
         assert_openai_error(chat, 503, "engine_unavailable")
         client.portal.call(release.set)  # type: ignore[union-attr]
         _wait_for(client, "/ready", 200)

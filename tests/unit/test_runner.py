@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine.config import EngineConfig
-from server.engine.runner import ModelRunner, is_oom
-from server.engine.scheduler import Scheduler, Sequence
-from server.engine.types import SamplingParams
+from fitserve.server.engine.config import EngineConfig
+from fitserve.server.engine.runner import ModelRunner, is_oom
+from fitserve.server.engine.scheduler import Scheduler, Sequence
+from fitserve.server.engine.types import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +56,13 @@ def run_all(runner: ModelRunner, sched: Scheduler, seqs: list[Sequence], stagger
 def test_packed_greedy_matches_generate(tiny_model) -> None:  # type: ignore[no-untyped-def]
     ps = prompts(6)
     max_tokens = [5, 12, 8, 3, 10, 7]
-    refs = [reference_greedy(tiny_model, p, m) for p, m in zip(ps, max_tokens)]
+    refs = [reference_greedy(tiny_model, p, m) for p, m in zip(ps, max_tokens, strict=False)]
     cfg = make_config(max_prefill_tokens=128)
     runner = ModelRunner(tiny_model, cfg)
     sched = Scheduler(cfg)
     seqs = [
         Sequence(f"r{i}", list(p), len(p), SamplingParams(max_tokens=m, temperature=0, ignore_eos=True), 0.0)
-        for i, (p, m) in enumerate(zip(ps, max_tokens))
+        for i, (p, m) in enumerate(zip(ps, max_tokens, strict=False))
     ]
     run_all(runner, sched, seqs, stagger=2)
     assert [s.output_token_ids for s in seqs] == refs
@@ -98,7 +98,9 @@ def test_kv_cache_is_preallocated_once(tiny_model) -> None:  # type: ignore[no-u
     assert runner.cache.nbytes == 2 * 2 * 256 * 2 * 16 * 4
     ptrs = [t.data_ptr() for t in runner.cache.k]
     sched = Scheduler(cfg)
-    seqs = [Sequence(f"r{i}", p, len(p), SamplingParams(max_tokens=4, temperature=0), 0.0) for i, p in enumerate(prompts(3))]
+    seqs = [
+        Sequence(f"r{i}", p, len(p), SamplingParams(max_tokens=4, temperature=0), 0.0) for i, p in enumerate(prompts(3))
+    ]
     run_all(runner, sched, seqs)
     assert [t.data_ptr() for t in runner.cache.k] == ptrs
 
@@ -135,5 +137,5 @@ def test_batched_decode_attention_matches_per_sequence(tiny_model) -> None:  # t
         logits_by_mode.append(steps)
     per_seq, grouped = logits_by_mode
     assert len(per_seq) == len(grouped) and any(n > 1 for n, _ in grouped)
-    for (_, a), (_, b) in zip(per_seq, grouped):
+    for (_, a), (_, b) in zip(per_seq, grouped, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from server.engine.sampling import apply_penalties, apply_top_k_top_p, make_generator, sample
-from server.engine.types import SamplingParams
+from fitserve.server.engine.sampling import apply_penalties, apply_top_k_top_p, make_generator, sample
+from fitserve.server.engine.types import SamplingParams
 
 VOCAB = 50
 

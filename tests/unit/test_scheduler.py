@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from server.engine.config import EngineConfig
-from server.engine.scheduler import ScheduledBatch, Scheduler, Sequence, SequenceStatus
-from server.engine.types import (
+from fitserve.server.engine.config import EngineConfig
+from fitserve.server.engine.scheduler import ScheduledBatch, Scheduler, Sequence, SequenceStatus
+from fitserve.server.engine.types import (
     FinishReason,
     InvalidRequestError,
     PromptTooLongError,

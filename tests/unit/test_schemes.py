@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from quant.schemes import DType, GptqParams, LinearShape, Precision, dense_dtype_for, handler_for, parse_precision
+from fitserve.quant.schemes import (
+    DType,
+    GptqParams,
+    LinearShape,
+    Precision,
+    dense_dtype_for,
+    handler_for,
+    parse_precision,
+)
 
 Q_PROJ = LinearShape(out_features=576, in_features=576)  # one SmolLM2 q_proj: 331,776 weights
 

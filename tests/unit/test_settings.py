@@ -7,8 +7,8 @@ import argparse
 import pytest
 from pydantic import ValidationError
 
-from server.serve_cli import add_serve_parser, settings_from_args
-from server.settings import DEFAULT_MAX_BODY_BYTES, LogLevel, Settings
+from fitserve.server.serve_cli import add_serve_parser, settings_from_args
+from fitserve.server.settings import DEFAULT_MAX_BODY_BYTES, LogLevel, Settings
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -73,12 +73,36 @@ def test_fp32_preference_is_on_unless_switched_off() -> None:
 def test_cli_flags_cover_the_issue_list() -> None:
     args = _parse(
         [
-            "serve", "--model", "/m", "--served-model-name", "m", "--host", "0.0.0.0", "--api-key", "k",
-            "--memory-budget", "2GiB", "--max-model-len", "512", "--min-concurrency", "2", "--precision", "int8",
-            "--max-waiting", "8", "--max-body-bytes", "100", "--trust-remote-code", "--oom-inject-steps", "5",
-            "--log-level", "warning", "--max-kv-tokens", "4096",
+            "serve",
+            "--model",
+            "/m",
+            "--served-model-name",
+            "m",
+            "--host",
+            "0.0.0.0",
+            "--api-key",
+            "k",
+            "--memory-budget",
+            "2GiB",
+            "--max-model-len",
+            "512",
+            "--min-concurrency",
+            "2",
+            "--precision",
+            "int8",
+            "--max-waiting",
+            "8",
+            "--max-body-bytes",
+            "100",
+            "--trust-remote-code",
+            "--oom-inject-steps",
+            "5",
+            "--log-level",
+            "warning",
+            "--max-kv-tokens",
+            "4096",
         ]
-    )  # fmt: skip
+    )
     settings = settings_from_args(args)
     assert (settings.model, settings.served_model_name, settings.host) == ("/m", "m", "0.0.0.0")
     assert settings.api_key_value() == "k"

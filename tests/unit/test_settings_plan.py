@@ -5,15 +5,23 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from quant.plan import PlanRequest
-from quant.schemes import Precision
-from server.serve import _load, format_plan, plan_options
-from server.settings import Settings
+from fitserve.quant.plan import PlanRequest
+from fitserve.quant.schemes import Precision
+from fitserve.server.serve import _load, format_plan, plan_options
+from fitserve.server.settings import Settings
 
 
 def test_plan_options_pass_explicit_settings() -> None:
-    settings = Settings(precision="nf4", max_model_len=512, min_concurrency=3, max_kv_tokens=4096, force=True,
-                        max_batch_size=4, max_prefill_tokens=256, prefer_fp32_on_cpu=False)  # fmt: skip
+    settings = Settings(
+        precision="nf4",
+        max_model_len=512,
+        min_concurrency=3,
+        max_kv_tokens=4096,
+        force=True,
+        max_batch_size=4,
+        max_prefill_tokens=256,
+        prefer_fp32_on_cpu=False,
+    )
     request = PlanRequest(model="m", **plan_options(settings, 2 * 1024**3))
     assert request.precision is Precision.NF4
     assert request.memory_budget_bytes == 2 * 1024**3
