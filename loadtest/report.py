@@ -219,21 +219,29 @@ def write_plots(levels: list[LevelResult], out_dir: Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
 
-    mem = [(lv, lv.metrics) for lv in done if lv.metrics and lv.metrics.peak_memory_used_bytes is not None]
+    mem = [
+        (lv, lv.metrics.peak_memory_used_bytes)
+        for lv in done
+        if lv.metrics is not None and lv.metrics.peak_memory_used_bytes is not None
+    ]
     if mem:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         ax.plot(
             [_x(lv) for lv, _ in mem],
-            [m.peak_memory_used_bytes / _GIB for _, m in mem],
+            [peak / _GIB for _, peak in mem],
             marker="o",
             label="peak memory used",
         )
-        budgets = [m.memory_budget_bytes for _, m in mem if m.memory_budget_bytes is not None]
+        budgets = [
+            lv.metrics.memory_budget_bytes
+            for lv, _ in mem
+            if lv.metrics is not None and lv.metrics.memory_budget_bytes is not None
+        ]
         if budgets:
             ax.axhline(budgets[-1] / _GIB, color="tab:red", linestyle="--", label="memory budget")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("GiB")
-        top = max([m.peak_memory_used_bytes for _, m in mem] + budgets) / _GIB
+        top = max([peak for _, peak in mem] + budgets) / _GIB
         ax.set_ylim(0, top * 1.15)
         ax.set_title("Device memory vs load")
         ax.legend()

@@ -255,7 +255,7 @@ class LevelRunner:
         interrupted: bool,
     ) -> LevelResult:
         ok = [r for r in results if r.ok]
-        failures = Counter(r.failure_key for r in results if not r.ok)
+        failures = Counter(key for r in results if (key := r.failure_key) is not None)
         out_tokens = sum(r.output_tokens for r in ok)
         prompt_tokens = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
         max_prompt = max(prompt_tokens) if prompt_tokens else None
