@@ -5,10 +5,11 @@
 
 Core kinds are validated strictly (unknown fields are errors) against the Kubernetes JSON schemas shipped in the
 `kubernetes-validate` package, for every version in KUBERNETES_VERSIONS. Custom resources (RayService,
-ScaledObject, PodMonitor) are validated against the CRD schemas committed in deploy/k8s/schemas/, made strict
-the way `kubectl apply` is. A kind with no schema is an error, not a warning. Then `manifest_rules` checks what
-no schema knows: probes on /ready and /health, image, port and flags that agree with the Dockerfile and the CLI,
-metric names that fitserve exports, references between the manifests. Exit status 1 when anything is wrong.
+ScaledObject, PodMonitor, ScrapeConfig) are validated against the CRD schemas committed in deploy/k8s/schemas/,
+made strict the way `kubectl apply` is. A kind with no schema is an error, not a warning. Then `manifest_rules`
+checks what no schema knows: probes on /ready and /health, image, port and flags that agree with the Dockerfile
+and the CLI, metric names that fitserve exports, references between the manifests. Exit status 1 when anything
+is wrong.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ CRD_SCHEMAS = {
     ("ray.io/v1", "RayService"): "rayservice-ray.io-v1.json",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring.coreos.com-v1.json",
+    ("monitoring.coreos.com/v1alpha1", "ScrapeConfig"): "scrapeconfig-monitoring.coreos.com-v1alpha1.json",
 }
 ADAPTER_CONFIG_SCHEMA = "prometheus-adapter-config.json"
 # libyaml's loader when PyYAML was built with it (ten times faster), else the pure-Python one; both are safe.
@@ -148,7 +150,12 @@ def check(files: Iterable[Path], facts: ProjectFacts) -> tuple[list[Manifest], l
     for manifest in manifests:
         problems.extend(schema_problems(manifest))
         problems.extend(adapter_config_problems(manifest))
-    problems.extend(project_problems(manifests, facts))
+    try:
+        problems.extend(project_problems(manifests, facts))
+    except (AttributeError, TypeError, KeyError, ValueError) as error:
+        if not problems:  # well-formed manifests: a failing rule is a bug of the check, not of the input
+            raise
+        problems.append(Problem("(project rules)", f"not run: fix the schema errors above first ({error!r})"))
     return manifests, problems
 
 

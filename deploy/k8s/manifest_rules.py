@@ -3,13 +3,15 @@
 The facts come from the repository, never from a copy: the version from pyproject.toml, the port and
 entrypoint from the Dockerfile, the flags from the real `fitserve` argument parser, the FITSERVE_* variables
 from `Settings`, the metric names from `server/metrics.py`, the Ray Serve application from
-deploy/ray/serve-config.yaml (when that file exists).
+deploy/ray/serve-config.yaml and its `args` model `ScaleoutConfig` (where the checkout has them).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import io
 import json
 import re
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from fitserve.server.cli import build_parser
 from fitserve.server.metrics import exposed_sample_names
@@ -93,6 +96,7 @@ class ProjectFacts:
     metric_names: frozenset[str]
     ray_version: str | None
     serve_config: dict | None
+    scaleout_config: type[BaseModel] | None
 
     @classmethod
     def load(cls, root: Path) -> ProjectFacts:
@@ -115,7 +119,15 @@ class ProjectFacts:
             metric_names=exposed_sample_names(),
             ray_version=ray_pins[0] if ray_pins else None,
             serve_config=yaml.safe_load(serve_config_path.read_text()) if serve_config_path.is_file() else None,
+            scaleout_config=scaleout_config_model(),
         )
+
+
+def scaleout_config_model() -> type[BaseModel] | None:
+    """`ScaleoutConfig`, the `args` of fitserve's Serve application, where this checkout has it (no ray import)."""
+    if importlib.util.find_spec("fitserve.server.scaleout") is None:
+        return None
+    return importlib.import_module("fitserve.server.scaleout.config").ScaleoutConfig
 
 
 @dataclass(frozen=True)
@@ -166,13 +178,17 @@ def parse_cli(argv: list[str]) -> argparse.Namespace | str:
         return lines[-1] if lines else "rejected by the fitserve argument parser"
 
 
-def gpu_limit(container: dict) -> float:
-    """The container's nvidia.com/gpu limit (0 when absent or not a number)."""
-    value = ((container.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE, 0)
+def number(value: object) -> float:
+    """A count from a manifest as a float; 0 when absent or not a number (the schema check reports those)."""
     try:
-        return float(value)
+        return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return 0.0
+
+
+def gpu_limit(container: dict) -> float:
+    """The container's nvidia.com/gpu limit (0 when absent or not a number)."""
+    return number(((container.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE, 0))
 
 
 def container_port_numbers(container: dict) -> dict[str | int, int]:
@@ -290,11 +306,24 @@ def reference_problems(manifests: list[Manifest]) -> Iterator[Problem]:
         target = spec.get("scaleTargetRef")
         if isinstance(target, dict) and (target.get("kind", "Deployment"), target.get("name")) not in names:
             yield Problem(manifest.where, f"scaleTargetRef {target.get('kind')}/{target.get('name')} is not defined")
+        if manifest.kind == "ScrapeConfig":
+            yield from scrape_target_problems(manifest, names)
     for template in templates:
         for volume in template.spec.get("volumes") or []:
             claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
             if claim is not None and ("PersistentVolumeClaim", claim) not in names:
                 yield Problem(template.where, f"volume {volume.get('name')} claims {claim}, which is not defined")
+
+
+def scrape_target_problems(manifest: Manifest, names: set[tuple[str, str]]) -> Iterator[Problem]:
+    """A ScrapeConfig that reaches KubeRay's `<rayservice>-serve-svc` names a RayService defined here."""
+    spec = manifest.spec
+    addresses = [str(sd.get("url", "")) for sd in spec.get("httpSDConfigs") or []]
+    addresses += [str(t) for static in spec.get("staticConfigs") or [] for t in static.get("targets") or []]
+    for address in addresses:
+        for service in re.findall(r"(?:^|/)([a-z0-9-]+)-serve-svc\b", address):
+            if ("RayService", service) not in names:
+                yield Problem(manifest.where, f"{address} is the Serve service of RayService {service}, not defined")
 
 
 def metric_names(query: str) -> set[str]:
@@ -349,33 +378,81 @@ def metric_problems(manifests: list[Manifest], facts: ProjectFacts) -> Iterator[
                     yield Problem(manifest.where, f"trigger {trigger.get('name')} uses {name}, not exported")
 
 
+def settings_problems(where: str, settings: object) -> Iterator[Problem]:
+    """A Serve application's `args.settings`: fitserve `Settings` fields with valid values."""
+    if not isinstance(settings, dict):
+        yield Problem(where, "args.settings must be a mapping of fitserve settings")
+        return
+    unknown = sorted(set(settings) - set(Settings.model_fields))
+    if unknown:  # Settings ignores unknown keys, so they would pass silently
+        yield Problem(where, f"args.settings has no fitserve setting {unknown} (server/settings.py)")
+        return
+    try:
+        Settings(**settings)
+    except ValidationError as error:
+        first = error.errors()[0]
+        yield Problem(where, f"args.settings.{'.'.join(map(str, first['loc']))}: {first['msg']}")
+
+
+def worker_gpus(cluster: dict) -> tuple[float, float]:
+    """(most GPUs of one worker pod, GPUs of all worker groups at their maxReplicas)."""
+    per_pod, total = 0.0, 0.0
+    for group in cluster.get("workerGroupSpecs") or []:
+        containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or []
+        gpus = sum(gpu_limit(c) for c in containers if isinstance(c, dict))
+        per_pod = max(per_pod, gpus)
+        total += gpus * number(group.get("maxReplicas", group.get("replicas")))
+    return per_pod, total
+
+
+def application_problems(where: str, application: dict, cluster: dict, facts: ProjectFacts) -> Iterator[Problem]:
+    """One Serve application: fitserve's, as in deploy/ray/serve-config.yaml, with replicas the workers can hold."""
+    name = application.get("name")
+    where = f"{where} application {name}"
+    if not str(application.get("import_path", "")).startswith("fitserve."):
+        yield Problem(where, "does not import a fitserve module")
+    reference = {a.get("name"): a for a in (facts.serve_config or {}).get("applications") or []}
+    if facts.serve_config is not None and name not in reference:
+        yield Problem(where, "is not an application of deploy/ray/serve-config.yaml")
+    for key in ("import_path", "route_prefix"):
+        if name in reference and application.get(key) != reference[name].get(key):
+            yield Problem(where, f"{key} differs from deploy/ray/serve-config.yaml ({reference[name].get(key)})")
+    args = application.get("args") or {}
+    yield from settings_problems(where, args.get("settings", {}))
+    if facts.scaleout_config is not None:
+        try:
+            facts.scaleout_config.model_validate(args)
+        except ValidationError as error:
+            first = error.errors()[0]
+            yield Problem(where, f"args.{'.'.join(map(str, first['loc']))}: {first['msg']} (ScaleoutConfig)")
+    per_pod, total = worker_gpus(cluster)
+    num_gpus = args.get("num_gpus", 0)
+    if not isinstance(num_gpus, int | float) or not 0 < num_gpus <= per_pod:
+        yield Problem(where, f"args.num_gpus {num_gpus} must be above 0 and at most a worker's {per_pod:g} GPUs")
+        return
+    replicas = (args.get("autoscaling") or {}).get("max_replicas", args.get("num_replicas", 1))
+    if isinstance(replicas, int) and replicas * num_gpus > total:
+        yield Problem(where, f"{replicas} replicas of {num_gpus:g} GPU exceed the workers' {total:g} GPUs")
+
+
 def rayservice_problems(manifest: Manifest, facts: ProjectFacts) -> Iterator[Problem]:
-    """serveConfigV2 is fitserve's Serve application (as in deploy/ray/serve-config.yaml); Ray versions agree."""
+    """serveConfigV2 runs fitserve's Serve application on the GPU workers; the Ray version is the pinned one."""
     try:
         serve_config = yaml.safe_load(str(manifest.spec.get("serveConfigV2", "")))
     except yaml.YAMLError as error:
         yield Problem(manifest.where, f"serveConfigV2 is not YAML: {error}")
         return
-    applications = (serve_config or {}).get("applications") if isinstance(serve_config, dict) else None
+    applications = serve_config.get("applications") if isinstance(serve_config, dict) else None
+    cluster = manifest.spec.get("rayClusterConfig") or {}
     if not applications:
         yield Problem(manifest.where, "serveConfigV2 has no applications")
-        return
-    for application in applications:
-        if not str(application.get("import_path", "")).startswith("fitserve."):
-            yield Problem(manifest.where, f"application {application.get('name')} does not import a fitserve module")
-    if facts.serve_config is not None and applications != facts.serve_config.get("applications"):
-        yield Problem(manifest.where, "serveConfigV2 applications differ from deploy/ray/serve-config.yaml")
-    ray_version = (manifest.spec.get("rayClusterConfig") or {}).get("rayVersion")
-    if facts.ray_version is not None and ray_version != facts.ray_version:
-        yield Problem(manifest.where, f"rayVersion {ray_version} is not the pinned ray {facts.ray_version}")
-    groups = (manifest.spec.get("rayClusterConfig") or {}).get("workerGroupSpecs") or []
-    gpu_groups = [
-        g
-        for g in groups
-        for c in ((g.get("template") or {}).get("spec") or {}).get("containers") or []
-        if gpu_limit(c) >= 1
-    ]
-    if not gpu_groups:
+    for application in applications or []:
+        yield from application_problems(manifest.where, application, cluster, facts)
+    if facts.ray_version is not None and cluster.get("rayVersion") != facts.ray_version:
+        yield Problem(
+            manifest.where, f"rayVersion {cluster.get('rayVersion')} is not the pinned ray {facts.ray_version}"
+        )
+    if worker_gpus(cluster)[0] < 1:
         yield Problem(manifest.where, f"no worker group has limits.{GPU_RESOURCE} (replicas would run on CPU)")
 
 

@@ -12,7 +12,9 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
+import pydantic
 import pytest
 import yaml
 
@@ -44,11 +46,11 @@ def problems_with(replacement: Path, facts: ProjectFacts, replaces: str | None =
 
 
 def broken_copy(tmp_path: Path, name: str, mutate: Mutation) -> Path:
-    """A copy of the shipped manifest deploy/k8s/<name> with one thing changed by `mutate`."""
-    body = yaml.safe_load((K8S / name).read_text())
-    mutate(body)
+    """A copy of the shipped file deploy/k8s/<name> whose first object has one thing changed by `mutate`."""
+    documents = list(yaml.safe_load_all((K8S / name).read_text()))
+    mutate(documents[0])
     path = tmp_path / Path(name).name
-    path.write_text(yaml.safe_dump(body))
+    path.write_text(yaml.safe_dump_all(documents))
     return path
 
 
@@ -74,6 +76,12 @@ def serve_applications(rayservice: dict) -> list:
     return yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
 
 
+def set_application_args(rayservice: dict, change: Callable[[dict], None]) -> None:
+    serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    change(serve_config["applications"][0]["args"])
+    rayservice["spec"]["serveConfigV2"] = yaml.safe_dump(serve_config)
+
+
 def ray_worker(rayservice: dict) -> dict:
     return rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
 
@@ -83,7 +91,7 @@ def test_shipped_manifests_pass_and_cover_the_issue(facts: ProjectFacts) -> None
     assert [str(p) for p in problems] == []
     kinds = {m.kind for m in manifests}
     assert {"Deployment", "Service", "PersistentVolumeClaim", "HorizontalPodAutoscaler", "ConfigMap"} <= kinds
-    assert {"ScaledObject", "PodMonitor", "RayService"} <= kinds
+    assert {"ScaledObject", "PodMonitor", "RayService", "ScrapeConfig"} <= kinds
     deployment = next(m for m in manifests if m.kind == "Deployment")
     container = fitserve_container(deployment.body)
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
@@ -123,6 +131,18 @@ def test_command_line_fails_on_a_broken_fixture_and_passes_the_shipped_manifests
     shipped = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd="/")
     assert shipped.returncode == 0, shipped.stdout + shipped.stderr
     assert shipped.stdout.startswith("ok: ")
+
+
+def test_malformed_shapes_are_reported_not_raised(tmp_path: Path, facts: ProjectFacts) -> None:
+    path = tmp_path / "deployment.yaml"
+    path.write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n"
+        "spec: {selector: {}, template: {spec: {containers: [{name: c, image: fitserve:0.1.0, env: 3}]}}}\n"
+    )
+    _, problems = check_manifests.check([path], facts)
+    messages = [str(p) for p in problems]
+    assert any("is not of type 'array'" in m for m in messages), messages
+    assert any(m.startswith("(project rules): not run") for m in messages), messages
 
 
 def test_a_kind_without_a_schema_is_an_error(tmp_path: Path, facts: ProjectFacts) -> None:
@@ -233,6 +253,16 @@ CASES: dict[str, tuple[str, Mutation, str]] = {
         lambda d: d["spec"]["podMetricsEndpoints"][0].update(port="metrics"),
         "port 'metrics' is not a port of the selected containers",
     ),
+    "scrape config of another rayservice": (
+        "monitoring/rayservice-scrapeconfig.yaml",
+        lambda d: d["spec"]["httpSDConfigs"][0].update(url="http://llm-serve-svc.default.svc:8000/metrics/targets"),
+        "is the Serve service of RayService llm, not defined",
+    ),
+    "scrape config misspelt field": (
+        "monitoring/rayservice-scrapeconfig.yaml",
+        lambda d: d["spec"].update(httpSdConfigs=d["spec"].pop("httpSDConfigs")),
+        "('httpSdConfigs' was unexpected)",
+    ),
     "hpa scales an undefined deployment": (
         "autoscaling/hpa.yaml",
         lambda d: d["spec"]["scaleTargetRef"].update(name="fitserve-gpu"),
@@ -280,6 +310,26 @@ CASES: dict[str, tuple[str, Mutation, str]] = {
         lambda d: _drop_gpu(ray_worker(d)),
         "no worker group has limits.nvidia.com/gpu",
     ),
+    "rayservice settings with a misspelt field": (
+        "kuberay/rayservice.yaml",
+        lambda d: set_application_args(d, lambda a: a["settings"].update(max_batch=8)),
+        "args.settings has no fitserve setting ['max_batch']",
+    ),
+    "rayservice settings with a bad value": (
+        "kuberay/rayservice.yaml",
+        lambda d: set_application_args(d, lambda a: a["settings"].update(max_batch_size=0)),
+        "args.settings.max_batch_size: Input should be greater than or equal to 1",
+    ),
+    "rayservice replicas on CPU": (
+        "kuberay/rayservice.yaml",
+        lambda d: set_application_args(d, lambda a: a.update(num_gpus=0)),
+        "args.num_gpus 0 must be above 0 and at most a worker's 1 GPUs",
+    ),
+    "rayservice scales past its workers": (
+        "kuberay/rayservice.yaml",
+        lambda d: set_application_args(d, lambda a: a["autoscaling"].update(max_replicas=8)),
+        "8 replicas of 1 GPU exceed the workers' 4 GPUs",
+    ),
 }
 
 
@@ -290,17 +340,40 @@ def test_a_broken_manifest_fails_for_its_reason(case: str, tmp_path: Path, facts
     assert any(reason in problem for problem in found), found
 
 
-def test_rayservice_follows_the_ray_serve_config_and_the_ray_pin(tmp_path: Path, facts: ProjectFacts) -> None:
-    """With deploy/ray/serve-config.yaml and a pinned `ray` extra, the RayService must match both."""
+class StandInScaleoutConfig(pydantic.BaseModel):
+    """Where server/scaleout is absent: a model with ScaleoutConfig's strictness (unknown keys rejected)."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+    num_gpus: float = pydantic.Field(0.0, ge=0)
+    router: Literal["memory", "default"] = "memory"
+
+
+def test_rayservice_follows_the_ray_serve_config_its_args_model_and_the_ray_pin(
+    tmp_path: Path, facts: ProjectFacts
+) -> None:
+    """With deploy/ray/serve-config.yaml, ScaleoutConfig and a pinned `ray` extra, the RayService must match all."""
     rayservice = yaml.safe_load((K8S / "kuberay" / "rayservice.yaml").read_text())
-    applications = serve_applications(rayservice)
-    same = dataclasses.replace(facts, serve_config={"applications": applications}, ray_version="2.60.0")
+    reference = [{"name": "fitserve", "route_prefix": "/", "import_path": "fitserve.server.scaleout.app:build_app"}]
+    model = facts.scaleout_config or StandInScaleoutConfig
+    same = dataclasses.replace(
+        facts, serve_config={"applications": reference}, ray_version="2.60.0", scaleout_config=model
+    )
     path = tmp_path / "rayservice.yaml"
     path.write_text(yaml.safe_dump(rayservice))
     assert problems_with(path, same, replaces="kuberay/rayservice.yaml") == []
-    other_app = copy.deepcopy(applications)
-    other_app[0]["route_prefix"] = "/v2"
-    differing = dataclasses.replace(facts, serve_config={"applications": other_app}, ray_version="2.61.0")
+
+    moved = copy.deepcopy(reference)
+    moved[0]["route_prefix"] = "/v2"
+    differing = dataclasses.replace(same, serve_config={"applications": moved}, ray_version="2.61.0")
     found = problems_with(path, differing, replaces="kuberay/rayservice.yaml")
-    assert any("differ from deploy/ray/serve-config.yaml" in p for p in found), found
+    assert any("route_prefix differs from deploy/ray/serve-config.yaml (/v2)" in p for p in found), found
     assert any("rayVersion 2.60.0 is not the pinned ray 2.61.0" in p for p in found), found
+
+    renamed = dataclasses.replace(same, serve_config={"applications": [{**reference[0], "name": "llm"}]})
+    found = problems_with(path, renamed, replaces="kuberay/rayservice.yaml")
+    assert any("application fitserve: is not an application of deploy/ray/serve-config.yaml" in p for p in found)
+
+    set_application_args(rayservice, lambda a: a.update(router="fastest"))
+    path.write_text(yaml.safe_dump(rayservice))
+    found = problems_with(path, same, replaces="kuberay/rayservice.yaml")
+    assert any("args.router" in p and "(ScaleoutConfig)" in p for p in found), found
