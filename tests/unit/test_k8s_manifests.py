@@ -99,6 +99,14 @@ def test_shipped_manifests_pass_and_cover_the_issue(facts: ProjectFacts) -> None
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_every_shipped_manifest_is_documented() -> None:
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    missing = [
+        f.relative_to(K8S).as_posix() for f in shipped_files() if f"`{f.relative_to(K8S).as_posix()}`" not in docs
+    ]
+    assert missing == [], f"docs/kubernetes.md does not describe {missing}"
+
+
 def test_every_custom_resource_has_a_committed_schema() -> None:
     for schema in check_manifests.CRD_SCHEMAS.values():
         assert (check_manifests.SCHEMA_DIR / schema).is_file(), schema
@@ -255,7 +263,7 @@ CASES: dict[str, tuple[str, Mutation, str]] = {
     ),
     "scrape config of another rayservice": (
         "monitoring/rayservice-scrapeconfig.yaml",
-        lambda d: d["spec"]["httpSDConfigs"][0].update(url="http://llm-serve-svc.default.svc:8000/metrics/targets"),
+        lambda d: d["spec"]["httpSDConfigs"][0].update(url="http://llm-serve-svc.fitserve.svc:8000/metrics/targets"),
         "is the Serve service of RayService llm, not defined",
     ),
     "scrape config misspelt field": (
