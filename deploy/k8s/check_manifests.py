@@ -91,11 +91,16 @@ def committed_schema(name: str, make_strict: bool) -> jsonschema.Draft202012Vali
     return jsonschema.Draft202012Validator(strict(schema) if make_strict else schema)
 
 
-def json_schema_problems(where: str, document: object, validator: jsonschema.Draft202012Validator) -> Iterator[Problem]:
-    """Every violation of a JSON schema, with the path of the offending field."""
-    for error in sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path))):
-        field = ".".join(str(part) for part in error.absolute_path) or "(document)"
-        yield Problem(where, f"{field}: {error.message}")
+def json_schema_errors(document: object, validator: jsonschema.Draft202012Validator) -> list[str]:
+    """Every violation of a JSON schema as `field: message`, in field order."""
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{'.'.join(str(part) for part in e.absolute_path) or '(document)'}: {e.message}" for e in errors]
+
+
+@cache
+def crd_schema_errors(schema_name: str, body_json: str) -> tuple[str, ...]:
+    """A custom resource's violations of its committed CRD schema (cached on the object's JSON text)."""
+    return tuple(json_schema_errors(json.loads(body_json), committed_schema(schema_name, make_strict=True)))
 
 
 @cache
@@ -119,7 +124,13 @@ def schema_problems(manifest: Manifest) -> Iterator[Problem]:
     """The manifest against its schema: a committed CRD schema, else Kubernetes' own for each pinned version."""
     crd = CRD_SCHEMAS.get((manifest.api_version, manifest.kind))
     if crd is not None:
-        yield from json_schema_problems(manifest.where, manifest.body, committed_schema(crd, make_strict=True))
+        body_json = json.dumps(manifest.body, sort_keys=True, default=str)
+        yield from (Problem(manifest.where, error) for error in crd_schema_errors(crd, body_json))
+        # A CRD schema leaves `metadata` open; Kubernetes' ObjectMeta, checked here through a ConfigMap, does not.
+        holder = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": manifest.body.get("metadata")}
+        error = kubernetes_schema_error(json.dumps(holder, sort_keys=True, default=str), KUBERNETES_VERSIONS[-1])
+        if error is not None:
+            yield Problem(manifest.where, error)
         return
     body_json = json.dumps(manifest.body, sort_keys=True, default=str)
     for version in KUBERNETES_VERSIONS:
@@ -139,9 +150,9 @@ def adapter_config_problems(manifest: Manifest) -> Iterator[Problem]:
     except yaml.YAMLError as error:
         yield Problem(manifest.where, f"data.config.yaml is not YAML: {error}")
         return
-    yield from json_schema_problems(
-        f"{manifest.where} data.config.yaml", config, committed_schema(ADAPTER_CONFIG_SCHEMA, make_strict=False)
-    )
+    adapter_schema = committed_schema(ADAPTER_CONFIG_SCHEMA, make_strict=False)
+    for violation in json_schema_errors(config, adapter_schema):
+        yield Problem(f"{manifest.where} data.config.yaml", violation)
 
 
 def check(files: Iterable[Path], facts: ProjectFacts) -> tuple[list[Manifest], list[Problem]]:

@@ -266,6 +266,11 @@ CASES: dict[str, tuple[str, Mutation, str]] = {
         lambda d: d["spec"]["httpSDConfigs"][0].update(url="http://llm-serve-svc.fitserve.svc:8000/metrics/targets"),
         "is the Serve service of RayService llm, not defined",
     ),
+    "custom resource with misspelt metadata": (
+        "kuberay/rayservice.yaml",
+        lambda d: d["metadata"].update(label={"a": "b"}),
+        "metadata: Additional properties are not allowed ('label' was unexpected)",
+    ),
     "scrape config misspelt field": (
         "monitoring/rayservice-scrapeconfig.yaml",
         lambda d: d["spec"].update(httpSdConfigs=d["spec"].pop("httpSDConfigs")),
