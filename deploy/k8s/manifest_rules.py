@@ -233,9 +233,13 @@ def env_problems(where: str, container: dict, facts: ProjectFacts, needs_api_key
         yield Problem(where, f"env {API_KEY_ENV} is missing: the API must require a key")
     elif api_key is not None and not (api_key.get("valueFrom") or {}).get("secretKeyRef"):
         yield Problem(where, f"env {API_KEY_ENV} must come from a Secret (valueFrom.secretKeyRef), not a literal")
+    # Every fitserve process reads the model cache: the server and Ray replicas load the model, the Ray ingress
+    # (placed on any node, the head included) its tokenizer, the fetch Job fills it.
     home = (env.get("FITSERVE_HOME") or {}).get("value")
     mounts = {mount.get("mountPath") for mount in container.get("volumeMounts") or []}
-    if home is not None and home not in mounts:
+    if home is None:
+        yield Problem(where, "env FITSERVE_HOME must name the mounted model cache")
+    elif home not in mounts:
         yield Problem(where, f"FITSERVE_HOME={home} is not a mounted volume (the model cache)")
 
 

@@ -129,6 +129,12 @@ def test_broken_fixture_fails_for_its_reason(fixture: str, reason: str, facts: P
     assert any(reason in problem for problem in found), found
 
 
+def test_the_schema_valid_fixture_fails_only_for_its_two_reasons(facts: ProjectFacts) -> None:
+    found = problems_with(FIXTURES / "deployment-wrong-probes.yaml", facts)
+    assert len(found) == 2, found
+    assert "readinessProbe must GET /ready" in found[1] and "must come from a Secret" in found[0], found
+
+
 def test_command_line_fails_on_a_broken_fixture_and_passes_the_shipped_manifests() -> None:
     script = str(K8S / "check_manifests.py")
     broken = subprocess.run(
@@ -220,6 +226,11 @@ CASES: dict[str, tuple[str, Mutation, str]] = {
         "plain/deployment.yaml",
         lambda d: fitserve_container(d).pop("volumeMounts"),
         "FITSERVE_HOME=/models is not a mounted volume",
+    ),
+    "rayservice head without the model cache": (
+        "kuberay/rayservice.yaml",
+        lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(env=[]),
+        "env FITSERVE_HOME must name the mounted model cache",
     ),
     "no GPU": (
         "plain/deployment.yaml",
