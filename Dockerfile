@@ -2,6 +2,7 @@
 #
 #   docker build -t fitserve .                                   # model fetched into the volume at first start
 #   docker build -t fitserve --build-arg BAKE_DEFAULT_MODEL=true .   # default model baked into the image
+#   docker build -t fitserve-ray --build-arg FITSERVE_EXTRAS=nvml,ray .   # with Ray Serve (KubeRay, deploy/k8s)
 #   docker run --gpus all -p 8000:8000 -v fitserve-models:/models fitserve [--model /models/models/<name> ...]
 #
 # Any `fitserve serve` flag can be appended to `docker run`; FITSERVE_* environment variables work too.
@@ -27,7 +28,9 @@ COPY quant ./quant
 COPY server ./server
 COPY loadtest ./loadtest
 COPY src ./src
-RUN pip install --no-cache-dir "/src[nvml]"
+# The package's extras: nvml (GPU memory readings) always; add ray for the Ray Serve / KubeRay image.
+ARG FITSERVE_EXTRAS=nvml
+RUN pip install --no-cache-dir "/src[${FITSERVE_EXTRAS}]"
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fitserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test test-unit test-gpu test-gptq lint typecheck wheel-check clean
+.PHONY: install model serve test test-unit test-gpu test-gptq check-manifests lint typecheck wheel-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ test-gptq: model
 	$(GPTQ_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
 	$(GPTQ_VENV)/bin/python -m pip install --quiet -e '.[test,gptq]'
 	GPTQMODEL_CPU_WORKERS=2 $(GPTQ_VENV)/bin/python -m pytest tests/unit/test_gptq.py $(PYTEST_ARGS)
+
+# Kubernetes manifests (deploy/k8s), offline: Kubernetes and CRD schemas, then fitserve's rules; the broken
+# fixtures (tests/fixtures/k8s) must fail. kubernetes-validate comes from the `k8s` extra, part of `test`.
+check-manifests: $(STAMP)
+	$(BIN)/python deploy/k8s/check_manifests.py
+	$(BIN)/python -m pytest -q tests/unit/test_k8s_manifests.py $(PYTEST_ARGS)
 
 # ruff (lint + format) and mypy; the tools come from the `dev` extra.
 DEV_STAMP := $(VENV)/.fitserve-dev-installed
