@@ -63,7 +63,7 @@ _SERIES = {
     "fitserve_oom_events_total": "oom_events_total",
     "fitserve_preemptions_total": "preemptions_total",
     "fitserve_generation_tokens_total": "generation_tokens_total",
-    "fitserve_batch_size_limit": "max_batch_size",
+    "fitserve_engine_current_max_batch_size": "max_batch_size",
 }
 
 
@@ -71,7 +71,7 @@ def parse_metrics(text: str, t_s: float | None = None) -> MetricsSample | None:
     """The fitserve series in a Prometheus text exposition, or None if it has no `fitserve_` series.
 
     Series with several label sets (one per device) are summed. The server's current batch cap is
-    `fitserve_batch_size_limit` (any `fitserve_*max_batch_size*` gauge is accepted too).
+    `fitserve_engine_current_max_batch_size` (any `fitserve_*max_batch_size*` gauge is accepted too).
     """
     values: dict[str, float] = {}
     seen_fitserve = False

@@ -24,7 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fitserve.server.engine.types import EngineSnapshot, RequestStats, StepStats
+from fitserve.server.engine.types import EngineSnapshot, RequestStats, RequestStatus, StepStats
 from fitserve.server.ledger import MemoryLedger, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -36,16 +36,6 @@ class MetricKind(enum.Enum):
     GAUGE = "gauge"
     COUNTER = "counter"
     HISTOGRAM = "histogram"
-
-
-class RequestStatus(enum.StrEnum):
-    """Values of the `status` label of `fitserve_requests_total` (`RequestStats.status`)."""
-
-    OK = "ok"
-    LENGTH = "length"
-    ERROR = "error"
-    REJECTED = "rejected"
-    ABORTED = "aborted"
 
 
 @dataclass(frozen=True)
@@ -219,8 +209,10 @@ KV_RESERVED = MetricSpec(
 KV_USAGE = MetricSpec("fitserve_kv_cache_usage_ratio", MetricKind.GAUGE, "Used KV cache tokens over capacity (0 to 1).")
 RUNNING = MetricSpec("fitserve_requests_running", MetricKind.GAUGE, "Requests currently in the running batch.")
 WAITING = MetricSpec("fitserve_requests_waiting", MetricKind.GAUGE, "Requests waiting to be scheduled.")
-BATCH_LIMIT = MetricSpec(
-    "fitserve_batch_size_limit", MetricKind.GAUGE, "Current cap on running sequences (lowered after an OOM)."
+CURRENT_MAX_BATCH_SIZE = MetricSpec(
+    "fitserve_engine_current_max_batch_size",
+    MetricKind.GAUGE,
+    "Current cap on running sequences: --max-batch-size, lowered for a while after an OOM.",
 )
 OOM_EVENTS = MetricSpec(
     "fitserve_oom_events_total", MetricKind.COUNTER, "Out-of-memory errors the engine caught while running a step."
@@ -285,7 +277,7 @@ METRICS: tuple[MetricSpec, ...] = (
     KV_USAGE,
     RUNNING,
     WAITING,
-    BATCH_LIMIT,
+    CURRENT_MAX_BATCH_SIZE,
     OOM_EVENTS,
     PREEMPTIONS,
     PREFIX_QUERIES,
@@ -399,7 +391,8 @@ class _StateCollector(Collector):
     @staticmethod
     def _snapshot_families(snapshot: object | None) -> list[Metric]:
         gauges = {
-            spec: _gauge(spec) for spec in (KV_CAPACITY, KV_USED, KV_RESERVED, KV_USAGE, RUNNING, WAITING, BATCH_LIMIT)
+            spec: _gauge(spec)
+            for spec in (KV_CAPACITY, KV_USED, KV_RESERVED, KV_USAGE, RUNNING, WAITING, CURRENT_MAX_BATCH_SIZE)
         }
         counters = {spec: _counter(spec) for spec in (OOM_EVENTS, PREEMPTIONS, PREFIX_QUERIES, PREFIX_HITS)}
         if isinstance(snapshot, EngineSnapshot):
@@ -410,7 +403,7 @@ class _StateCollector(Collector):
             gauges[KV_USAGE].add_metric([], snapshot.kv_used_tokens / capacity if capacity > 0 else 0.0)
             gauges[RUNNING].add_metric([], snapshot.running)
             gauges[WAITING].add_metric([], snapshot.waiting)
-            gauges[BATCH_LIMIT].add_metric([], snapshot.max_batch_size)
+            gauges[CURRENT_MAX_BATCH_SIZE].add_metric([], snapshot.current_max_batch_size)
             counters[OOM_EVENTS].add_metric([], snapshot.oom_events_total)
             counters[PREEMPTIONS].add_metric([], snapshot.preemptions_total)
             counters[PREFIX_QUERIES].add_metric([], snapshot.prefix_cache_queries_total)
@@ -479,9 +472,9 @@ class ServerMetrics:
     def record_request(self, stats: RequestStats) -> None:
         """Count one finished, rejected, aborted or failed request and observe its latencies. Never raises."""
         try:
-            status = str(getattr(stats.status, "value", stats.status))  # a str or a str-valued enum
-            self._requests.labels(status=status).inc()
-            if status != RequestStatus.REJECTED.value:  # a rejected prompt was never processed
+            status = RequestStatus(stats.status)
+            self._requests.labels(status=status.value).inc()
+            if status is not RequestStatus.REJECTED:  # a rejected prompt was never processed
                 self._prompt_tokens.inc(stats.prompt_tokens)
             self._generation_tokens.inc(stats.generation_tokens)
             if stats.queue_s is not None:

@@ -5,29 +5,39 @@ pool hands out blocks, counts how many sequences use each, and takes them back.
 
 Prefix caching: a block whose `block_size` tokens are all computed is registered under a key made of its tokens
 and the key of the block before it, so two sequences whose token ids agree up to the end of block *i* have the
-same key for block *i*. A new sequence takes the registered blocks of its longest matching prefix instead of
-computing them again (shared, read-only: a sequence only ever writes positions after its matched prefix, which
-live in its own blocks). When the last user of a registered block leaves, the block keeps its contents and joins
-an LRU of cached blocks; fresh allocations take never-registered free blocks first, then evict the least
-recently used cached ones.
+same key for block *i*. The key is a SHA-256 digest of (the previous block's digest + this block's token ids as
+8-byte integers), so nobody can craft two different prefixes with one key and read another request's KV (Python's
+`hash()` of token tuples, used before, is not collision-resistant; vLLM made the same move).
+
+A new sequence takes the registered blocks of its longest matching prefix instead of computing them again (shared,
+read-only: a sequence only ever writes positions after its matched prefix, which live in its own blocks). When the
+last user of a registered block leaves, the block keeps its contents and joins an LRU of cached blocks; fresh
+allocations take never-registered free blocks first, then evict the least recently used cached ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-BlockKey = tuple[int, tuple[int, ...]]  # (hash of the previous block's key, this block's token ids)
-_ROOT = 0
+BlockKey = bytes  # SHA-256 digest of (previous block's key + this block's token ids)
+ROOT_KEY: BlockKey = b""  # the "previous key" of a sequence's first block
+
+
+def block_key(parent: BlockKey, token_ids: Sequence[int]) -> BlockKey:
+    """The prefix-cache key of a block: SHA-256 of the parent block's key and the token ids (int64 bytes)."""
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
 @dataclass(frozen=True)
 class PrefixHit:
-    """The registered blocks a sequence can start from, and the key hash after the last of them."""
+    """The registered blocks a sequence can start from, and the key of the last of them."""
 
     blocks: tuple[int, ...]
-    last_hash: int = _ROOT
+    last_key: BlockKey = ROOT_KEY
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -83,14 +93,14 @@ class BlockPool:
             return NO_HIT
         bs = self.block_size
         blocks: list[int] = []
-        parent = _ROOT
+        parent = ROOT_KEY
         for i in range(min(max_blocks, len(token_ids) // bs)):
-            key = (parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+            key = block_key(parent, token_ids[i * bs : (i + 1) * bs])
             block = self._block_of.get(key)
             if block is None:
                 break
             blocks.append(block)
-            parent = hash(key)
+            parent = key
         return PrefixHit(tuple(blocks), parent)
 
     def can_allocate(self, hit: PrefixHit, num_new: int) -> bool:
@@ -137,20 +147,20 @@ class BlockPool:
                 self._free.add(block)
 
     def register(
-        self, block_table: Sequence[int], token_ids: Sequence[int], start: int, end: int, parent_hash: int
-    ) -> int:
+        self, block_table: Sequence[int], token_ids: Sequence[int], start: int, end: int, parent_key: BlockKey
+    ) -> BlockKey:
         """Register blocks `start..end-1` of a sequence, now fully computed, under their keys.
 
-        `parent_hash` is the hash after block `start-1` (the root for block 0); returns the hash after block
+        `parent_key` is the key of block `start-1` (`ROOT_KEY` for block 0); returns the key of block
         `end-1`. A key that another block already holds (two sequences computed the same prefix at the same
         time) keeps its first block; this sequence's copy stays private and is freed normally.
         """
         if not self.enable_caching:
-            return parent_hash
+            return parent_key
         bs = self.block_size
         for i in range(start, end):
-            key = (parent_hash, tuple(token_ids[i * bs : (i + 1) * bs]))
-            parent_hash = hash(key)
+            key = block_key(parent_key, token_ids[i * bs : (i + 1) * bs])
+            parent_key = key
             if key in self._block_of:
                 continue
             block = block_table[i]
@@ -158,7 +168,7 @@ class BlockPool:
                 continue
             self._key_of[block] = key
             self._block_of[key] = block
-        return parent_hash
+        return parent_key
 
     def record_lookup(self, query_tokens: int, hit_tokens: int) -> None:
         """Count one admission's prompt tokens and how many of them came from the cache."""

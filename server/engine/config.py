@@ -9,8 +9,8 @@ from dataclasses import dataclass
 class EngineConfig:
     """Everything the continuous-batching engine needs to know besides the model and tokenizer.
 
-    Token budgets are in tokens, times in seconds. `max_batch_size=None` means "as many running sequences as the
-    KV cache admits"; after an OOM the engine lowers its own cap below this value.
+    Token budgets are in tokens, times in seconds. `max_batch_size` caps the running sequences (`None`: as many as
+    the KV cache admits); after an OOM the scheduler lowers its `current_max_batch_size` below it for a while.
     """
 
     served_model_name: str
@@ -20,6 +20,7 @@ class EngineConfig:
     max_waiting: int = 256
     max_prefill_tokens: int = 512  # prompt tokens computed per step (chunked prefill budget)
     oom_inject_steps: tuple[int, ...] = ()  # fault injection: steps (1-based) whose forward raises OOM
+    sampling_fault_request_ids: tuple[str, ...] = ()  # fault injection: requests whose sampling raises (tests)
     device: str = "cpu"
     block_size_tokens: int = 16  # KV cache page size
     oom_recovery_steps: int | None = 256  # OOM-free steps after which a lowered batch cap doubles; None: never

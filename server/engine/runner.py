@@ -22,8 +22,9 @@ from fitserve.server.engine.kv_cache import (
     SeqSlice,
     register_attention,
 )
-from fitserve.server.engine.sampling import SampledToken, make_generator, sample
+from fitserve.server.engine.sampling import sample_sequences
 from fitserve.server.engine.scheduler import ScheduledBatch, Sequence
+from fitserve.server.engine.types import SampleResult
 
 logger = logging.getLogger(__name__)
 
@@ -187,34 +188,20 @@ class ModelRunner:
         )
         return out.logits[0]
 
-    def run(self, batch: ScheduledBatch) -> list[SampledToken]:
-        """One step: forward + sampling. Returns one `SampledToken` per chunk with `sample=True`, in order."""
+    def run(self, batch: ScheduledBatch) -> list[SampleResult]:
+        """One step: forward + sampling. Returns one result per chunk with `sample=True`, in order; a row whose
+        sampling failed (only that sequence) is a `SampleFailure`."""
         logits = self.forward_logits(batch)
         sampling = [c.seq for c in batch.chunks if c.sample]
         if not sampling:
             return []
-        generators = []
-        for seq in sampling:
-            if seq.params.temperature > 0 and seq.sampling_state is None:
-                seq.sampling_state = make_generator(seq.params.seed, logits.device)
-            generators.append(seq.sampling_state)
-        with torch.inference_mode():
-            return sample(
-                logits,
-                [s.params for s in sampling],
-                [s.token_ids[s.num_prompt_tokens :] if _penalised(s.params) else () for s in sampling],
-                generators,
-            )
+        return sample_sequences(logits, sampling, frozenset(self.config.sampling_fault_request_ids))
 
 
 def _is_run(block_table: list[int], num_tokens: int, block_size: int) -> bool:
     """True when the blocks holding the first `num_tokens` positions are consecutive ids."""
     used = -(-num_tokens // block_size)
     return block_table[used - 1] - block_table[0] == used - 1 if used else True
-
-
-def _penalised(params: object) -> bool:
-    return bool(getattr(params, "presence_penalty", 0.0) or getattr(params, "frequency_penalty", 0.0))
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -1,35 +1,46 @@
-"""Token sampling on a [batch, vocab] logits tensor: penalties, temperature, top-k/top-p, seeds, logprobs.
+"""Token sampling on a [batch, vocab] logits tensor: penalties, logit bias, temperature, top-k/top-p, seeds,
+logprobs.
 
 Everything is vectorised over the vocabulary; the only Python loops run over the rows of the batch (one per
-sequence that samples this step). Greedy rows without penalties take a single `argmax`.
+sequence that samples this step). Greedy rows without penalties or bias take a single `argmax`.
+
+One row never fails another: a row whose logits are not finite after penalties, bias and temperature (NaN or
++-inf) is reported as a `SampleFailure` and never reaches `torch.multinomial`; and when sampling the batch raises
+anyway, `sample_sequences` samples each row alone so that only the row that raises fails.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from fitserve.server.engine.types import SamplingParams
+from fitserve.server.engine.types import SampledToken, SampleFailure, SampleResult, SamplingParams
 
+if TYPE_CHECKING:
+    from fitserve.server.engine.scheduler import Sequence as EngineSequence
 
-@dataclass(frozen=True)
-class SampledToken:
-    """A sampled token with its log-probability and top alternatives (empty unless logprobs were asked for)."""
+logger = logging.getLogger(__name__)
 
-    token_id: int
-    logprob: float | None = None
-    top: tuple[tuple[int, float], ...] = ()
+_SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes [-2**63, 2**64); any int is folded into [0, 2**64)
+
+NON_FINITE_REASON = (
+    "the logits of this request were not finite (NaN or infinite) after its penalties, logit_bias and temperature"
+)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A per-request generator: seeded for reproducibility, or from fresh entropy when seed is None."""
+    """A per-request generator: seeded for reproducibility, or from fresh entropy when seed is None.
+
+    Any integer seed works (it is taken modulo 2**64), so a seed never makes `manual_seed` raise.
+    """
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(seed)
+        gen.manual_seed(seed % _SEED_MODULUS)
     return gen
 
 
@@ -70,8 +81,24 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
 
 
+def apply_logit_bias(logits: torch.Tensor, biases: Sequence[tuple[tuple[int, float], ...]]) -> torch.Tensor:
+    """Add each row's OpenAI `logit_bias` ((token id, bias) pairs) to its logits (in place; returns logits)."""
+    for row, pairs in enumerate(biases):
+        if not pairs:
+            continue
+        ids = torch.tensor([token for token, _ in pairs], dtype=torch.long, device=logits.device)
+        values = torch.tensor([bias for _, bias in pairs], dtype=logits.dtype, device=logits.device)
+        logits[row].index_add_(0, ids, values)
+    return logits
+
+
 def _needs_filter(p: SamplingParams, vocab: int) -> bool:
-    return p.temperature > 0 and ((p.top_k is not None and 0 < p.top_k < vocab) or p.top_p < 1.0)
+    return not p.is_greedy and ((p.top_k is not None and 0 < p.top_k < vocab) or p.top_p < 1.0)
+
+
+def _non_finite_rows(rows: torch.Tensor) -> list[int]:
+    """Indices of the rows of a [B, V] tensor holding a NaN or an infinity."""
+    return (~torch.isfinite(rows).all(dim=-1)).nonzero().flatten().tolist()
 
 
 def sample(
@@ -79,41 +106,55 @@ def sample(
     params: Sequence[SamplingParams],
     output_token_ids: Sequence[Sequence[int]],
     generators: Sequence[torch.Generator | None],
-) -> list[SampledToken]:
-    """Sample one token per row of `logits` [B, V] following each row's `SamplingParams`."""
+) -> list[SampleResult]:
+    """Sample one token per row of `logits` [B, V] following each row's `SamplingParams`.
+
+    Penalties and logit bias apply first, then greedy rows take the argmax and the others are divided by their
+    temperature, filtered (top-k, top-p) and drawn. A row whose logits are not finite after penalties, bias and
+    temperature gets a `SampleFailure` instead of a token.
+    """
     _rows, vocab = logits.shape
-    greedy_only = all(p.temperature == 0 for p in params)
+    greedy_only = all(p.is_greedy for p in params)
     penalised = any(p.presence_penalty or p.frequency_penalty for p in params)
+    biased = any(p.logit_bias for p in params)
     want_logprobs = any(p.logprobs is not None for p in params)
-    if greedy_only and not penalised and not want_logprobs:
+    if greedy_only and not penalised and not biased and not want_logprobs:
         return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
 
     raw = logits.float()
-    work = raw.clone() if penalised else raw
+    work = raw.clone() if penalised or biased else raw
     if penalised:
         apply_penalties(
             work, output_token_ids, [p.presence_penalty for p in params], [p.frequency_penalty for p in params]
         )
+    if biased:
+        apply_logit_bias(work, [p.logit_bias for p in params])
+    failed = set(_non_finite_rows(work)) if penalised or biased else set()
     chosen = work.argmax(dim=-1)
-    random_rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
     if random_rows:
         dev = logits.device
         temps = torch.tensor([params[i].temperature for i in random_rows], device=dev)
         sub = work[random_rows] / temps.unsqueeze(1)
+        failed.update(random_rows[j] for j in _non_finite_rows(sub))
         if any(_needs_filter(params[i], vocab) for i in random_rows):
             top_k = torch.tensor([min(params[i].top_k or vocab, vocab) for i in random_rows], device=dev)
             top_p = torch.tensor([params[i].top_p for i in random_rows], device=dev)
             sub = apply_top_k_top_p(sub, top_k, top_p)
         probs = sub.softmax(dim=-1)
         for j, i in enumerate(random_rows):
-            chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i]).item()
+            if i not in failed:
+                chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i]).item()
 
     tokens = chosen.tolist()
     if not want_logprobs:
-        return [SampledToken(t) for t in tokens]
+        return [SampleFailure(NON_FINITE_REASON) if i in failed else SampledToken(t) for i, t in enumerate(tokens)]
     logprobs = raw.log_softmax(dim=-1)
-    out: list[SampledToken] = []
-    for i, (p, tok) in enumerate(zip(params, tokens, strict=False)):
+    out: list[SampleResult] = []
+    for i, (p, tok) in enumerate(zip(params, tokens, strict=True)):
+        if i in failed:
+            out.append(SampleFailure(NON_FINITE_REASON))
+            continue
         if p.logprobs is None:
             out.append(SampledToken(tok))
             continue
@@ -123,3 +164,46 @@ def sample(
             top = tuple(zip(ids.tolist(), values.tolist(), strict=False))
         out.append(SampledToken(tok, logprobs[i, tok].item(), top))
     return out
+
+
+def sample_sequences(
+    logits: torch.Tensor, seqs: Sequence[EngineSequence], fault_request_ids: frozenset[str] = frozenset()
+) -> list[SampleResult]:
+    """Sample the next token of each sequence from its row of `logits` [len(seqs), V].
+
+    Creates each sampling sequence's generator on first use (kept in `seq.sampling_state`). If sampling the
+    batch raises, each row is sampled alone and only the rows that raise alone fail (a `SampleFailure`).
+    `fault_request_ids` is fault injection for tests (`EngineConfig.sampling_fault_request_ids`): sampling any
+    row of these requests raises.
+    """
+    for seq in seqs:
+        if not seq.params.is_greedy and seq.sampling_state is None:
+            seq.sampling_state = make_generator(seq.params.seed, logits.device)
+    params = [s.params for s in seqs]
+    outputs = [s.token_ids[s.num_prompt_tokens :] if _penalised(s.params) else () for s in seqs]
+    generators = [s.sampling_state for s in seqs]
+    with torch.inference_mode():
+        try:
+            _inject_fault(seqs, fault_request_ids)
+            return sample(logits, params, outputs, generators)
+        except Exception:
+            logger.warning("sampling a batch of %d rows raised; sampling each row alone", len(seqs), exc_info=True)
+        results: list[SampleResult] = []
+        for i, seq in enumerate(seqs):
+            try:
+                _inject_fault([seq], fault_request_ids)
+                results.extend(sample(logits[i : i + 1], params[i : i + 1], outputs[i : i + 1], generators[i : i + 1]))
+            except Exception as exc:
+                logger.error("sampling request %s failed", seq.request_id, exc_info=exc)
+                results.append(SampleFailure("sampling failed for this request"))
+        return results
+
+
+def _penalised(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty)
+
+
+def _inject_fault(seqs: Sequence[EngineSequence], fault_request_ids: frozenset[str]) -> None:
+    hit = [s.request_id for s in seqs if s.request_id in fault_request_ids]
+    if hit:
+        raise RuntimeError(f"injected sampling fault for {hit} (EngineConfig.sampling_fault_request_ids)")

@@ -16,7 +16,7 @@ from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
 from typing import Any
 
-from fitserve.server.engine.block_pool import BlockPool, PrefixHit
+from fitserve.server.engine.block_pool import ROOT_KEY, BlockKey, BlockPool, PrefixHit
 from fitserve.server.engine.config import EngineConfig
 from fitserve.server.engine.types import (
     FinishReason,
@@ -57,7 +57,7 @@ class Sequence:
     sampling_state: Any = None  # owned by the runner (e.g. a torch.Generator); the scheduler never reads it
     slot_state: Any = None  # owned by the runner (cache slots of the block table); reset when blocks change
     prefix_blocks: int = 0  # leading blocks of the block table that are registered in the prefix cache
-    prefix_hash: int = 0  # the prefix-cache key hash after those blocks
+    prefix_key: BlockKey = ROOT_KEY  # the prefix-cache key of the last of those blocks
 
     @property
     def num_output_tokens(self) -> int:
@@ -143,7 +143,7 @@ class Scheduler:
         self.clock = clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.batch_cap: int | None = config.max_batch_size
+        self.current_max_batch_size: int | None = config.max_batch_size  # lowered after an OOM; None: no cap
         self.oom_events_total = 0
         self.preemptions_total = 0
         self._step = 0
@@ -179,13 +179,47 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
+    def add_group(self, seqs: SequenceT[Sequence]) -> None:
+        """Take several sequences as one unit (the choices of one HTTP request): all of them, or none.
+
+        Raises the first sequence's `check_fits` error, or `QueueFullError` when the ones that could not start
+        now would not all fit the waiting queue; nothing is taken then. The count of those that start now is a
+        lower bound (it ignores prefix-cache hits, which only ever need fewer fresh blocks), so the sequences
+        added afterwards never meet a full queue.
+        """
+        for seq in seqs:
+            self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+        must_wait = len(seqs) - self._startable_now(seqs)
+        if must_wait and len(self.waiting) + must_wait > self.config.max_waiting:
+            raise QueueFullError(self.config.max_waiting, requested=len(seqs))
+        for seq in seqs:
+            self.add(seq)
+
+    def _startable_now(self, seqs: SequenceT[Sequence]) -> int:
+        """How many of `seqs`, taken in order, surely start at once: nothing waits, the batch cap and the KV
+        reservations (counted without prefix hits) have room."""
+        if self.waiting:
+            return 0
+        slots = len(seqs)
+        if self.current_max_batch_size is not None:
+            slots = max(0, self.current_max_batch_size - len(self.running))
+        free_blocks = self.allocator.num_free
+        started = 0
+        for seq in seqs[:slots]:
+            need = self._blocks_for(seq.reserved_tokens)
+            if need > free_blocks:
+                break
+            free_blocks -= need
+            started += 1
+        return started
+
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def _admission(self, seq: Sequence) -> PrefixHit | None:
         """The cached prefix the sequence would start from, or None while the batch cap or the KV reservation
         (less the blocks that prefix supplies) does not fit."""
-        if self.batch_cap is not None and len(self.running) >= self.batch_cap:
+        if self.current_max_batch_size is not None and len(self.running) >= self.current_max_batch_size:
             return None
         # at least the last known token is computed, so the step that admits it has logits to sample from
         hit = self.allocator.match(seq.token_ids, (len(seq.token_ids) - 1) // self.block_size)
@@ -195,7 +229,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, hit: PrefixHit) -> None:
         """Take the sequence's blocks (the cached prefix first) and start it after that prefix."""
         seq.block_table = self.allocator.allocate(hit, self._blocks_for(seq.reserved_tokens) - len(hit))
-        seq.prefix_blocks, seq.prefix_hash = len(hit), hit.last_hash
+        seq.prefix_blocks, seq.prefix_key = len(hit), hit.last_key
         seq.num_computed_tokens = len(hit) * self.block_size
         self.allocator.record_lookup(len(seq.token_ids), seq.num_computed_tokens)
         seq.status = SequenceStatus.RUNNING
@@ -280,8 +314,8 @@ class Scheduler:
         """Offer the sequence's newly completed blocks to the prefix cache."""
         full = seq.num_computed_tokens // self.block_size
         if full > seq.prefix_blocks:
-            seq.prefix_hash = self.allocator.register(
-                seq.block_table, seq.token_ids, seq.prefix_blocks, full, seq.prefix_hash
+            seq.prefix_key = self.allocator.register(
+                seq.block_table, seq.token_ids, seq.prefix_blocks, full, seq.prefix_key
             )
             seq.prefix_blocks = full
 
@@ -290,15 +324,15 @@ class Scheduler:
         self._clean_steps += 1
         limit = self.config.max_batch_size
         recovery = self.config.oom_recovery_steps
-        if recovery is None or self.batch_cap == limit or self._clean_steps < recovery:
+        if recovery is None or self.current_max_batch_size == limit or self._clean_steps < recovery:
             return
         self._clean_steps = 0
-        new_cap: int | None = 2 * (self.batch_cap or 1)
+        new_cap: int | None = 2 * (self.current_max_batch_size or 1)
         if limit is not None:
             new_cap = min(new_cap, limit)
         elif new_cap >= self.allocator.num_blocks:
             new_cap = None
-        self.batch_cap = new_cap
+        self.current_max_batch_size = new_cap
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params
@@ -335,7 +369,7 @@ class Scheduler:
         self.allocator.free(seq.block_table)
         seq.block_table = []
         seq.slot_state = None
-        seq.prefix_blocks, seq.prefix_hash = 0, 0
+        seq.prefix_blocks, seq.prefix_key = 0, ROOT_KEY
 
     def _preempt(self, seq: Sequence) -> None:
         """Evict a running sequence back to the front of the queue; it will recompute from its tokens."""
@@ -355,7 +389,7 @@ class Scheduler:
         """
         self.oom_events_total += 1
         self._clean_steps = 0
-        self.batch_cap = max(1, len(self.running) // 2)
+        self.current_max_batch_size = max(1, len(self.running) // 2)
         failed: list[Sequence] = []
         for chunk in batch.chunks:
             seq = chunk.seq
@@ -365,7 +399,7 @@ class Scheduler:
             if seq.oom_retries > self.config.max_oom_retries:
                 self.finish(seq, FinishReason.ERROR)
                 failed.append(seq)
-        while len(self.running) > self.batch_cap:
+        while len(self.running) > self.current_max_batch_size:
             self._preempt(self.running[-1])
         return failed
 
@@ -388,8 +422,3 @@ class Scheduler:
         """Cache slots held by running sequences: the blocks of their prompt + max_tokens reservations, shared
         prefix blocks counted once."""
         return self.allocator.num_used_blocks * self.block_size
-
-    @property
-    def effective_batch_cap(self) -> int:
-        """The current cap on running sequences (the block count when no cap is set)."""
-        return self.batch_cap if self.batch_cap is not None else self.allocator.num_blocks

@@ -2,6 +2,7 @@
 
 No torch, no HTTP: this module is the seam. The HTTP layer sees only `EngineClient`; the engine emits
 `StepStats` / `RequestStats` / `EngineSnapshot` and the metrics module turns them into Prometheus series.
+Engine errors name what went wrong; `server.protocol.errors` maps each class to an HTTP status.
 """
 
 from __future__ import annotations
@@ -21,12 +22,39 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # failed inside the engine (e.g. OOM it could not retry)
 
 
+class RequestStatus(enum.StrEnum):
+    """How a request ended, as counted by `fitserve_requests_total{status}` (`RequestStats.status`)."""
+
+    OK = "ok"  # finished with FinishReason.STOP
+    LENGTH = "length"
+    ERROR = "error"
+    REJECTED = "rejected"  # refused at admission (too long, queue full, invalid)
+    ABORTED = "aborted"
+
+    @classmethod
+    def of(cls, reason: FinishReason | None) -> RequestStatus:
+        """The status of a request that left the engine with `reason` (None: it failed before finishing)."""
+        return _STATUS_OF_FINISH.get(reason, cls.ERROR) if reason is not None else cls.ERROR
+
+
+_STATUS_OF_FINISH = {
+    FinishReason.STOP: RequestStatus.OK,
+    FinishReason.LENGTH: RequestStatus.LENGTH,
+    FinishReason.ERROR: RequestStatus.ERROR,
+    FinishReason.ABORT: RequestStatus.ABORTED,
+}
+
+# Temperatures below this are greedy: dividing logits by a smaller number only risks overflow (inf/NaN), and
+# the distribution is already a point mass on the argmax at any temperature this small.
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation parameters, already validated by the HTTP layer."""
 
     max_tokens: int
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below GREEDY_TEMPERATURE (0 included) means greedy
     top_p: float = 1.0
     top_k: int | None = None  # None: no top-k filtering
     seed: int | None = None  # None: nondeterministic
@@ -36,6 +64,31 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's logprob + top-k alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit) pairs, ids unique
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the token is the argmax (temperature below `GREEDY_TEMPERATURE`)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """A sampled token with its log-probability and top alternatives (empty unless logprobs were asked for)."""
+
+    token_id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class SampleFailure:
+    """Sampling failed for this one row (e.g. its logits were not finite); only its sequence fails."""
+
+    reason: str
+
+
+SampleResult = SampledToken | SampleFailure
 
 
 @dataclass(frozen=True)
@@ -72,17 +125,19 @@ class RequestOutput:
 
 
 class EngineError(Exception):
-    """Base of the errors the engine raises to its client; each maps to an HTTP status."""
+    """Base of the errors the engine raises to its client (`server.protocol.errors` maps them to HTTP)."""
 
-    http_status: int = 500
-    code: str = "internal_error"
+
+class InvalidRequestError(EngineError):
+    """The request is malformed in a way the HTTP layer did not catch (e.g. an empty prompt)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        self.param = param  # the request field at fault, when known
+        super().__init__(message)
 
 
 class PromptTooLongError(EngineError):
     """The prompt (plus max_tokens) can never fit the model's context or the KV capacity."""
-
-    http_status = 400
-    code = "context_length_exceeded"
 
     def __init__(self, prompt_tokens: int, max_tokens: int, limit_tokens: int, what: str) -> None:
         self.prompt_tokens = prompt_tokens
@@ -95,28 +150,35 @@ class PromptTooLongError(EngineError):
 
 
 class QueueFullError(EngineError):
-    """The waiting queue is at `max_waiting`; the client should retry later."""
+    """The waiting queue cannot take the request (or all of a group's requests); retry later."""
 
-    http_status = 429
-    code = "queue_full"
-
-    def __init__(self, max_waiting: int, retry_after_s: int = 1) -> None:
+    def __init__(self, max_waiting: int, retry_after_s: int = 1, requested: int = 1) -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(f"The server is at capacity ({max_waiting} requests waiting); retry later.")
+        what = "this request" if requested == 1 else f"all {requested} requests of this group"
+        super().__init__(
+            f"The server is at capacity (at most {max_waiting} requests may wait) and cannot queue {what}; retry later."
+        )
 
 
 class EngineOverloadedError(EngineError):
     """The request failed because memory ran out and it could not be retried."""
 
-    http_status = 503
-    code = "out_of_memory"
+
+class RequestFailedError(EngineError):
+    """This one request failed inside the engine (sampling, detokenising, or a step that failed with it alone)."""
 
 
 class EngineUnavailableError(EngineError):
     """The engine is not accepting work (loading, shutting down, or dead)."""
 
-    http_status = 503
-    code = "engine_unavailable"
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request of a group handed to `EngineClient.generate_group`."""
+
+    prompt_token_ids: Sequence[int]
+    params: SamplingParams
+    request_id: str
 
 
 @runtime_checkable
@@ -146,6 +208,15 @@ class EngineClient(Protocol):
         Raises an `EngineError` subclass before the first output when the request cannot be admitted
         (too long, queue full, engine unavailable). If the consumer stops iterating (client gone), the
         request is aborted and its KV cache freed at the next step.
+        """
+        ...
+
+    async def generate_group(self, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[RequestOutput]]:
+        """Admit several requests as one unit (the choices of one HTTP request), then stream each.
+
+        Either every request is admitted (running, or in the waiting queue) and one output stream per request
+        is returned, in order, or none is and the `EngineError` is raised (`QueueFullError` when they do not
+        all fit the queue). Each stream aborts its request if the consumer closes it before the end.
         """
         ...
 
@@ -184,7 +255,7 @@ class StepStats:
 class RequestStats:
     """Emitted once per finished (or rejected/aborted/failed) request."""
 
-    status: str  # "ok" (stop), "length", "error", "rejected", "aborted"
+    status: RequestStatus
     prompt_tokens: int
     generation_tokens: int
     queue_s: float | None  # arrival -> first scheduled
@@ -202,7 +273,7 @@ class EngineSnapshot:
     kv_capacity_tokens: int
     kv_used_tokens: int  # cache slots written and in use (a shared prefix block counts once)
     kv_reserved_tokens: int  # cache slots held by admitted requests (their prompt + max_tokens blocks)
-    max_batch_size: int  # current cap (lowered after an OOM)
+    current_max_batch_size: int  # the cap on running sequences now (lowered after an OOM; the block count if none)
     oom_events_total: int
     preemptions_total: int
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache at admission
@@ -219,10 +290,3 @@ class StatsSink(Protocol):
     def record_request(self, stats: RequestStats) -> None:
         """Called once per finished, rejected, aborted or failed request."""
         ...
-
-
-class InvalidRequestError(EngineError):
-    """The request is malformed in a way the HTTP layer did not catch (e.g. an empty prompt)."""
-
-    http_status = 400
-    code = "invalid_request"

@@ -7,10 +7,19 @@ Every error the server returns is `{"error": {"message", "type", "param", "code"
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from fitserve.server.engine.types import EngineError, PromptTooLongError, QueueFullError
+from fitserve.server.engine.types import (
+    EngineError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestFailedError,
+)
 
 
 class ErrorType(enum.StrEnum):
@@ -57,6 +66,34 @@ def error_type_for(status_code: int) -> ErrorType:
     return ErrorType.SERVER if status_code >= 500 else ErrorType.INVALID_REQUEST
 
 
+@dataclass(frozen=True)
+class HTTPErrorMapping:
+    """How one engine error class leaves the server: HTTP status and OpenAI `error.code` (type follows status)."""
+
+    status_code: int
+    code: str
+
+
+# The one table from engine errors to HTTP. A subclass not listed maps like its nearest listed base class.
+ENGINE_ERROR_HTTP: dict[type[EngineError], HTTPErrorMapping] = {
+    InvalidRequestError: HTTPErrorMapping(400, "invalid_request"),
+    PromptTooLongError: HTTPErrorMapping(400, "context_length_exceeded"),
+    QueueFullError: HTTPErrorMapping(429, "queue_full"),
+    RequestFailedError: HTTPErrorMapping(500, "request_failed"),
+    EngineOverloadedError: HTTPErrorMapping(503, "out_of_memory"),
+    EngineUnavailableError: HTTPErrorMapping(503, "engine_unavailable"),
+    EngineError: HTTPErrorMapping(500, "internal_error"),
+}
+
+
+def http_mapping_for(error: EngineError) -> HTTPErrorMapping:
+    """The HTTP status and code of an engine error (from `ENGINE_ERROR_HTTP`)."""
+    for cls in type(error).__mro__:
+        if cls in ENGINE_ERROR_HTTP:
+            return ENGINE_ERROR_HTTP[cls]
+    return ENGINE_ERROR_HTTP[EngineError]
+
+
 class APIError(Exception):
     """An error to report to the client with a given HTTP status and OpenAI body."""
 
@@ -91,12 +128,15 @@ class APIError(Exception):
 
     @classmethod
     def from_engine(cls, error: EngineError, prompt_param: str | None = None) -> APIError:
-        """Map an engine error to its HTTP status, code and headers (Retry-After on 429).
+        """Map an engine error to its HTTP status, code and headers (Retry-After on 429) through `ENGINE_ERROR_HTTP`.
 
         `prompt_param` names the request field blamed for a too-long prompt ("prompt" or "messages").
         """
+        mapping = http_mapping_for(error)
         headers: dict[str, str] = {}
         if isinstance(error, QueueFullError):
             headers["Retry-After"] = str(max(1, int(error.retry_after_s)))
         param = prompt_param if isinstance(error, PromptTooLongError) else None
-        return cls(error.http_status, str(error) or error.code, code=error.code, param=param, headers=headers)
+        if isinstance(error, InvalidRequestError) and error.param is not None:
+            param = prompt_param if error.param == "prompt" and prompt_param else error.param
+        return cls(mapping.status_code, str(error) or mapping.code, code=mapping.code, param=param, headers=headers)

@@ -18,6 +18,7 @@ from fitserve.server.engine.types import (
     EngineOverloadedError,
     EngineUnavailableError,
     FinishReason,
+    GenerationRequest,
     PromptTooLongError,
     QueueFullError,
     RequestOutput,
@@ -86,6 +87,21 @@ class FakeEngine:
         """Admit (or refuse) the request, then stream one word per token."""
         self._admit(prompt_token_ids, params, request_id)
         self.running.add(request_id)
+        async for output in self._admitted(prompt_token_ids, params, request_id):
+            yield output
+
+    async def generate_group(self, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[RequestOutput]]:
+        """Admit every request or none (the running cap counts the whole group), then one stream each."""
+        if self.max_running is not None and len(self.running) + len(requests) > self.max_running:
+            raise QueueFullError(max_waiting=self.max_running, retry_after_s=2, requested=len(requests))
+        for request in requests:
+            self._admit(request.prompt_token_ids, request.params, request.request_id)
+        self.running.update(request.request_id for request in requests)
+        return [self._admitted(r.prompt_token_ids, r.params, r.request_id) for r in requests]
+
+    async def _admitted(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
         try:
             async for output in self._run(prompt_token_ids, params, request_id):
                 yield output
@@ -142,7 +158,7 @@ class FakeEngine:
                 return
 
     def _script(self, params: SamplingParams) -> list[str]:
-        if params.temperature == 0:
+        if params.is_greedy:
             return list(GREEDY_REPLY[: self.reply_words])
         rng = random.Random(params.seed)
         return [rng.choice(VOCABULARY) for _ in range(self.reply_words)]

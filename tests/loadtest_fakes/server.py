@@ -31,7 +31,7 @@ class FakeBehaviour:
     reject_status: int = 503
     slow_ttft_above: int | None = None  # more in flight at any time before its first token: add `slow_ttft_s`
     slow_ttft_s: float = 0.2
-    batch_cap: int | None = None  # at most this many stream at once; the rest wait (queue)
+    max_batch_size: int | None = None  # at most this many stream at once; the rest wait (queue)
     oom_above: int | None = None  # count an OOM event (the request still succeeds)
     fitserve_metrics: bool = False
     kv_capacity_tokens: int = 4096
@@ -67,7 +67,7 @@ def create_fake_app(behaviour: FakeBehaviour) -> FastAPI:
     app = FastAPI()
     state = FakeState()
     app.state.fake = state
-    gate = asyncio.Semaphore(behaviour.batch_cap) if behaviour.batch_cap else None
+    gate = asyncio.Semaphore(behaviour.max_batch_size) if behaviour.max_batch_size else None
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -192,8 +192,8 @@ def _exposition(b: FakeBehaviour, s: FakeState) -> str:
         f"fitserve_requests_running {s.running}",
         "# TYPE fitserve_requests_waiting gauge",
         f"fitserve_requests_waiting {s.waiting}",
-        "# TYPE fitserve_batch_size_limit gauge",
-        f"fitserve_batch_size_limit {b.batch_cap or 256}",
+        "# TYPE fitserve_engine_current_max_batch_size gauge",
+        f"fitserve_engine_current_max_batch_size {b.max_batch_size or 256}",
         "# TYPE fitserve_oom_events_total counter",
         f"fitserve_oom_events_total {s.oom_events}",
         "# TYPE fitserve_preemptions_total counter",

@@ -16,7 +16,7 @@ def computed(pool: BlockPool, tokens: list[int], extra_blocks: int = 0) -> list[
     """Allocate a sequence for `tokens`, register its full blocks as computed, and return its block table."""
     hit = pool.match(tokens, len(tokens) // BS)
     table = pool.allocate(hit, len(tokens) // BS - len(hit) + extra_blocks)
-    pool.register(table, tokens, len(hit), len(tokens) // BS, hit.last_hash)
+    pool.register(table, tokens, len(hit), len(tokens) // BS, hit.last_key)
     return table
 
 

@@ -74,8 +74,8 @@ def test_finds_planted_ttft_objective(tmp_path: Path) -> None:
     assert passing["ttft_s"]["p95"] < 0.7 and passing["requests_failed"] == 0
 
 
-def test_finds_batch_cap_from_queueing_metrics(tmp_path: Path) -> None:
-    behaviour = FakeBehaviour(batch_cap=3, fitserve_metrics=True)
+def test_finds_max_batch_size_from_queueing_metrics(tmp_path: Path) -> None:
+    behaviour = FakeBehaviour(max_batch_size=3, fitserve_metrics=True)
     with serve_in_thread(create_fake_app(behaviour)) as url:
         results = _find_max_batch(url, tmp_path)
     verdict = results["verdict"]
@@ -88,7 +88,7 @@ def test_finds_batch_cap_from_queueing_metrics(tmp_path: Path) -> None:
 
 
 def test_queueing_tolerated_when_allowed_and_oom_detected(tmp_path: Path) -> None:
-    behaviour = FakeBehaviour(batch_cap=3, oom_above=4, fitserve_metrics=True)
+    behaviour = FakeBehaviour(max_batch_size=3, oom_above=4, fitserve_metrics=True)
     with serve_in_thread(create_fake_app(behaviour)) as url:
         results = _find_max_batch(url, tmp_path, "--allow-queueing")
     verdict = results["verdict"]

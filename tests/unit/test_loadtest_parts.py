@@ -95,8 +95,8 @@ fitserve_kv_cache_usage_ratio 0.25
 # TYPE fitserve_oom_events_total counter
 fitserve_oom_events_total 3.0
 fitserve_oom_events_created 1.7e9
-# TYPE fitserve_batch_size_limit gauge
-fitserve_batch_size_limit 8.0
+# TYPE fitserve_engine_current_max_batch_size gauge
+fitserve_engine_current_max_batch_size 8.0
 # TYPE fitserve_batch_size histogram
 fitserve_batch_size_bucket{le="1.0"} 2.0
 fitserve_batch_size_count 2.0

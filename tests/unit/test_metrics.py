@@ -8,13 +8,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from fitserve.server.engine.types import EngineSnapshot, RequestStats, StepStats
+from fitserve.server.engine.types import EngineSnapshot, RequestStats, RequestStatus, StepStats
 from fitserve.server.ledger import MemoryLedger, ModelInfo
 from fitserve.server.metrics import (
     METRICS,
     TTFT_BUCKETS_S,
     MetricKind,
-    RequestStatus,
     ServerMetrics,
     exposed_sample_names,
 )
@@ -93,7 +92,7 @@ SNAPSHOT = EngineSnapshot(
     kv_capacity_tokens=4096,
     kv_used_tokens=1024,
     kv_reserved_tokens=2048,
-    max_batch_size=16,
+    current_max_batch_size=16,
     oom_events_total=1,
     preemptions_total=4,
     prefix_cache_queries_total=900,
@@ -201,7 +200,7 @@ def test_snapshot_gauges_and_engine_totals() -> None:
     assert sample_value(families, "fitserve_kv_cache_used_tokens") == 1024
     assert sample_value(families, "fitserve_kv_cache_reserved_tokens") == 2048
     assert sample_value(families, "fitserve_kv_cache_usage_ratio") == pytest.approx(0.25)
-    assert sample_value(families, "fitserve_batch_size_limit") == 16
+    assert sample_value(families, "fitserve_engine_current_max_batch_size") == 16
     assert sample_value(families, "fitserve_oom_events_total") == 1
     assert sample_value(families, "fitserve_preemptions_total") == 4
     assert sample_value(families, "fitserve_prefix_cache_queries_total") == 900
@@ -255,11 +254,11 @@ def test_request_counters_by_status_and_tokens() -> None:
     families = scrape(metrics)
     for status in ("ok", "length", "error", "rejected", "aborted"):  # present from the start, at zero
         assert sample_value(families, "fitserve_requests_total", status=status) == 0
-    metrics.record_request(RequestStats("ok", 10, 4, 0.0, 0.1, 0.5))
-    metrics.record_request(RequestStats("ok", 7, 2, 0.0, 0.1, 0.5))
-    metrics.record_request(RequestStats("aborted", 5, 1, 0.0, 0.1, 0.2))
-    metrics.record_request(RequestStats("rejected", 5000, 0, None, None, None))
-    metrics.record_request(RequestStats(RequestStatus.LENGTH, 3, 2, 0.0, 0.1, 0.3))  # type: ignore[arg-type]
+    metrics.record_request(RequestStats(RequestStatus.OK, 10, 4, 0.0, 0.1, 0.5))
+    metrics.record_request(RequestStats(RequestStatus.OK, 7, 2, 0.0, 0.1, 0.5))
+    metrics.record_request(RequestStats(RequestStatus.ABORTED, 5, 1, 0.0, 0.1, 0.2))
+    metrics.record_request(RequestStats(RequestStatus.REJECTED, 5000, 0, None, None, None))
+    metrics.record_request(RequestStats(RequestStatus.LENGTH, 3, 2, 0.0, 0.1, 0.3))
     families = scrape(metrics)
     assert sample_value(families, "fitserve_requests_total", status="ok") == 2
     assert sample_value(families, "fitserve_requests_total", status="aborted") == 1
