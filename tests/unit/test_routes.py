@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from tests.fakes import FakeEngine
 from tests.fakes.engine import GREEDY_REPLY
 from tests.fakes.routes import MODEL, make_client, sse_events
@@ -161,18 +158,3 @@ def test_health_ready_version_and_metrics() -> None:
     assert client.get("/ready").status_code == 503
     client.app.state.server.draining = True
     assert client.get("/ready").status_code == 503
-
-
-def test_http_layer_never_imports_torch() -> None:
-    code = (
-        "import sys\n"
-        "from fitserve.server.app import create_app\n"
-        "from fitserve.server.settings import Settings\n"
-        "from tests.fakes import FakeEngine\n"
-        "import fitserve.server.serve_cli\n"
-        "create_app(Settings(), engine=FakeEngine())\n"
-        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr

@@ -6,8 +6,15 @@ import math
 
 import torch
 
-from fitserve.server.engine.sampling import apply_penalties, apply_top_k_top_p, make_generator, sample
-from fitserve.server.engine.types import SamplingParams
+from fitserve.server.engine.sampling import (
+    apply_logit_bias,
+    apply_penalties,
+    apply_top_k_top_p,
+    make_generator,
+    sample,
+    sample_sequences,
+)
+from fitserve.server.engine.types import GREEDY_TEMPERATURE, SampledToken, SampleFailure, SamplingParams
 
 VOCAB = 50
 
@@ -103,3 +110,69 @@ def test_mixed_batch_greedy_rows_stay_greedy() -> None:
     ]
     out = sample(logits, params, [()] * 3, [None, make_generator(1), None])
     assert out[0].token_id == int(logits[0].argmax()) and out[2].token_id == int(logits[2].argmax())
+
+
+def test_temperature_below_epsilon_is_greedy_and_never_overflows() -> None:
+    logits = logits_batch(rows=3)
+    params = [SamplingParams(max_tokens=1, temperature=t) for t in (1e-300, GREEDY_TEMPERATURE / 2, 0.0)]
+    out = sample(logits, params, [()] * 3, [None] * 3)
+    assert [s.token_id for s in out] == logits.argmax(-1).tolist()  # type: ignore[union-attr]
+    assert SamplingParams(max_tokens=1, temperature=GREEDY_TEMPERATURE).is_greedy is False
+
+
+def test_non_finite_logits_fail_only_their_row() -> None:
+    logits = logits_batch(rows=3)
+    params = [
+        SamplingParams(max_tokens=1, temperature=1.0, seed=1),
+        SamplingParams(max_tokens=1, temperature=1.0, presence_penalty=1e308, frequency_penalty=-1e308),
+        SamplingParams(max_tokens=1, temperature=0),
+    ]
+    gens = [make_generator(1), make_generator(2), None]
+    out = sample(logits, params, [[], [1, 2], []], gens)
+    assert isinstance(out[0], SampledToken) and isinstance(out[2], SampledToken)
+    assert isinstance(out[1], SampleFailure) and "not finite" in out[1].reason
+    assert out[2].token_id == int(logits[2].argmax())
+    # a greedy row whose penalties overflow fails too instead of returning an arbitrary argmax
+    greedy_nan = [SamplingParams(max_tokens=1, temperature=0, frequency_penalty=1e308)]
+    assert isinstance(sample(logits[:1], greedy_nan, [[3, 3]], [None])[0], SampleFailure)
+
+
+def test_any_integer_seed_makes_a_generator() -> None:
+    for seed in (2**70, -(2**80), 2**64, -(2**63) - 1, 2**64 - 1):
+        assert isinstance(make_generator(seed), torch.Generator)  # built without raising
+    assert torch.equal(
+        torch.rand(3, generator=make_generator(2**64 + 5)), torch.rand(3, generator=make_generator(5))
+    )  # folded modulo 2**64
+
+
+def test_logit_bias_forces_and_bans_tokens() -> None:
+    logits = logits_batch(rows=2)
+    best = int(logits[0].argmax())
+    forced = [SamplingParams(max_tokens=1, temperature=1.0, seed=3, logit_bias=((7, 100.0),))]
+    draws = {sample(logits[:1], forced, [()], [make_generator(s)])[0].token_id for s in range(20)}  # type: ignore[union-attr]
+    assert draws == {7}
+    banned = [SamplingParams(max_tokens=1, temperature=0, logit_bias=((best, -100.0),))]
+    assert sample(logits[:1], banned, [()], [None])[0].token_id != best  # type: ignore[union-attr]
+    biased = apply_logit_bias(logits.clone(), [((1, 2.5), (4, -1.0)), ()])
+    assert torch.allclose(biased[0, [1, 4]], logits[0, [1, 4]] + torch.tensor([2.5, -1.0]))
+    assert torch.equal(biased[1], logits[1])
+
+
+class _Seq:
+    """Just what `sample_sequences` reads of a scheduler Sequence."""
+
+    def __init__(self, request_id: str, params: SamplingParams) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.token_ids = [1, 2]
+        self.num_prompt_tokens = 2
+        self.sampling_state = None
+
+
+def test_sample_sequences_attributes_a_raising_row() -> None:
+    logits = logits_batch(rows=3)
+    seqs = [_Seq(f"r{i}", SamplingParams(max_tokens=1, temperature=0.0 if i != 1 else 0.9)) for i in range(3)]
+    out = sample_sequences(logits, seqs, fault_request_ids=frozenset({"r1"}))  # type: ignore[arg-type]
+    assert isinstance(out[1], SampleFailure)
+    assert [out[0].token_id, out[2].token_id] == [int(logits[0].argmax()), int(logits[2].argmax())]  # type: ignore[union-attr]
+    assert seqs[1].sampling_state is not None  # its generator was made (any seed works)
