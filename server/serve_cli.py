@@ -42,6 +42,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-batch-size", type=int, help="most sequences decoded per step")
     engine.add_argument("--max-waiting", type=int, help="queued requests beyond which new ones get 429 (256)")
+    engine.add_argument(
+        "--max-choices-per-request", type=int, help="most choices (prompts x n) one request may ask for (64)"
+    )
     engine.add_argument("--max-prefill-tokens", type=int, help="prompt tokens computed per step")
     engine.add_argument(
         "--no-prefix-caching",

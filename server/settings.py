@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     prefer_fp32_on_cpu: bool = Field(True, description="fp32 first on CPUs without native bf16, when it fits")
     max_batch_size: int = Field(8, ge=1, description="most sequences decoded in one step")
     max_waiting: int = Field(256, ge=0, description="queued requests beyond which new ones get 429")
+    max_choices_per_request: int = Field(
+        64, ge=1, description="most engine requests one HTTP request may ask for (prompts x n)"
+    )
     max_prefill_tokens: int | None = Field(None, ge=1, description="prefill token budget per step")
     enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks of prompts' shared prefixes")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="request bodies above this get 413")

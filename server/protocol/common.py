@@ -13,6 +13,9 @@ from fitserve.server.engine.types import FinishReason, SamplingParams
 MAX_N = 16
 MAX_STOP_SEQUENCES = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 1024  # bounds the per-step work one request can ask of the sampler
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI: each bias is in [-100, 100]
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed integer
 
 FinishReasonName = Literal["stop", "length"]
 
@@ -55,7 +58,10 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(None, description="vLLM extension")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="a 64-bit signed integer")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100] added to its logit before sampling"
+    )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = Field(False, description="vLLM extension")
@@ -68,6 +74,26 @@ class SamplingRequest(BaseModel):
         if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {len(value)}")
         return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are token ids (decimal strings), values biases in [-100, 100]; at most MAX_LOGIT_BIAS_ENTRIES."""
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} logit_bias entries are supported, got {len(value)}")
+        for key, bias in value.items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+            if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
+        return value
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs sorted by id."""
+        biases = {int(key): float(bias) for key, bias in (self.logit_bias or {}).items()}  # "07" and "7": one id
+        return tuple(sorted(biases.items()))
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> SamplingRequest:
@@ -111,6 +137,7 @@ class SamplingRequest(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logprobs=self.requested_logprobs(),
+            logit_bias=self.logit_bias_pairs(),
         )
 
 

@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from fitserve.server.engine.types import EngineClient
 from fitserve.server.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
-from fitserve.server.routes.deps import get_engine
+from fitserve.server.routes.deps import ServerState, get_engine, get_state
 from fitserve.server.serving.chat import ChatServing
 
 router = APIRouter(tags=["chat"])
@@ -17,7 +17,10 @@ router = APIRouter(tags=["chat"])
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, engine: Annotated[EngineClient, Depends(get_engine)]
+    body: ChatCompletionRequest,
+    request: Request,
+    engine: Annotated[EngineClient, Depends(get_engine)],
+    state: Annotated[ServerState, Depends(get_state)],
 ) -> Response:
     """OpenAI chat completions (JSON, or SSE when `stream` is true)."""
-    return await ChatServing(engine).create(body, request)
+    return await ChatServing(engine, state.settings.max_choices_per_request).create(body, request)

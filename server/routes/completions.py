@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from fitserve.server.engine.types import EngineClient
 from fitserve.server.protocol.completions import CompletionRequest, CompletionResponse
-from fitserve.server.routes.deps import get_engine
+from fitserve.server.routes.deps import ServerState, get_engine, get_state
 from fitserve.server.serving.completions import CompletionServing
 
 router = APIRouter(tags=["completions"])
@@ -17,7 +17,10 @@ router = APIRouter(tags=["completions"])
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(
-    body: CompletionRequest, request: Request, engine: Annotated[EngineClient, Depends(get_engine)]
+    body: CompletionRequest,
+    request: Request,
+    engine: Annotated[EngineClient, Depends(get_engine)],
+    state: Annotated[ServerState, Depends(get_state)],
 ) -> Response:
     """OpenAI legacy completions (JSON, or SSE when `stream` is true)."""
-    return await CompletionServing(engine).create(body, request)
+    return await CompletionServing(engine, state.settings.max_choices_per_request).create(body, request)

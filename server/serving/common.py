@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fitserve.server.engine.types import EngineClient, FinishReason, RequestOutput, TokenLogprob
+from fitserve.server.protocol.common import SamplingRequest
 from fitserve.server.protocol.errors import APIError
 
 
@@ -28,6 +29,21 @@ def check_token_ids(engine: EngineClient, token_ids: Sequence[int], param: str) 
     bad = [token for token in token_ids if not 0 <= token < vocab_size]
     if bad:
         raise APIError.invalid(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})", param=param)
+
+
+def check_choices(num_prompts: int, n: int, max_choices: int) -> None:
+    """400 when prompts x n exceeds the per-request cap (`--max-choices-per-request`); checked before any work."""
+    if num_prompts * n > max_choices:
+        raise APIError.invalid(
+            f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} choices; "
+            f"at most {max_choices} are allowed per request",
+            param="n" if num_prompts == 1 else "prompt",
+        )
+
+
+def check_logit_bias(engine: EngineClient, request: SamplingRequest) -> None:
+    """400 naming `logit_bias` if one of its token ids is outside the vocabulary."""
+    check_token_ids(engine, [token for token, _ in request.logit_bias_pairs()], param="logit_bias")
 
 
 def tokenize_text(engine: EngineClient, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -16,7 +16,14 @@ from fitserve.server.protocol.completions import (
     CompletionResponse,
 )
 from fitserve.server.protocol.errors import APIError
-from fitserve.server.serving.common import ChoiceAccumulator, check_model, check_token_ids, tokenize_text
+from fitserve.server.serving.common import (
+    ChoiceAccumulator,
+    check_choices,
+    check_logit_bias,
+    check_model,
+    check_token_ids,
+    tokenize_text,
+)
 from fitserve.server.serving.generation import ChoiceGeneration, ChoiceRequest
 from fitserve.server.serving.logprobs import to_completion_logprobs
 from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_disconnect, sse_data, sse_error
@@ -25,12 +32,15 @@ from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_d
 class CompletionServing:
     """Serves the legacy completions endpoint against an `EngineClient`."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: EngineClient, max_choices_per_request: int) -> None:
         self._engine = engine
+        self._max_choices = max_choices_per_request
 
     async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
         """Handle one request: JSON body, or an SSE stream when `stream` is true."""
         check_model(self._engine, request.model)
+        check_choices(len(request.prompts()), request.n, self._max_choices)
+        check_logit_bias(self._engine, request)
         prompt_ids = self._prompt_token_ids(request)
         echo_texts = [self._engine.detokenize(ids) if request.echo else "" for ids in prompt_ids]
         response_id = new_id("cmpl")

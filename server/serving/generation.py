@@ -1,8 +1,9 @@
 """Run the n engine requests behind one HTTP request and merge their outputs.
 
-`ChoiceGeneration` starts one engine request per choice, waits until every choice has either produced its
-first output or been refused (so admission errors such as 429 become real HTTP statuses, even for streaming),
-then yields `(choice_index, RequestOutput)` in arrival order. Closing it cancels the pumps, which stops
+`ChoiceGeneration` submits the choices to the engine as one group (all admitted or none: a 429 is decided before
+any task is created), starts one pump task per admitted choice, waits until every choice has either produced its
+first output or failed (so errors before the first token become real HTTP statuses, even for streaming), then
+yields `(choice_index, RequestOutput)` in arrival order. Closing it cancels the pumps, which stops
 iterating the engine generators, and aborts every request id explicitly as well.
 """
 
@@ -14,7 +15,14 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from fitserve.server.engine.types import EngineClient, EngineError, FinishReason, RequestOutput, SamplingParams
+from fitserve.server.engine.types import (
+    EngineClient,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    RequestOutput,
+    SamplingParams,
+)
 from fitserve.server.protocol.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -60,8 +68,17 @@ class ChoiceGeneration:
         self._abort_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Submit every choice; raise `APIError` (after aborting the rest) if any is refused."""
-        self._tasks = [asyncio.create_task(self._pump(choice)) for choice in self._choices]
+        """Admit every choice as one group, then wait for each one's first output; raise `APIError` (after
+        aborting the rest) if the group is refused or a choice fails before its first output."""
+        requests = [GenerationRequest(c.prompt_token_ids, c.params, c.request_id) for c in self._choices]
+        try:
+            streams = await self._engine.generate_group(requests)
+        except EngineError as error:
+            raise self._to_api_error(error) from error
+        self._tasks = [
+            asyncio.create_task(self._pump(choice, stream))
+            for choice, stream in zip(self._choices, streams, strict=True)
+        ]
         started: set[int] = set()
         try:
             while len(started) < len(self._choices):
@@ -106,8 +123,7 @@ class ChoiceGeneration:
             # close() is called from cancelled tasks, where awaiting is not possible.
             self._abort_task = asyncio.ensure_future(self._abort_all(unfinished))
 
-    async def _pump(self, choice: ChoiceRequest) -> None:
-        generator = self._engine.generate(choice.prompt_token_ids, choice.params, choice.request_id)
+    async def _pump(self, choice: ChoiceRequest, generator: AsyncIterator[RequestOutput]) -> None:
         try:
             async for output in generator:
                 await self._queue.put((choice.index, output))

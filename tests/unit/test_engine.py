@@ -13,6 +13,7 @@ from fitserve.server.engine.types import (
     EngineOverloadedError,
     EngineUnavailableError,
     FinishReason,
+    InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
     RequestOutput,
@@ -291,7 +292,7 @@ def test_stop_aborts_what_does_not_finish_in_time(tiny) -> None:  # type: ignore
 
 
 def test_bad_token_ids_are_a_400_and_a_failing_step_does_not_kill_the_engine(tiny) -> None:  # type: ignore[no-untyped-def]
-    from fitserve.server.engine.types import InvalidRequestError, RequestFailedError
+    from fitserve.server.engine.types import RequestFailedError
 
     async def main() -> None:
         engine = make_engine(tiny)
@@ -312,3 +313,28 @@ def test_bad_token_ids_are_a_400_and_a_failing_step_does_not_kill_the_engine(tin
         await engine.stop(timeout_s=5)
 
     asyncio.run(main())
+
+
+def test_logit_bias_forces_and_bans_tokens(tiny) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> tuple[list[int], list[int], list[int], list[int]]:
+        engine = make_engine(tiny)
+        await engine.start()
+
+        async def tokens(params: SamplingParams, request_id: str) -> list[int]:
+            return [t for o in await collect(engine.generate([3, 4, 5], params, request_id)) for t in o.token_ids_delta]
+
+        plain = await tokens(greedy(6), "plain")
+        banned = await tokens(greedy(6, logit_bias=tuple((t, -100.0) for t in set(plain))), "banned")
+        forced = await tokens(greedy(6, logit_bias=((1234, 100.0),)), "forced")
+        sampled = await tokens(
+            SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True, logit_bias=((777, 100.0),)), "s"
+        )
+        with pytest.raises(InvalidRequestError) as ctx:
+            await tokens(greedy(2, logit_bias=((engine.vocab_size, 1.0),)), "oov")
+        assert ctx.value.param == "logit_bias"
+        await engine.stop(timeout_s=5)
+        return plain, banned, forced, sampled
+
+    plain, banned, forced, sampled = asyncio.run(main())
+    assert not set(banned) & set(plain)
+    assert forced == [1234] * 6 and sampled == [777] * 6

@@ -119,12 +119,11 @@ def test_queue_full_is_429_with_retry_after(stream: bool) -> None:
     assert response.headers["retry-after"] == "2"
 
 
-def test_n_partially_admitted_is_refused_and_aborts_the_admitted() -> None:
+def test_n_that_does_not_all_fit_is_refused_as_a_whole() -> None:
     engine = FakeEngine(model_name=MODEL, max_running=1, token_delay_s=0.05)
     response = make_client(engine).post(COMPLETIONS, json={"model": MODEL, "prompt": "x", "n": 2})
     assert_openai_error(response, 429, "queue_full")
-    assert len(engine.submitted) == 1
-    assert engine.aborted == [engine.submitted[0].request_id]
+    assert engine.submitted == [] and engine.aborted == []  # no choice was admitted, none had to be aborted
 
 
 def test_engine_unavailable_and_dead_are_503() -> None:

@@ -267,3 +267,21 @@ def test_cap_never_recovers_when_disabled() -> None:
     s.handle_oom(s.schedule())
     run_to_completion(s)
     assert s.current_max_batch_size == 1
+
+
+def test_add_group_takes_all_or_none() -> None:
+    s = Scheduler(make_config(max_waiting=2, max_batch_size=1))
+    s.add(make_seq(4, 4))
+    group = [make_seq(4, 4) for _ in range(3)]  # none can start (cap 1 taken): 3 would wait, 2 may
+    with pytest.raises(QueueFullError, match="all 3 requests"):
+        s.add_group(group)
+    assert len(s.waiting) == 0 and len(s.running) == 1
+    s.add_group(group[:2])
+    assert list(s.waiting) == group[:2]
+
+
+def test_add_group_counts_what_starts_at_once() -> None:
+    s = Scheduler(make_config(max_waiting=1, max_batch_size=3))
+    group = [make_seq(4, 4) for _ in range(4)]  # three start now, one waits: fits a queue of one
+    s.add_group(group)
+    assert s.running == group[:3] and list(s.waiting) == group[3:]
