@@ -101,9 +101,9 @@ class EngineCore:
                 self.output.start(seq)
             deliveries.append((group.admitted, None))
         for request_id in aborts:
-            seq = self.scheduler.abort(request_id)
-            if seq is not None:
-                deliveries.append(self._leave(seq, self.output.final(seq)))
+            aborted = self.scheduler.abort(request_id)
+            if aborted is not None:
+                deliveries.append(self._leave(aborted, self.output.final(aborted)))
         if groups or aborts:
             self._refresh_snapshot()
         return deliveries

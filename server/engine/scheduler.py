@@ -327,12 +327,11 @@ class Scheduler:
         if recovery is None or self.current_max_batch_size == limit or self._clean_steps < recovery:
             return
         self._clean_steps = 0
-        new_cap: int | None = 2 * (self.current_max_batch_size or 1)
+        doubled = 2 * (self.current_max_batch_size or 1)
         if limit is not None:
-            new_cap = min(new_cap, limit)
-        elif new_cap >= self.allocator.num_blocks:
-            new_cap = None
-        self.current_max_batch_size = new_cap
+            self.current_max_batch_size = min(doubled, limit)
+        else:  # no configured cap: back to none once the doubled cap would not limit anything
+            self.current_max_batch_size = None if doubled >= self.allocator.num_blocks else doubled
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         params = seq.params
