@@ -89,11 +89,6 @@ class ScheduledChunk:
     num_tokens: int
     sample: bool  # True when the chunk ends at the sequence's last token, so a new token is sampled
 
-    @property
-    def is_decode(self) -> bool:
-        """A single new token on top of cached context (the batched decode path)."""
-        return self.num_tokens == 1 and self.start > 0
-
 
 @dataclass(frozen=True)
 class ScheduledBatch:

@@ -22,12 +22,12 @@ class StatsReporter:
 
     def record_step(self, batch: ScheduledBatch, duration_s: float) -> None:
         """One completed engine step."""
-        self._emit_step(StepStats(len(batch.chunks), batch.num_prefill_tokens, len(batch.decodes), duration_s))
+        self._emit(StepStats(len(batch.chunks), batch.num_prefill_tokens, len(batch.decodes), duration_s))
 
     def record_finished(self, seq: Sequence) -> None:
         """A request that leaves the engine (finished, aborted or failed)."""
         arrival = seq.arrival_s
-        self._emit_request(
+        self._emit(
             RequestStats(
                 status=RequestStatus.of(seq.finish_reason),
                 prompt_tokens=seq.num_prompt_tokens,
@@ -41,21 +41,18 @@ class StatsReporter:
 
     def record_rejected(self, prompt_tokens: int, e2e_s: float | None = None) -> None:
         """A request refused at admission."""
-        self._emit_request(RequestStats(RequestStatus.REJECTED, prompt_tokens, 0, None, None, e2e_s))
+        self._emit(RequestStats(RequestStatus.REJECTED, prompt_tokens, 0, None, None, e2e_s))
 
-    def _emit_step(self, stats: StepStats) -> None:
-        if self._sink is not None:
-            try:
+    def _emit(self, stats: StepStats | RequestStats) -> None:
+        if self._sink is None:
+            return
+        try:
+            if isinstance(stats, StepStats):
                 self._sink.record_step(stats)
-            except Exception:
-                logger.exception("stats sink failed on record_step")
-
-    def _emit_request(self, stats: RequestStats) -> None:
-        if self._sink is not None:
-            try:
+            else:
                 self._sink.record_request(stats)
-            except Exception:
-                logger.exception("stats sink failed on record_request")
+        except Exception:
+            logger.exception("stats sink failed on %s", type(stats).__name__)
 
 
 def build_snapshot(scheduler: Scheduler, submitted: int) -> EngineSnapshot:
