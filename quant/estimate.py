@@ -53,6 +53,7 @@ class ModelShape:
     prequantized: Precision | None = None  # GPTQ / bitsandbytes-serialized checkpoints
     gptq: GptqParams | None = None
     config_dtype: str | None = None
+    layers_module: str | None = None  # where the decoder layers live, e.g. "model.layers" (per-layer device_map)
 
     @property
     def converted_params(self) -> int:
@@ -94,6 +95,7 @@ class PrecisionEstimate:
     quant_state_bytes: int  # quantization scales kept outside parameters (real memory, not in the footprint)
     kv_bytes_per_token: int
     overhead: Overhead = field(repr=False)
+    layer_weights_bytes: int = 0  # the part of weights + quant state inside the decoder layers
 
     @property
     def overhead_bytes(self) -> int:
@@ -160,7 +162,7 @@ def _should_convert(name: str, patterns: list[str]) -> bool:
         return not any(name == p or name.startswith(p + ".") or name.endswith(p) for p in patterns)
 
 
-SHAPE_CACHE_VERSION = 1
+SHAPE_CACHE_VERSION = 2  # 2: layers_module
 
 
 def _shape_cache_file(model: str | Path, cache_dir: Path) -> Path | None:
@@ -259,10 +261,11 @@ def build_shape(model: str | Path, trust_remote_code: bool = False) -> ModelShap
     hidden = int(text_config.hidden_size)
     head_dim = int(getattr(text_config, "head_dim", None) or hidden // heads)
     dtype = getattr(config, "dtype", None)
+    num_layers = int(text_config.num_hidden_layers)
     return ModelShape(
         model_path=str(model),
         architecture=type(skeleton).__name__,
-        num_layers=int(text_config.num_hidden_layers),
+        num_layers=num_layers,
         hidden_size=hidden,
         intermediate_size=int(getattr(text_config, "intermediate_size", 4 * hidden)),
         num_attention_heads=heads,
@@ -278,7 +281,18 @@ def build_shape(model: str | Path, trust_remote_code: bool = False) -> ModelShap
         prequantized=prequantized,
         gptq=gptq,
         config_dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+        layers_module=_layers_module(skeleton, num_layers),
     )
+
+
+def _layers_module(skeleton: Any, num_layers: int) -> str | None:
+    """The name of the ModuleList holding the decoder layers (e.g. "model.layers"), None when not found."""
+    import torch
+
+    for name, module in skeleton.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name:
+            return str(name)
+    return None
 
 
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: DType) -> int:
@@ -303,6 +317,19 @@ def weights_bytes(
     footprint += sum(handler.linear_footprint_bytes(lin, dense_dtype) for lin in shape.linears)
     side = sum(handler.linear_side_bytes(lin) for lin in shape.linears)
     return footprint, side
+
+
+def layer_weights_bytes(
+    shape: ModelShape, precision: Precision, compute_dtype: DType, double_quant: bool = False
+) -> int:
+    """Bytes of the Linear layers inside the decoder layers (footprint + quant state): what moves with a layer."""
+    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
+    dense_dtype = dense_dtype_for(precision, compute_dtype)
+    if not handler.converts_linears():
+        return sum(lin.numel + (lin.out_features if lin.has_bias else 0) for lin in shape.linears) * dense_dtype.bytes
+    return sum(
+        handler.linear_footprint_bytes(lin, dense_dtype) + handler.linear_side_bytes(lin) for lin in shape.linears
+    )
 
 
 def overhead(
@@ -366,7 +393,9 @@ def estimate_precision(
         n_cuda_devices=n_cuda_devices,
         double_quant=double_quant,
     )
-    return PrecisionEstimate(precision, dense_dtype, footprint, side, kv_bytes_per_token(shape, dense_dtype), over)
+    layers = layer_weights_bytes(shape, precision, dense_dtype, double_quant)
+    kv = kv_bytes_per_token(shape, dense_dtype)
+    return PrecisionEstimate(precision, dense_dtype, footprint, side, kv, over, layers)
 
 
 __all__ = [
@@ -376,6 +405,7 @@ __all__ = [
     "estimate_precision",
     "inspect_model",
     "kv_bytes_per_token",
+    "layer_weights_bytes",
     "overhead",
     "weights_bytes",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fitserve.quant.budget import DeviceMemory, format_bytes, read_device_memory
@@ -33,16 +33,12 @@ class LoadReport:
     memory_before: DeviceMemory
     memory_after: DeviceMemory
     load_time_s: float
+    measured_weights_by_device: dict[str, int] = field(default_factory=dict)  # parameters + buffers per device
 
     @property
     def weights_error_ratio(self) -> float:
         """(predicted - measured) / measured."""
         return (self.predicted_weights_bytes - self.measured_weights_bytes) / max(self.measured_weights_bytes, 1)
-
-    @property
-    def memory_delta_bytes(self) -> int:
-        """Growth of device usage during the load (RSS on CPU; used memory on CUDA)."""
-        return self.memory_after.used_bytes - self.memory_before.used_bytes
 
     def to_log_line(self) -> str:
         """One line for the server log."""
@@ -150,6 +146,19 @@ def measure_quant_state_bytes(model: Any) -> int:
     return total
 
 
+def measure_weights_by_device(model: Any) -> dict[str, int]:
+    """Bytes of parameters and buffers per device ("cpu", "cuda:0", ...), tied tensors counted once."""
+    seen: set[int] = set()
+    out: dict[str, int] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        name = str(tensor.device)
+        out[name] = out.get(name, 0) + tensor.numel() * tensor.element_size()
+    return out
+
+
 def _load_kwargs(plan: Plan) -> dict[str, Any]:
     handler = handler_for(plan.precision or Precision.BF16, double_quant=plan.double_quant)
     kwargs = handler.load_kwargs(plan.compute_dtype)
@@ -233,6 +242,7 @@ def load_model(plan: Plan, trust_remote_code: bool = False) -> LoadedModel:
         memory_before=before,
         memory_after=after,
         load_time_s=elapsed,
+        measured_weights_by_device=measure_weights_by_device(model),
     )
     logger.info("%s", report.to_log_line())
     return LoadedModel(model=model, tokenizer=tokenizer, report=report)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 
 from fitserve.quant.budget import GIB, MIB, BudgetError
-from fitserve.quant.estimate import ModelShape, estimate_precision
+from fitserve.quant.estimate import ModelShape, estimate_precision, layer_weights_bytes
 from fitserve.quant.plan import NothingFitsError, Plan, PlanInputError, PlanRequest, make_plan
 from fitserve.quant.schemes import DType, GptqParams, LinearShape, Precision
 from tests.unit.test_budget import FakeProbe
@@ -102,7 +105,8 @@ def test_kv_capacity_is_what_the_budget_leaves() -> None:
     plan = plan_for(budget, max_num_seqs=256)
     fixed = plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes
     assert plan.kv_bytes_per_token == 2 * 16 * 8 * 64 * 2
-    assert plan.kv_capacity_tokens == (budget - fixed) // plan.kv_bytes_per_token
+    assert plan.kv_capacity_tokens == (budget - fixed) // plan.kv_bytes_per_token // 16 * 16  # whole blocks
+    assert plan.kv_capacity_blocks * plan.block_size_tokens == plan.kv_capacity_tokens
     assert plan.max_concurrent_seqs_full_context == plan.kv_capacity_tokens // 2048
     assert plan.max_concurrent_seqs_typical == plan.kv_capacity_tokens // 512
     assert plan.total_bytes <= budget
@@ -111,7 +115,8 @@ def test_kv_capacity_is_what_the_budget_leaves() -> None:
 def test_kv_capacity_capped_by_useful_tokens_and_max_kv_tokens() -> None:
     assert plan_for(64 * GIB).kv_capacity_tokens == 8 * 2048  # default max_num_seqs 8
     assert plan_for(64 * GIB, max_num_seqs=4).kv_capacity_tokens == 4 * 2048
-    assert plan_for(64 * GIB, max_kv_tokens=5000).kv_capacity_tokens == 5000
+    assert plan_for(64 * GIB, max_kv_tokens=5000).kv_capacity_tokens == 4992  # whole blocks of 16
+    assert plan_for(64 * GIB, max_kv_tokens=5000, block_size_tokens=8).kv_capacity_tokens == 5000
 
 
 def test_min_concurrency_raises_the_need() -> None:
@@ -284,3 +289,89 @@ def test_table_and_verdict_render() -> None:
     text = console.export_text()
     assert "bf16" in text and "int8" in text and "nf4" in text and "yes" in text
     assert plan.verdict().startswith("BF16 on cpu")
+
+
+@pytest.mark.parametrize(("budget", "seqs"), [(need(Precision.NF4) + 12345, 8), (3 * GIB + 777, 256), (8 * GIB, 256)])
+def test_capacity_is_whole_blocks_and_spare_is_the_rest(budget: int, seqs: int) -> None:
+    plan = plan_for(budget, max_num_seqs=seqs)
+    assert plan.kv_capacity_tokens % plan.block_size_tokens == 0
+    used = plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes
+    assert plan.total_bytes == used + plan.kv_capacity_tokens * plan.kv_bytes_per_token
+    assert plan.spare_bytes == budget - plan.total_bytes >= 0
+    assert plan.spare_bytes < (plan.block_size_tokens + 1) * plan.kv_bytes_per_token  # at most a block unspent
+    (share,) = plan.device_split
+    assert (share.device, share.num_layers, share.kv_capacity_tokens) == ("cpu", 16, plan.kv_capacity_tokens)
+    assert share.spare_bytes == plan.spare_bytes
+    out = plan.to_json()
+    assert out["kv_capacity_blocks"] == plan.kv_capacity_tokens // 16 and out["spare_bytes"] == plan.spare_bytes
+
+
+def test_capped_capacity_leaves_spare_bytes() -> None:
+    plan = plan_for(8 * GIB)  # 8 x 2048 tokens is far less than 8 GiB buys
+    assert plan.kv_capacity_tokens == 8 * 2048
+    assert plan.spare_bytes == 8 * GIB - plan.total_bytes > GIB
+
+
+def test_odd_context_length_counts_whole_blocks() -> None:
+    plan = plan_for(64 * GIB, max_model_len=100, max_num_seqs=3)
+    assert plan.kv_capacity_tokens == 3 * 112  # 100 tokens occupy 7 blocks of 16
+    exact = plan_for(need(Precision.NF4, max_model_len=100) + 12 * plan.kv_bytes_per_token, max_model_len=100)
+    assert exact.precision is Precision.NF4 and exact.kv_capacity_tokens == 112
+
+
+def _two_gpu_plan(free0: int, free1: int, **kwargs: object) -> Plan:
+    probe = FakeProbe(gpus=[(free0, free0 + GIB), (free1, free1 + GIB)])  # reserve: 512 MiB each
+    shape = replace(SHAPE, layers_module="model.layers")
+    request = PlanRequest(model="/fake/model", device="cuda", max_num_seqs=4096, **kwargs)
+    return make_plan(request, probe=probe, shape=shape)
+
+
+@pytest.mark.parametrize(("free0", "free1"), [(12 * GIB, 12 * GIB), (20 * GIB, 6 * GIB), (6 * GIB, 20 * GIB)])
+def test_multi_gpu_split_fits_every_device_and_maximises_kv(free0: int, free1: int) -> None:
+    plan = _two_gpu_plan(free0, free1, precision="bf16")
+    first, second = plan.device_split
+    assert (first.device, second.device) == ("cuda:0", "cuda:1")
+    assert (first.first_layer, first.num_layers + second.num_layers) == (0, SHAPE.num_layers)
+    assert second.first_layer == first.num_layers and second.num_layers > 0
+    for share in plan.device_split:  # each device holds its own layers' weights, KV and overhead
+        used = share.weights_bytes + share.overhead_bytes + share.kv_cache_bytes
+        assert used <= share.budget_bytes and share.kv_capacity_tokens == plan.kv_capacity_tokens
+    assert first.kv_bytes_per_token + second.kv_bytes_per_token == plan.kv_bytes_per_token
+    assert plan.kv_capacity_tokens % 16 == 0 and plan.kv_capacity_tokens > 2048
+    # brute force, from the estimate: no split of the layers holds one more block on both devices
+    layer = math.ceil(layer_weights_bytes(SHAPE, Precision.BF16, DType.BFLOAT16) / SHAPE.num_layers)
+    head = plan.weights_bytes - layer * SHAPE.num_layers
+    per_layer = layer + plan.kv_bytes_per_token // SHAPE.num_layers * (plan.kv_capacity_tokens + 16)
+    for k in range(SHAPE.num_layers + 1):
+        fits0 = head + first.overhead_bytes + k * per_layer <= first.budget_bytes
+        fits1 = second.overhead_bytes + (SHAPE.num_layers - k) * per_layer <= second.budget_bytes
+        assert not (fits0 and fits1)
+    assert isinstance(plan.device_map, dict) and plan.device_map[""] == 0
+    assert [plan.device_map[f"model.layers.{i}"] for i in range(16)] == [0] * first.num_layers + [1] * second.num_layers
+    out = plan.to_json()["device_split"]
+    assert [d["device"] for d in out] == ["cuda:0", "cuda:1"]
+    assert out[0]["layers"] == [0, first.num_layers] and out[1]["layers"] == [first.num_layers, 16]
+
+
+def test_multi_gpu_kv_is_sized_per_device_not_from_the_sum() -> None:
+    plan = _two_gpu_plan(20 * GIB, 6 * GIB, precision="bf16")
+    first, second = plan.device_split
+    assert first.num_layers > second.num_layers  # the bigger GPU takes more layers
+    combined_left = plan.budget_bytes - plan.weights_bytes - plan.quant_state_bytes - plan.overhead_bytes
+    assert plan.kv_capacity_tokens <= combined_left // plan.kv_bytes_per_token  # never more than the sum allows
+    # the second GPU is the bottleneck: its layers' KV for one more block would not fit beside its weights
+    more = (second.kv_bytes_per_token * (plan.kv_capacity_tokens + 16)) + second.weights_bytes + second.overhead_bytes
+    assert more > second.budget_bytes or first.spare_bytes < first.kv_bytes_per_token * 16
+
+
+def test_multi_gpu_that_cannot_hold_the_weights_does_not_fit() -> None:
+    with pytest.raises(NothingFitsError):
+        _two_gpu_plan(2 * GIB, 2 * GIB, precision="bf16")
+
+
+def test_multi_gpu_without_a_known_layer_list_uses_auto_with_planned_shares() -> None:
+    probe = FakeProbe(gpus=[(6 * GIB, 8 * GIB), (3 * GIB, 8 * GIB)])
+    plan = make_plan(PlanRequest(model="/fake/model", device="cuda"), probe=probe, shape=SHAPE)
+    assert plan.device_map == "auto" and plan.max_memory is not None
+    for share in plan.device_split:
+        assert plan.max_memory[int(share.device[-1])] >= share.weights_bytes
