@@ -70,7 +70,8 @@ class Overhead:
     logits_bytes: int
     dequant_bytes: int
     cuda_context_bytes: int = 0
-    cpu_runtime_bytes: int = 0
+    cpu_runtime_bytes: int = 0  # the process before it loads a weight (measured at start by `fitserve serve`)
+    cpu_residue_bytes: int = 0  # what the scheme's CPU load leaves resident beyond the weights
 
     @property
     def total_bytes(self) -> int:
@@ -82,6 +83,7 @@ class Overhead:
             + self.dequant_bytes
             + self.cuda_context_bytes
             + self.cpu_runtime_bytes
+            + self.cpu_residue_bytes
         )
 
 
@@ -96,6 +98,7 @@ class PrecisionEstimate:
     kv_bytes_per_token: int
     overhead: Overhead = field(repr=False)
     layer_weights_bytes: int = 0  # the part of weights + quant state inside the decoder layers
+    load_peak_bytes: int = 0  # CPU: the process's peak while loading (runtime + residue + weights + transient)
 
     @property
     def overhead_bytes(self) -> int:
@@ -342,6 +345,7 @@ def overhead(
     max_model_len: int,
     n_cuda_devices: int = 0,
     double_quant: bool = False,
+    cpu_runtime_bytes: int | None = None,
 ) -> Overhead:
     """Runtime overhead of serving, in bytes (a = activation dtype bytes, T = max_batch_tokens):
 
@@ -354,7 +358,9 @@ def overhead(
       probabilities sampling derives from them).
     - dequant: the largest converted weight dequantized to the compute dtype for one matmul (INT8/NF4/GPTQ).
     - CUDA context: a fixed amount per GPU (its device memory is what a GPU budget covers).
-    - CPU runtime: on CPU, where the budget is the process's memory, what the process holds before loading.
+    - CPU runtime: on CPU, where the budget is the process's memory, what the process holds before loading
+      (`cpu_runtime_bytes`, measured by `fitserve serve` at start; None: the `CPU_RUNTIME_BYTES` estimate),
+      plus what the scheme's load leaves resident beyond the weights (its handler says).
     """
     a = compute_dtype.bytes
     h, i = shape.hidden_size, shape.intermediate_size
@@ -365,8 +371,29 @@ def overhead(
     logits = rows * shape.vocab_size * 4 * SAMPLING_COPIES
     handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
     dequant = handler.largest_dequant_bytes(list(shape.linears), compute_dtype) if handler.converts_linears() else 0
-    runtime = 0 if n_cuda_devices else CPU_RUNTIME_BYTES
-    return Overhead(activation, attention, logits, dequant, CUDA_CONTEXT_BYTES * n_cuda_devices, runtime)
+    runtime = 0 if n_cuda_devices else (CPU_RUNTIME_BYTES if cpu_runtime_bytes is None else cpu_runtime_bytes)
+    residue = 0 if n_cuda_devices else handler.cpu_residue_bytes()
+    cuda = CUDA_CONTEXT_BYTES * n_cuda_devices
+    return Overhead(activation, attention, logits, dequant, cuda, runtime, residue)
+
+
+def checkpoint_bytes(shape: ModelShape) -> int:
+    """Bytes of the checkpoint's weights on disk (parameters at the config's dtype; 2 bytes when unknown)."""
+    dtype = shape.config_dtype if shape.config_dtype in {d.value for d in DType} else DType.BFLOAT16.value
+    return shape.total_params * DType(dtype).bytes + shape.buffer_bytes
+
+
+def cpu_load_peak_bytes(shape: ModelShape, est: PrecisionEstimate, double_quant: bool = False) -> int:
+    """The process's peak while loading on CPU: runtime + residue + weights + the scheme's transient copies.
+
+    Loading happens before the KV cache and the serving buffers exist, so they are not part of it.
+    """
+    over = est.overhead
+    handler = handler_for(est.precision, double_quant=double_quant, gptq=shape.gptq)
+    converts = shape.prequantized is None and shape.config_dtype != dense_dtype_for(est.precision, est.compute_dtype)
+    transient = 0 if shape.prequantized else handler.cpu_load_transient_bytes(checkpoint_bytes(shape), converts)
+    weights = est.weights_bytes + est.quant_state_bytes
+    return over.cpu_runtime_bytes + over.cpu_residue_bytes + weights + transient
 
 
 def estimate_precision(
@@ -379,6 +406,7 @@ def estimate_precision(
     max_model_len: int,
     n_cuda_devices: int = 0,
     double_quant: bool = False,
+    cpu_runtime_bytes: int | None = None,
 ) -> PrecisionEstimate:
     """All the bytes one precision needs."""
     dense_dtype = dense_dtype_for(precision, compute_dtype)
@@ -392,10 +420,14 @@ def estimate_precision(
         max_model_len=max_model_len,
         n_cuda_devices=n_cuda_devices,
         double_quant=double_quant,
+        cpu_runtime_bytes=cpu_runtime_bytes,
     )
     layers = layer_weights_bytes(shape, precision, dense_dtype, double_quant)
     kv = kv_bytes_per_token(shape, dense_dtype)
-    return PrecisionEstimate(precision, dense_dtype, footprint, side, kv, over, layers)
+    est = PrecisionEstimate(precision, dense_dtype, footprint, side, kv, over, layers)
+    if n_cuda_devices:
+        return est
+    return replace(est, load_peak_bytes=cpu_load_peak_bytes(shape, est, double_quant))
 
 
 __all__ = [

@@ -50,6 +50,8 @@ class PlanRequest(BaseModel):
     prefer_fp32_on_cpu: bool = True
     max_kv_tokens: int | None = Field(default=None, gt=0)  # cap on KV capacity (always <= max_num_seqs x len)
     block_size_tokens: int = Field(default=16, gt=0)  # the engine's KV page: capacity is whole blocks
+    # CPU: what this process holds before loading, measured by `fitserve serve` at start (None: an estimate)
+    cpu_runtime_bytes: int | None = Field(default=None, ge=0)
     trust_remote_code: bool = False  # let the model repository's own code run (config/skeleton); off by default
 
     @field_validator("max_num_seqs", "max_batch_tokens", "max_model_len", "min_concurrency", mode="before")
@@ -75,11 +77,12 @@ class Candidate:
     kv_bytes_per_token: int
     overhead_bytes: int
     min_kv_bytes: int  # KV for min_concurrency x max_model_len tokens
-    total_bytes: int  # weights + quant state + overhead + min KV: the minimum this precision needs
+    total_bytes: int  # max(weights + quant state + overhead + min KV, CPU load peak): the minimum it needs
     fits: bool
     kv_capacity_tokens: int  # whole KV blocks; 0 when it does not fit
     shortfall_bytes: int  # 0 when it fits
     device_split: tuple[DeviceShare, ...] = ()  # per device: layers, weights, overhead, KV (empty: does not fit)
+    load_peak_bytes: int = 0  # CPU: the process's peak while loading (0 on GPU)
 
     def max_seqs(self, tokens_per_seq: int) -> int:
         """Concurrent sequences of `tokens_per_seq` tokens the KV capacity holds."""
@@ -322,7 +325,8 @@ def _evaluate(est: PrecisionEstimate, budget: Budget, request: PlanRequest, num_
     min_kv = est.kv_bytes_per_token * min_tokens
     capacity, shares = _split(est, budget, request, num_layers)
     over = sum(s.overhead_bytes for s in shares) if len(shares) > 1 else est.overhead_bytes
-    total = est.weights_bytes + est.quant_state_bytes + over + min_kv
+    # on CPU loading peaks before the KV cache exists; the minimum is the larger of the load and the serving need
+    total = max(est.weights_bytes + est.quant_state_bytes + over + min_kv, est.load_peak_bytes)
     fits = total <= budget.budget_bytes and capacity >= min_tokens
     return Candidate(
         est.precision,
@@ -337,6 +341,7 @@ def _evaluate(est: PrecisionEstimate, budget: Budget, request: PlanRequest, num_
         capacity if fits else 0,
         max(total - budget.budget_bytes, 0),
         shares if fits else (),
+        est.load_peak_bytes,
     )
 
 
@@ -357,6 +362,7 @@ def _estimate(
         max_model_len=max_model_len or request.max_model_len,
         n_cuda_devices=n_cuda,
         double_quant=request.double_quant,
+        cpu_runtime_bytes=request.cpu_runtime_bytes,
     )
 
 
@@ -403,8 +409,10 @@ def _nothing_fits_message(
         f" + KV for {request.min_concurrency} x {request.max_model_len} tokens {format_bytes(last.min_kv_bytes)}), "
         f"the budget on {budget.device} is {format_bytes(budget.budget_bytes)} ({budget.budget_bytes} bytes): "
         f"short by {format_bytes(last.shortfall_bytes)} ({last.shortfall_bytes} bytes).",
-        "Things to change:",
     ]
+    if last.load_peak_bytes == last.total_bytes:
+        lines[0] += f" Loading it peaks at {format_bytes(last.load_peak_bytes)} before the KV cache exists."
+    lines.append("Things to change:")
     best_len = _largest_fitting_len(shape, last.precision, last.dtype, request, budget, n_cuda)
     if best_len > 0:
         lines.append(f"  - a smaller --max-model-len: {best_len} fits (or fewer --min-concurrency)")

@@ -91,14 +91,18 @@ class StartupError(Exception):
 
 def plan_serving(settings: Settings) -> PlannedServing:
     """Resolve the model and plan its precision within the budget (fast; raises StartupError)."""
-    from fitserve.quant.budget import parse_size
+    from fitserve.quant.budget import nvidia_driver_present, parse_size
+    from fitserve.quant.load import measure_cpu_runtime_bytes
     from fitserve.quant.model_store import FetchError, ModelNotFoundError, resolve_model
     from fitserve.quant.plan import NothingFitsError, PlanRequest, make_plan
 
     try:
         model_dir = resolve_model(settings.model)
         budget_bytes = parse_size(settings.memory_budget) if settings.memory_budget else None
-        plan = make_plan(PlanRequest(model=model_dir, **plan_options(settings, budget_bytes)))
+        options = plan_options(settings, budget_bytes)
+        if not nvidia_driver_present():  # CPU: plan with what this process really holds, not an estimate
+            options["cpu_runtime_bytes"] = measure_cpu_runtime_bytes()
+        plan = make_plan(PlanRequest(model=model_dir, **options))
     except (ModelNotFoundError, FetchError, NothingFitsError, ValueError) as error:
         raise StartupError(str(error)) from error
     logger.info("memory plan for %s:\n%s", model_dir, format_plan(plan))

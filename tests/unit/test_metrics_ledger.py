@@ -132,7 +132,7 @@ def test_single_device_predicts_the_block_aligned_cache_the_engine_holds() -> No
     from tests.unit.test_plan import SHAPE
 
     plan = make_plan(
-        PlanRequest(model="/fake", memory_budget_bytes=3 * 2**30 + 12_345, max_num_seqs=256),
+        PlanRequest(model="/fake", memory_budget_bytes=5 * 2**30 + 12_345, max_num_seqs=256),
         probe=FakeProbe(),
         shape=SHAPE,
     )
