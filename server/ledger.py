@@ -63,40 +63,59 @@ class MemoryLedger:
 class DeviceMemoryLike(Protocol):
     """The fields of `quant.budget.DeviceMemory` the ledger reads."""
 
-    total_bytes: int
-    used_bytes: int
-    torch_allocated_bytes: int | None
-    torch_reserved_bytes: int | None
-    torch_peak_bytes: int | None
+    @property
+    def total_bytes(self) -> int: ...
+    @property
+    def used_bytes(self) -> int: ...
+    @property
+    def torch_allocated_bytes(self) -> int | None: ...
+    @property
+    def torch_reserved_bytes(self) -> int | None: ...
+    @property
+    def torch_peak_bytes(self) -> int | None: ...
 
 
 class DeviceShareLike(Protocol):
     """The fields of `quant.placement.DeviceShare` the ledger reads: one device's part of the plan."""
 
-    device: str
-    budget_bytes: int
-    weights_bytes: int
-    overhead_bytes: int
-    kv_bytes_per_token: int
-    kv_capacity_tokens: int
+    @property
+    def device(self) -> str: ...
+    @property
+    def budget_bytes(self) -> int: ...
+    @property
+    def weights_bytes(self) -> int: ...
+    @property
+    def overhead_bytes(self) -> int: ...
+    @property
+    def kv_bytes_per_token(self) -> int: ...
+    @property
+    def kv_capacity_tokens(self) -> int: ...
 
 
 class PlanLike(Protocol):
     """The fields of `quant.plan.Plan` the ledger reads."""
 
-    budget_bytes: int
-    weights_bytes: int
-    kv_bytes_per_token: int
-    kv_capacity_tokens: int  # block-aligned: exactly what the engine's cache holds
-    overhead_bytes: int
-    device_split: Sequence[DeviceShareLike]
+    @property
+    def budget_bytes(self) -> int: ...
+    @property
+    def weights_bytes(self) -> int: ...
+    @property
+    def kv_bytes_per_token(self) -> int: ...
+    @property
+    def kv_capacity_tokens(self) -> int: ...
+    @property
+    def overhead_bytes(self) -> int: ...
+    @property
+    def device_split(self) -> Sequence[DeviceShareLike]: ...
 
 
 class LoadReportLike(Protocol):
     """The fields of `quant.load.LoadReport` the ledger reads."""
 
-    measured_weights_bytes: int
-    measured_weights_by_device: Mapping[str, int]
+    @property
+    def measured_weights_bytes(self) -> int: ...
+    @property
+    def measured_weights_by_device(self) -> Mapping[str, int]: ...
 
 
 def build_ledger(device: str, plan: PlanLike, load_report: LoadReportLike, memory: DeviceMemoryLike) -> MemoryLedger:
@@ -145,11 +164,13 @@ def make_ledger_fn(
 
     `read_memory` defaults to `quant.budget.read_device_memory`; tests pass a fake.
     """
+    reader: Callable[[str], DeviceMemoryLike]
     if read_memory is None:
         from fitserve.quant.budget import read_device_memory
 
-        read_memory = read_device_memory
-    reader = read_memory
+        reader = read_device_memory
+    else:
+        reader = read_memory
     devices = ledger_devices(plan, device)
 
     def ledgers() -> tuple[MemoryLedger, ...]:

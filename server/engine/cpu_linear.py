@@ -79,6 +79,8 @@ def prepack_linears(model: torch.nn.Module, shared_copy_bytes: int = 0) -> PackR
     packed = skipped = extra = 0
     for name in targets:  # each original Linear is freed as soon as its packed copy replaces it
         module = model.get_submodule(name)
+        if not isinstance(module, torch.nn.Linear):  # cannot happen: listed above as a Linear
+            continue
         shared = uses[module.weight.data_ptr()] > 1
         copy_bytes = module.weight.numel() * module.weight.element_size() if shared else 0
         if extra + copy_bytes > shared_copy_bytes:

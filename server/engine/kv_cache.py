@@ -132,8 +132,10 @@ def _context(cache: torch.Tensor, s: SeqSlice) -> torch.Tensor:
     """A sequence's cached K or V for positions 0 .. start+length-1 as [1, KVH, L, D]."""
     if s.first_slot is not None:
         ctx = cache[s.first_slot : s.first_slot + s.start + s.length]
-    else:
+    elif s.slots is not None:
         ctx = cache.index_select(0, _on(s.slots, cache.device))
+    else:
+        raise ValueError("a slice on top of a cached context needs its slots or its first slot")
     return ctx.transpose(0, 1).unsqueeze(0)
 
 
