@@ -96,7 +96,7 @@ def bench_engine(
     cfg = EngineConfig(
         served_model_name="bench",
         max_model_len=2048,
-        kv_capacity_tokens=max(4096, batch * (prompt_tokens + max_tokens) + 256),
+        kv_capacity_tokens=max(4096, -(-(batch * (prompt_tokens + max_tokens) + 256) // 16) * 16),
         max_prefill_tokens=max(512, prompt_tokens * batch),
         batched_decode_attention=batched_decode,
         prepack_cpu_linears=prepack,

@@ -170,6 +170,7 @@ class MemoryProbe(Protocol):
     def cpu_memory(self) -> tuple[int, int]: ...  # (available, total)
     def cgroup_memory(self) -> tuple[int, int] | None: ...  # (limit, current usage) when a limit applies
     def cpu_native_bf16(self) -> bool: ...  # AVX512-BF16 or AMX: bf16 matmuls run at native speed
+    def process_rss(self) -> int: ...  # this process's resident memory now
 
 
 @dataclass
@@ -218,6 +219,16 @@ class SystemProbe:
 
     def cgroup_memory(self) -> tuple[int, int] | None:
         return read_cgroup_memory(self.cgroup_root)
+
+    def process_rss(self) -> int:
+        return process_rss_bytes()
+
+
+def process_rss_bytes() -> int:
+    """This process's resident set size (RSS) in bytes."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def read_cgroup_memory(root: Path) -> tuple[int, int] | None:
@@ -341,6 +352,9 @@ def detect_budget(
 
 
 def _cpu_budget(probe: MemoryProbe, user_bytes: int | None, fraction: float, min_bytes: int) -> DeviceBudget:
+    """The CPU budget is the process's whole memory. "Available" (psutil, or cgroup limit - usage) already
+    excludes what this process holds, and the plan counts the process's own runtime, so it is added back:
+    otherwise the runtime would be counted twice."""
     available, total = probe.cpu_memory()
     source = BudgetSource.PSUTIL
     cgroup = probe.cgroup_memory()
@@ -351,6 +365,7 @@ def _cpu_budget(probe: MemoryProbe, user_bytes: int | None, fraction: float, min
             available = min(available, max(limit - usage, 0))
             source = BudgetSource.CGROUP
     reserve = reserve_bytes(total, fraction, min_bytes)
+    available = min(available + probe.process_rss(), total)
     if user_bytes is not None:
         if user_bytes > available:
             logger.warning(

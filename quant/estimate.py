@@ -53,6 +53,7 @@ class ModelShape:
     prequantized: Precision | None = None  # GPTQ / bitsandbytes-serialized checkpoints
     gptq: GptqParams | None = None
     config_dtype: str | None = None
+    layers_module: str | None = None  # where the decoder layers live, e.g. "model.layers" (per-layer device_map)
 
     @property
     def converted_params(self) -> int:
@@ -69,7 +70,8 @@ class Overhead:
     logits_bytes: int
     dequant_bytes: int
     cuda_context_bytes: int = 0
-    cpu_runtime_bytes: int = 0
+    cpu_runtime_bytes: int = 0  # the process before it loads a weight (measured at start by `fitserve serve`)
+    cpu_residue_bytes: int = 0  # what the scheme's CPU load leaves resident beyond the weights
 
     @property
     def total_bytes(self) -> int:
@@ -81,6 +83,7 @@ class Overhead:
             + self.dequant_bytes
             + self.cuda_context_bytes
             + self.cpu_runtime_bytes
+            + self.cpu_residue_bytes
         )
 
 
@@ -94,6 +97,8 @@ class PrecisionEstimate:
     quant_state_bytes: int  # quantization scales kept outside parameters (real memory, not in the footprint)
     kv_bytes_per_token: int
     overhead: Overhead = field(repr=False)
+    layer_weights_bytes: int = 0  # the part of weights + quant state inside the decoder layers
+    load_peak_bytes: int = 0  # CPU: the process's peak while loading (runtime + residue + weights + transient)
 
     @property
     def overhead_bytes(self) -> int:
@@ -160,7 +165,7 @@ def _should_convert(name: str, patterns: list[str]) -> bool:
         return not any(name == p or name.startswith(p + ".") or name.endswith(p) for p in patterns)
 
 
-SHAPE_CACHE_VERSION = 1
+SHAPE_CACHE_VERSION = 2  # 2: layers_module
 
 
 def _shape_cache_file(model: str | Path, cache_dir: Path) -> Path | None:
@@ -259,10 +264,11 @@ def build_shape(model: str | Path, trust_remote_code: bool = False) -> ModelShap
     hidden = int(text_config.hidden_size)
     head_dim = int(getattr(text_config, "head_dim", None) or hidden // heads)
     dtype = getattr(config, "dtype", None)
+    num_layers = int(text_config.num_hidden_layers)
     return ModelShape(
         model_path=str(model),
         architecture=type(skeleton).__name__,
-        num_layers=int(text_config.num_hidden_layers),
+        num_layers=num_layers,
         hidden_size=hidden,
         intermediate_size=int(getattr(text_config, "intermediate_size", 4 * hidden)),
         num_attention_heads=heads,
@@ -278,7 +284,18 @@ def build_shape(model: str | Path, trust_remote_code: bool = False) -> ModelShap
         prequantized=prequantized,
         gptq=gptq,
         config_dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+        layers_module=_layers_module(skeleton, num_layers),
     )
+
+
+def _layers_module(skeleton: Any, num_layers: int) -> str | None:
+    """The name of the ModuleList holding the decoder layers (e.g. "model.layers"), None when not found."""
+    import torch
+
+    for name, module in skeleton.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name:
+            return str(name)
+    return None
 
 
 def kv_bytes_per_token(shape: ModelShape, kv_dtype: DType) -> int:
@@ -305,6 +322,19 @@ def weights_bytes(
     return footprint, side
 
 
+def layer_weights_bytes(
+    shape: ModelShape, precision: Precision, compute_dtype: DType, double_quant: bool = False
+) -> int:
+    """Bytes of the Linear layers inside the decoder layers (footprint + quant state): what moves with a layer."""
+    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
+    dense_dtype = dense_dtype_for(precision, compute_dtype)
+    if not handler.converts_linears():
+        return sum(lin.numel + (lin.out_features if lin.has_bias else 0) for lin in shape.linears) * dense_dtype.bytes
+    return sum(
+        handler.linear_footprint_bytes(lin, dense_dtype) + handler.linear_side_bytes(lin) for lin in shape.linears
+    )
+
+
 def overhead(
     shape: ModelShape,
     precision: Precision,
@@ -315,6 +345,7 @@ def overhead(
     max_model_len: int,
     n_cuda_devices: int = 0,
     double_quant: bool = False,
+    cpu_runtime_bytes: int | None = None,
 ) -> Overhead:
     """Runtime overhead of serving, in bytes (a = activation dtype bytes, T = max_batch_tokens):
 
@@ -327,7 +358,9 @@ def overhead(
       probabilities sampling derives from them).
     - dequant: the largest converted weight dequantized to the compute dtype for one matmul (INT8/NF4/GPTQ).
     - CUDA context: a fixed amount per GPU (its device memory is what a GPU budget covers).
-    - CPU runtime: on CPU, where the budget is the process's memory, what the process holds before loading.
+    - CPU runtime: on CPU, where the budget is the process's memory, what the process holds before loading
+      (`cpu_runtime_bytes`, measured by `fitserve serve` at start; None: the `CPU_RUNTIME_BYTES` estimate),
+      plus what the scheme's load leaves resident beyond the weights (its handler says).
     """
     a = compute_dtype.bytes
     h, i = shape.hidden_size, shape.intermediate_size
@@ -338,8 +371,29 @@ def overhead(
     logits = rows * shape.vocab_size * 4 * SAMPLING_COPIES
     handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
     dequant = handler.largest_dequant_bytes(list(shape.linears), compute_dtype) if handler.converts_linears() else 0
-    runtime = 0 if n_cuda_devices else CPU_RUNTIME_BYTES
-    return Overhead(activation, attention, logits, dequant, CUDA_CONTEXT_BYTES * n_cuda_devices, runtime)
+    runtime = 0 if n_cuda_devices else (CPU_RUNTIME_BYTES if cpu_runtime_bytes is None else cpu_runtime_bytes)
+    residue = 0 if n_cuda_devices else handler.cpu_residue_bytes()
+    cuda = CUDA_CONTEXT_BYTES * n_cuda_devices
+    return Overhead(activation, attention, logits, dequant, cuda, runtime, residue)
+
+
+def checkpoint_bytes(shape: ModelShape) -> int:
+    """Bytes of the checkpoint's weights on disk (parameters at the config's dtype; 2 bytes when unknown)."""
+    dtype = shape.config_dtype if shape.config_dtype in {d.value for d in DType} else DType.BFLOAT16.value
+    return shape.total_params * DType(dtype).bytes + shape.buffer_bytes
+
+
+def cpu_load_peak_bytes(shape: ModelShape, est: PrecisionEstimate, double_quant: bool = False) -> int:
+    """The process's peak while loading on CPU: runtime + residue + weights + the scheme's transient copies.
+
+    Loading happens before the KV cache and the serving buffers exist, so they are not part of it.
+    """
+    over = est.overhead
+    handler = handler_for(est.precision, double_quant=double_quant, gptq=shape.gptq)
+    converts = shape.prequantized is None and shape.config_dtype != dense_dtype_for(est.precision, est.compute_dtype)
+    transient = 0 if shape.prequantized else handler.cpu_load_transient_bytes(checkpoint_bytes(shape), converts)
+    weights = est.weights_bytes + est.quant_state_bytes
+    return over.cpu_runtime_bytes + over.cpu_residue_bytes + weights + transient
 
 
 def estimate_precision(
@@ -352,6 +406,7 @@ def estimate_precision(
     max_model_len: int,
     n_cuda_devices: int = 0,
     double_quant: bool = False,
+    cpu_runtime_bytes: int | None = None,
 ) -> PrecisionEstimate:
     """All the bytes one precision needs."""
     dense_dtype = dense_dtype_for(precision, compute_dtype)
@@ -365,8 +420,14 @@ def estimate_precision(
         max_model_len=max_model_len,
         n_cuda_devices=n_cuda_devices,
         double_quant=double_quant,
+        cpu_runtime_bytes=cpu_runtime_bytes,
     )
-    return PrecisionEstimate(precision, dense_dtype, footprint, side, kv_bytes_per_token(shape, dense_dtype), over)
+    layers = layer_weights_bytes(shape, precision, dense_dtype, double_quant)
+    kv = kv_bytes_per_token(shape, dense_dtype)
+    est = PrecisionEstimate(precision, dense_dtype, footprint, side, kv, over, layers)
+    if n_cuda_devices:
+        return est
+    return replace(est, load_peak_bytes=cpu_load_peak_bytes(shape, est, double_quant))
 
 
 __all__ = [
@@ -376,6 +437,7 @@ __all__ = [
     "estimate_precision",
     "inspect_model",
     "kv_bytes_per_token",
+    "layer_weights_bytes",
     "overhead",
     "weights_bytes",
 ]

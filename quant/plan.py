@@ -7,7 +7,8 @@ devices and fake models.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitserve.quant.budget import Budget, MemoryProbe, SystemProbe, detect_budget, format_bytes
 from fitserve.quant.estimate import ModelShape, PrecisionEstimate, estimate_precision, inspect_model
+from fitserve.quant.placement import DeviceShare, align_down, device_map_for, layer_costs, split_layers
 from fitserve.quant.schemes import DType, Precision, parse_precision
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ class PlanRequest(BaseModel):
     # on CPUs without native bf16 (AVX2 only) try fp32 first: measured 2x+ faster serving there (docs/memory-model.md)
     prefer_fp32_on_cpu: bool = True
     max_kv_tokens: int | None = Field(default=None, gt=0)  # cap on KV capacity (always <= max_num_seqs x len)
+    block_size_tokens: int = Field(default=16, gt=0)  # the engine's KV page: capacity is whole blocks
+    # CPU: what this process holds before loading, measured by `fitserve serve` at start (None: an estimate)
+    cpu_runtime_bytes: int | None = Field(default=None, ge=0)
     trust_remote_code: bool = False  # let the model repository's own code run (config/skeleton); off by default
 
     @field_validator("max_num_seqs", "max_batch_tokens", "max_model_len", "min_concurrency", mode="before")
@@ -72,10 +77,12 @@ class Candidate:
     kv_bytes_per_token: int
     overhead_bytes: int
     min_kv_bytes: int  # KV for min_concurrency x max_model_len tokens
-    total_bytes: int  # weights + quant state + overhead + min KV: the minimum this precision needs
+    total_bytes: int  # max(weights + quant state + overhead + min KV, CPU load peak): the minimum it needs
     fits: bool
-    kv_capacity_tokens: int  # 0 when it does not fit
+    kv_capacity_tokens: int  # whole KV blocks; 0 when it does not fit
     shortfall_bytes: int  # 0 when it fits
+    device_split: tuple[DeviceShare, ...] = ()  # per device: layers, weights, overhead, KV (empty: does not fit)
+    load_peak_bytes: int = 0  # CPU: the process's peak while loading (0 on GPU)
 
     def max_seqs(self, tokens_per_seq: int) -> int:
         """Concurrent sequences of `tokens_per_seq` tokens the KV capacity holds."""
@@ -84,6 +91,7 @@ class Candidate:
     def to_json(self, max_model_len: int) -> dict[str, Any]:
         """JSON-ready dict (precision as its name)."""
         out = asdict(self)
+        out.pop("device_split")
         out["precision"] = self.precision.value
         out["dtype"] = self.dtype.value
         out["max_concurrent_seqs_full_context"] = self.max_seqs(max_model_len)
@@ -105,7 +113,7 @@ class Plan:
     kv_dtype: str  # torch dtype name, e.g. "bfloat16"
     overhead_bytes: int
     total_bytes: int
-    kv_capacity_tokens: int
+    kv_capacity_tokens: int  # whole blocks of `block_size_tokens`: exactly what the engine's cache holds
     max_model_len: int
     min_concurrency: int
     reason: str
@@ -115,6 +123,14 @@ class Plan:
     double_quant: bool = False
     budget_source: str = ""
     prequantized: bool = False  # the checkpoint is already quantized (GPTQ / bitsandbytes-serialized)
+    block_size_tokens: int = 16
+    spare_bytes: int = 0  # budget left after weights, quant state, overhead and the whole KV cache
+    device_split: tuple[DeviceShare, ...] = ()  # per device: layers, weights, overhead and KV cache
+
+    @property
+    def kv_capacity_blocks(self) -> int:
+        """KV cache blocks the engine allocates (the capacity is always whole blocks)."""
+        return self.kv_capacity_tokens // self.block_size_tokens
 
     @property
     def compute_dtype(self) -> DType:
@@ -193,12 +209,16 @@ class Plan:
             "overhead_bytes": self.overhead_bytes,
             "total_bytes": self.total_bytes,
             "kv_capacity_tokens": self.kv_capacity_tokens,
+            "kv_capacity_blocks": self.kv_capacity_blocks,
+            "block_size_tokens": self.block_size_tokens,
+            "spare_bytes": self.spare_bytes,
             "max_model_len": self.max_model_len,
             "min_concurrency": self.min_concurrency,
             "max_concurrent_seqs_full_context": self.max_concurrent_seqs_full_context,
             f"max_concurrent_seqs_{TYPICAL_REQUEST_TOKENS}": self.max_concurrent_seqs_typical,
             "device_map": self.device_map,
             "max_memory": {str(k): v for k, v in self.max_memory.items()} if self.max_memory else None,
+            "device_split": [share.to_json() for share in self.device_split],
             "candidates": [c.to_json(self.max_model_len) for c in self.candidates],
         }
 
@@ -257,32 +277,71 @@ def _ladder(
     return [(sixteen, half), (Precision.INT8, half), (Precision.NF4, half)], f"ladder {note} -> int8 -> nf4"
 
 
+def seq_tokens(request: PlanRequest) -> int:
+    """KV tokens one full-length sequence occupies: max_model_len rounded up to whole blocks."""
+    return math.ceil(request.max_model_len / request.block_size_tokens) * request.block_size_tokens
+
+
 def kv_token_cap(request: PlanRequest) -> int:
-    """Most KV tokens worth holding: max_num_seqs sequences of max_model_len tokens (or max_kv_tokens)."""
-    useful = request.max_num_seqs * request.max_model_len
-    return useful if request.max_kv_tokens is None else min(useful, request.max_kv_tokens)
+    """Most KV tokens worth holding: max_num_seqs full sequences (or max_kv_tokens), in whole blocks."""
+    useful = request.max_num_seqs * seq_tokens(request)
+    capped = useful if request.max_kv_tokens is None else min(useful, request.max_kv_tokens)
+    return align_down(capped, request.block_size_tokens)
 
 
-def _evaluate(est: PrecisionEstimate, budget_bytes: int, request: PlanRequest) -> Candidate:
-    min_kv = est.kv_bytes_per_token * request.max_model_len * request.min_concurrency
-    fixed = est.weights_bytes + est.quant_state_bytes + est.overhead_bytes
-    total = fixed + min_kv
-    left = budget_bytes - fixed
-    capacity = max(left // est.kv_bytes_per_token, 0) if est.kv_bytes_per_token else 0
-    capacity = min(capacity, kv_token_cap(request))
-    fits = total <= budget_bytes and capacity >= request.max_model_len * request.min_concurrency
+def kv_capacity_tokens(left_bytes: int, kv_bytes_per_token: int, request: PlanRequest) -> int:
+    """The one KV capacity formula: what `left_bytes` buys, capped by `kv_token_cap`, in whole blocks."""
+    tokens = max(left_bytes // kv_bytes_per_token, 0) if kv_bytes_per_token else 0
+    return align_down(min(tokens, kv_token_cap(request)), request.block_size_tokens)
+
+
+def _split(
+    est: PrecisionEstimate, budget: Budget, request: PlanRequest, num_layers: int
+) -> tuple[int, tuple[DeviceShare, ...]]:
+    """(KV capacity, per-device split) of one precision; (0, ()) when the weights do not fit."""
+    weights = est.weights_bytes + est.quant_state_bytes
+    if len(budget.devices) == 1:
+        dev = budget.devices[0]
+        capacity = kv_capacity_tokens(dev.budget_bytes - weights - est.overhead_bytes, est.kv_bytes_per_token, request)
+        share = DeviceShare(
+            dev.device, dev.budget_bytes, 0, num_layers, weights, est.overhead_bytes, est.kv_bytes_per_token, capacity
+        )
+        return capacity, (share,)
+    costs = layer_costs(
+        num_layers=num_layers,
+        weights_bytes=weights,
+        layer_weights_bytes=est.layer_weights_bytes,
+        kv_bytes_per_token=est.kv_bytes_per_token,
+        overhead_parts=est.overhead,
+        num_devices=len(budget.devices),
+    )
+    devices = [(d.device, d.budget_bytes) for d in budget.devices]
+    shares = split_layers(devices, costs, kv_token_cap(request), request.block_size_tokens)
+    return (shares[0].kv_capacity_tokens, shares) if shares else (0, ())
+
+
+def _evaluate(est: PrecisionEstimate, budget: Budget, request: PlanRequest, num_layers: int) -> Candidate:
+    min_tokens = seq_tokens(request) * request.min_concurrency
+    min_kv = est.kv_bytes_per_token * min_tokens
+    capacity, shares = _split(est, budget, request, num_layers)
+    over = sum(s.overhead_bytes for s in shares) if len(shares) > 1 else est.overhead_bytes
+    # on CPU loading peaks before the KV cache exists; the minimum is the larger of the load and the serving need
+    total = max(est.weights_bytes + est.quant_state_bytes + over + min_kv, est.load_peak_bytes)
+    fits = total <= budget.budget_bytes and capacity >= min_tokens
     return Candidate(
         est.precision,
         est.compute_dtype,
         est.weights_bytes,
         est.quant_state_bytes,
         est.kv_bytes_per_token,
-        est.overhead_bytes,
+        over,
         min_kv,
         total,
         fits,
         capacity if fits else 0,
-        max(total - budget_bytes, 0),
+        max(total - budget.budget_bytes, 0),
+        shares if fits else (),
+        est.load_peak_bytes,
     )
 
 
@@ -303,30 +362,35 @@ def _estimate(
         max_model_len=max_model_len or request.max_model_len,
         n_cuda_devices=n_cuda,
         double_quant=request.double_quant,
+        cpu_runtime_bytes=request.cpu_runtime_bytes,
     )
 
 
-def _device_map(budget: Budget, cand: Candidate) -> tuple[str | dict[str, Any], dict[int | str, int] | None]:
+def _device_map(
+    budget: Budget, shares: tuple[DeviceShare, ...], layers_module: str | None
+) -> tuple[str | dict[str, Any], dict[int | str, int] | None]:
+    """One device: its name. Several: each layer on its planned device (accelerate's "auto" with the planned
+    per-device weights as `max_memory` when the layer list's name is unknown)."""
     if len(budget.devices) == 1:
         return budget.device, None
-    weights = cand.weights_bytes + cand.quant_state_bytes
-    total = budget.budget_bytes or 1
     max_memory: dict[int | str, int] = {}
-    for dev in budget.devices:
-        share = int(weights * dev.budget_bytes / total * MAX_MEMORY_HEADROOM)
-        max_memory[int(dev.device.split(":")[1])] = min(share, dev.budget_bytes)
-    return "auto", max_memory
+    for share in shares:
+        room = int(share.weights_bytes * MAX_MEMORY_HEADROOM)
+        max_memory[int(share.device.split(":")[1])] = min(max(room, 1), share.budget_bytes)
+    if layers_module is None:
+        return "auto", max_memory
+    return device_map_for(shares, layers_module), max_memory
 
 
 def _largest_fitting_len(
-    shape: ModelShape, precision: Precision, dtype: DType, request: PlanRequest, budget_bytes: int, n_cuda: int
+    shape: ModelShape, precision: Precision, dtype: DType, request: PlanRequest, budget: Budget, n_cuda: int
 ) -> int:
     """The longest max_model_len at which `precision` fits (0 if none), by bisection."""
     lo, hi = 0, request.max_model_len
     while lo < hi:
         mid = (lo + hi + 1) // 2
         trial = request.model_copy(update={"max_model_len": mid})
-        if _evaluate(_estimate(shape, precision, dtype, trial, n_cuda, mid), budget_bytes, trial).fits:
+        if _evaluate(_estimate(shape, precision, dtype, trial, n_cuda, mid), budget, trial, shape.num_layers).fits:
             lo = mid
         else:
             hi = mid - 1
@@ -345,9 +409,11 @@ def _nothing_fits_message(
         f" + KV for {request.min_concurrency} x {request.max_model_len} tokens {format_bytes(last.min_kv_bytes)}), "
         f"the budget on {budget.device} is {format_bytes(budget.budget_bytes)} ({budget.budget_bytes} bytes): "
         f"short by {format_bytes(last.shortfall_bytes)} ({last.shortfall_bytes} bytes).",
-        "Things to change:",
     ]
-    best_len = _largest_fitting_len(shape, last.precision, last.dtype, request, budget.budget_bytes, n_cuda)
+    if last.load_peak_bytes == last.total_bytes:
+        lines[0] += f" Loading it peaks at {format_bytes(last.load_peak_bytes)} before the KV cache exists."
+    lines.append("Things to change:")
+    best_len = _largest_fitting_len(shape, last.precision, last.dtype, request, budget, n_cuda)
     if best_len > 0:
         lines.append(f"  - a smaller --max-model-len: {best_len} fits (or fewer --min-concurrency)")
     else:
@@ -403,14 +469,13 @@ def make_plan(
     n_cuda = len(budget.devices) if budget.is_cuda else 0
     half = _half_dtype(budget, probe)
     rungs, ladder_note = _ladder(shape, request, budget, probe, half)
-    candidates = [_evaluate(_estimate(shape, p, d, request, n_cuda), budget.budget_bytes, request) for p, d in rungs]
+    estimates = [_estimate(shape, p, d, request, n_cuda) for p, d in rungs]
+    candidates = [_evaluate(est, budget, request, shape.num_layers) for est in estimates]
     forced = isinstance(request.precision, Precision)
     chosen = next((c for c in candidates if c.fits), None)
     if chosen is None and forced and request.force:
-        chosen = candidates[0]
-        left = budget.budget_bytes - (chosen.weights_bytes + chosen.quant_state_bytes + chosen.overhead_bytes)
-        capacity = max(left // chosen.kv_bytes_per_token, 0) if chosen.kv_bytes_per_token else 0
-        capacity = min(capacity, kv_token_cap(request))
+        capacity, shares = _split(estimates[0], budget, request, shape.num_layers)
+        chosen = replace(candidates[0], device_split=shares)
         reason = (
             f"{chosen.precision.value} forced with --force although it is short by "
             f"{format_bytes(chosen.shortfall_bytes)}; KV capacity {capacity} tokens"
@@ -456,7 +521,10 @@ def _build_plan(
     reason: str,
     capacity: int,
 ) -> Plan:
-    device_map, max_memory = _device_map(budget, chosen)
+    device_map, max_memory = _device_map(budget, chosen.device_split, shape.layers_module)
+    total = (
+        chosen.weights_bytes + chosen.quant_state_bytes + chosen.overhead_bytes + capacity * chosen.kv_bytes_per_token
+    )
     plan = Plan(
         model_path=shape.model_path,
         precision=chosen.precision,
@@ -467,10 +535,7 @@ def _build_plan(
         kv_bytes_per_token=chosen.kv_bytes_per_token,
         kv_dtype=chosen.dtype.value,
         overhead_bytes=chosen.overhead_bytes,
-        total_bytes=chosen.weights_bytes
-        + chosen.quant_state_bytes
-        + chosen.overhead_bytes
-        + capacity * chosen.kv_bytes_per_token,
+        total_bytes=total,
         kv_capacity_tokens=capacity,
         max_model_len=request.max_model_len,
         min_concurrency=request.min_concurrency,
@@ -481,6 +546,9 @@ def _build_plan(
         double_quant=request.double_quant and chosen.precision is Precision.NF4,
         budget_source=budget.devices[0].source.value,
         prequantized=shape.prequantized is not None,
+        block_size_tokens=request.block_size_tokens,
+        spare_bytes=max(budget.budget_bytes - total, 0),
+        device_split=chosen.device_split,
     )
     logger.info("plan: %s", reason)
     return plan

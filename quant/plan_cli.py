@@ -21,7 +21,11 @@ _PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "gptq")
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """The plan options (shared by `fitserve plan` and `python -m fitserve.quant`)."""
-    parser.add_argument("--model", default=None, help="local model directory or hub id (default: the cached default)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local model directory, .gguf file (converted once into the cache) or hub id (default: the default)",
+    )
     parser.add_argument(
         "--memory-budget",
         default=None,

@@ -1,13 +1,14 @@
 """The memory ledger: what the plan predicted, what loading measured, and what the device holds right now.
 
-Plain dataclasses, no prometheus_client and no torch: `server.metrics` turns a `MemoryLedger` into gauges at
-scrape time. `make_ledger_fn` binds the start-up facts (plan, load report) to a function that reads the
-device's memory afresh on every call, through `quant.budget.read_device_memory`.
+Plain dataclasses, no prometheus_client and no torch: `server.metrics` turns `MemoryLedger`s into gauges at
+scrape time. `make_ledger_fn` binds the start-up facts (plan, load report) to a function that reads each
+device's memory afresh on every call, through `quant.budget.read_device_memory`: one ledger per device of the
+plan's split (one on CPU or a single GPU; one per GPU when the layers are spread over several).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,44 +63,93 @@ class MemoryLedger:
 class DeviceMemoryLike(Protocol):
     """The fields of `quant.budget.DeviceMemory` the ledger reads."""
 
-    total_bytes: int
-    used_bytes: int
-    torch_allocated_bytes: int | None
-    torch_reserved_bytes: int | None
-    torch_peak_bytes: int | None
+    @property
+    def total_bytes(self) -> int: ...
+    @property
+    def used_bytes(self) -> int: ...
+    @property
+    def torch_allocated_bytes(self) -> int | None: ...
+    @property
+    def torch_reserved_bytes(self) -> int | None: ...
+    @property
+    def torch_peak_bytes(self) -> int | None: ...
+
+
+class DeviceShareLike(Protocol):
+    """The fields of `quant.placement.DeviceShare` the ledger reads: one device's part of the plan."""
+
+    @property
+    def device(self) -> str: ...
+    @property
+    def budget_bytes(self) -> int: ...
+    @property
+    def weights_bytes(self) -> int: ...
+    @property
+    def overhead_bytes(self) -> int: ...
+    @property
+    def kv_bytes_per_token(self) -> int: ...
+    @property
+    def kv_capacity_tokens(self) -> int: ...
 
 
 class PlanLike(Protocol):
     """The fields of `quant.plan.Plan` the ledger reads."""
 
-    budget_bytes: int
-    weights_bytes: int
-    kv_bytes_per_token: int
-    kv_capacity_tokens: int
-    overhead_bytes: int
+    @property
+    def budget_bytes(self) -> int: ...
+    @property
+    def weights_bytes(self) -> int: ...
+    @property
+    def kv_bytes_per_token(self) -> int: ...
+    @property
+    def kv_capacity_tokens(self) -> int: ...
+    @property
+    def overhead_bytes(self) -> int: ...
+    @property
+    def device_split(self) -> Sequence[DeviceShareLike]: ...
 
 
 class LoadReportLike(Protocol):
     """The fields of `quant.load.LoadReport` the ledger reads."""
 
-    measured_weights_bytes: int
+    @property
+    def measured_weights_bytes(self) -> int: ...
+    @property
+    def measured_weights_by_device(self) -> Mapping[str, int]: ...
 
 
 def build_ledger(device: str, plan: PlanLike, load_report: LoadReportLike, memory: DeviceMemoryLike) -> MemoryLedger:
-    """Combine the plan, the load report and one device-memory reading into a ledger."""
+    """Combine the plan (its share for `device` when the plan spreads over several), the load report and one
+    device-memory reading into a ledger."""
+    share = next((s for s in plan.device_split if s.device == device), None) if len(plan.device_split) > 1 else None
+    if share is None:
+        budget, weights, overhead = plan.budget_bytes, plan.weights_bytes, plan.overhead_bytes
+        kv_cache = plan.kv_bytes_per_token * plan.kv_capacity_tokens
+        measured = load_report.measured_weights_bytes
+    else:
+        budget, weights, overhead = share.budget_bytes, share.weights_bytes, share.overhead_bytes
+        kv_cache = share.kv_bytes_per_token * share.kv_capacity_tokens
+        measured = load_report.measured_weights_by_device.get(device, 0)
     return MemoryLedger(
         device=device,
-        budget_bytes=int(plan.budget_bytes),
+        budget_bytes=int(budget),
         total_bytes=int(memory.total_bytes),
         used_bytes=int(memory.used_bytes),
-        weights_bytes=int(load_report.measured_weights_bytes),
-        predicted_weights_bytes=int(plan.weights_bytes),
-        predicted_kv_cache_bytes=int(plan.kv_bytes_per_token) * int(plan.kv_capacity_tokens),
-        predicted_overhead_bytes=int(plan.overhead_bytes),
+        weights_bytes=int(measured),
+        predicted_weights_bytes=int(weights),
+        predicted_kv_cache_bytes=int(kv_cache),
+        predicted_overhead_bytes=int(overhead),
         torch_allocated_bytes=_optional_int(memory.torch_allocated_bytes),
         torch_reserved_bytes=_optional_int(memory.torch_reserved_bytes),
         torch_peak_bytes=_optional_int(memory.torch_peak_bytes),
     )
+
+
+def ledger_devices(plan: PlanLike, device: str) -> tuple[str, ...]:
+    """The devices with a ledger: each device of the plan's split when it has several, else `device`."""
+    if len(plan.device_split) > 1:
+        return tuple(share.device for share in plan.device_split)
+    return (device,)
 
 
 def make_ledger_fn(
@@ -108,21 +158,25 @@ def make_ledger_fn(
     device: str,
     *,
     read_memory: Callable[[str], DeviceMemoryLike] | None = None,
-) -> Callable[[], MemoryLedger]:
-    """A function that returns a fresh `MemoryLedger` each call (the metrics collector calls it per scrape).
+) -> Callable[[], tuple[MemoryLedger, ...]]:
+    """A function that returns fresh `MemoryLedger`s, one per device, each call (the metrics collector calls it
+    per scrape). `device` is the plan's device ("cpu", "cuda:0"; for several GPUs the split names them).
 
     `read_memory` defaults to `quant.budget.read_device_memory`; tests pass a fake.
     """
+    reader: Callable[[str], DeviceMemoryLike]
     if read_memory is None:
         from fitserve.quant.budget import read_device_memory
 
-        read_memory = read_device_memory
-    reader = read_memory
+        reader = read_device_memory
+    else:
+        reader = read_memory
+    devices = ledger_devices(plan, device)
 
-    def ledger() -> MemoryLedger:
-        return build_ledger(device, plan, load_report, reader(device))
+    def ledgers() -> tuple[MemoryLedger, ...]:
+        return tuple(build_ledger(name, plan, load_report, reader(name)) for name in devices)
 
-    return ledger
+    return ledgers
 
 
 def _optional_int(value: int | None) -> int | None:

@@ -29,6 +29,8 @@ from fitserve.server.ledger import MemoryLedger, ModelInfo
 
 logger = logging.getLogger(__name__)
 
+LedgerReading = MemoryLedger | tuple[MemoryLedger, ...]  # one device, or one ledger per device
+
 
 class MetricKind(enum.Enum):
     """Prometheus metric types fitserve uses."""
@@ -319,12 +321,33 @@ def _counter(spec: MetricSpec) -> CounterMetricFamily:
     return CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
 
 
+def _add_ledger(ledger: MemoryLedger, families: dict[str, GaugeMetricFamily], predicted: GaugeMetricFamily) -> None:
+    """Add one device's ledger readings to the gauge families (labelled with its device)."""
+    device = [ledger.device]
+    values: dict[MetricSpec, int | None] = {
+        MEMORY_BUDGET: ledger.budget_bytes,
+        DEVICE_TOTAL: ledger.total_bytes,
+        DEVICE_USED: ledger.used_bytes,
+        TORCH_ALLOCATED: ledger.torch_allocated_bytes,
+        TORCH_RESERVED: ledger.torch_reserved_bytes,
+        TORCH_PEAK: ledger.torch_peak_bytes,
+        HEADROOM: ledger.headroom_bytes,
+        WEIGHTS: ledger.weights_bytes,
+    }
+    for spec, value in values.items():
+        if value is not None:  # None (torch stats on CPU): no sample at all, never a fake zero
+            families[spec.name].add_metric(device, value)
+    predicted.add_metric([ledger.device, "weights"], ledger.predicted_weights_bytes)
+    predicted.add_metric([ledger.device, "kv_cache"], ledger.predicted_kv_cache_bytes)
+    predicted.add_metric([ledger.device, "overhead"], ledger.predicted_overhead_bytes)
+
+
 class _StateCollector(Collector):
     """Builds the gauges (and engine totals) from the snapshot and ledger callables at scrape time."""
 
     def __init__(self) -> None:
         self.snapshot_fn: Callable[[], EngineSnapshot] | None = None
-        self.ledger_fn: Callable[[], MemoryLedger] | None = None
+        self.ledger_fn: Callable[[], LedgerReading] | None = None
         self.model_info: ModelInfo | None = None
 
     def describe(self) -> list[Metric]:
@@ -368,24 +391,10 @@ class _StateCollector(Collector):
         )
         families = {spec.name: _gauge(spec) for spec in specs}
         predicted = _gauge(PLAN_PREDICTED)
-        if isinstance(ledger, MemoryLedger):
-            device = [ledger.device]
-            values: dict[MetricSpec, int | None] = {
-                MEMORY_BUDGET: ledger.budget_bytes,
-                DEVICE_TOTAL: ledger.total_bytes,
-                DEVICE_USED: ledger.used_bytes,
-                TORCH_ALLOCATED: ledger.torch_allocated_bytes,
-                TORCH_RESERVED: ledger.torch_reserved_bytes,
-                TORCH_PEAK: ledger.torch_peak_bytes,
-                HEADROOM: ledger.headroom_bytes,
-                WEIGHTS: ledger.weights_bytes,
-            }
-            for spec, value in values.items():
-                if value is not None:  # None (torch stats on CPU): no sample at all, never a fake zero
-                    families[spec.name].add_metric(device, value)
-            predicted.add_metric([ledger.device, "weights"], ledger.predicted_weights_bytes)
-            predicted.add_metric([ledger.device, "kv_cache"], ledger.predicted_kv_cache_bytes)
-            predicted.add_metric([ledger.device, "overhead"], ledger.predicted_overhead_bytes)
+        readings = (ledger,) if isinstance(ledger, MemoryLedger) else ledger if isinstance(ledger, tuple) else ()
+        for reading in readings:  # one per device: the `device` label tells them apart
+            if isinstance(reading, MemoryLedger):
+                _add_ledger(reading, families, predicted)
         return [*families.values(), predicted]
 
     @staticmethod
@@ -423,7 +432,7 @@ class ServerMetrics:
         registry: CollectorRegistry | None = None,
         *,
         model_info: ModelInfo | None = None,
-        ledger_fn: Callable[[], MemoryLedger] | None = None,
+        ledger_fn: Callable[[], LedgerReading] | None = None,
     ) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
         self._state = _StateCollector()
@@ -453,7 +462,7 @@ class ServerMetrics:
         """Read engine gauges from `snapshot_fn` at each scrape (the engine is built after the metrics)."""
         self._state.snapshot_fn = snapshot_fn
 
-    def attach_ledger(self, ledger_fn: Callable[[], MemoryLedger]) -> None:
+    def attach_ledger(self, ledger_fn: Callable[[], LedgerReading]) -> None:
         """Read the memory ledger from `ledger_fn` at each scrape (when the model loads after construction)."""
         self._state.ledger_fn = ledger_fn
 

@@ -91,14 +91,18 @@ class StartupError(Exception):
 
 def plan_serving(settings: Settings) -> PlannedServing:
     """Resolve the model and plan its precision within the budget (fast; raises StartupError)."""
-    from fitserve.quant.budget import parse_size
+    from fitserve.quant.budget import nvidia_driver_present, parse_size
+    from fitserve.quant.load import measure_cpu_runtime_bytes
     from fitserve.quant.model_store import FetchError, ModelNotFoundError, resolve_model
     from fitserve.quant.plan import NothingFitsError, PlanRequest, make_plan
 
     try:
         model_dir = resolve_model(settings.model)
         budget_bytes = parse_size(settings.memory_budget) if settings.memory_budget else None
-        plan = make_plan(PlanRequest(model=model_dir, **plan_options(settings, budget_bytes)))
+        options = plan_options(settings, budget_bytes)
+        if not nvidia_driver_present():  # CPU: plan with what this process really holds, not an estimate
+            options["cpu_runtime_bytes"] = measure_cpu_runtime_bytes()
+        plan = make_plan(PlanRequest(model=model_dir, **options))
     except (ModelNotFoundError, FetchError, NothingFitsError, ValueError) as error:
         raise StartupError(str(error)) from error
     logger.info("memory plan for %s:\n%s", model_dir, format_plan(plan))
@@ -208,14 +212,14 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         )
     )
     config_kwargs: dict[str, Any] = {}
-    if device == "cpu":  # memory the plan leaves over may hold a prepacked copy of a tied lm_head
-        config_kwargs["shared_weight_copy_bytes"] = unplanned_bytes(plan)
     if settings.max_prefill_tokens is not None:
         config_kwargs["max_prefill_tokens"] = settings.max_prefill_tokens
     config = EngineConfig(
         served_model_name=serving.served_model_name,
         max_model_len=int(plan.max_model_len),
         kv_capacity_tokens=int(plan.kv_capacity_tokens),
+        block_size_tokens=int(plan.block_size_tokens),
+        spare_bytes=int(plan.spare_bytes),  # may hold a prepacked copy of a tied lm_head on CPU
         max_batch_size=settings.max_batch_size,
         max_waiting=settings.max_waiting,
         enable_prefix_caching=settings.enable_prefix_caching,
@@ -249,24 +253,6 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         config.enable_prefix_caching,
     )
     return BuiltEngine(engine=engine, metrics=metrics, close=stop)
-
-
-def unplanned_bytes(plan: Any) -> int:
-    """Budget left after weights, quantization state, overhead and the whole KV cache (0 when none or unknown).
-
-    Non-zero when the KV cache is capped (max_num_seqs x max_model_len) below what the budget could hold.
-    """
-    try:
-        used = (
-            plan.weights_bytes
-            + plan.quant_state_bytes
-            + plan.overhead_bytes
-            + plan.kv_capacity_tokens * plan.kv_bytes_per_token
-        )
-        return max(int(plan.budget_bytes - used), 0)
-    except (AttributeError, TypeError) as error:
-        logger.warning("plan without its memory figures (%s): no spare budget for a packed tied lm_head", error)
-        return 0
 
 
 def _quant_method(precision: Any) -> str:

@@ -15,7 +15,7 @@ class EngineConfig:
 
     served_model_name: str
     max_model_len: int
-    kv_capacity_tokens: int
+    kv_capacity_tokens: int  # the plan's block-aligned capacity (a whole number of `block_size_tokens` blocks)
     max_batch_size: int | None = None
     max_waiting: int = 256
     max_prefill_tokens: int = 512  # prompt tokens computed per step (chunked prefill budget)
@@ -35,23 +35,30 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # fp32 on CPU: Linears run through oneDNN with weights prepacked once (server/engine/cpu_linear.py), 1.2-2x
     # faster matmuls for decode-sized batches, same memory. A weight shared with another module (tied lm_head)
-    # costs an extra copy when packed: packed only within `shared_weight_copy_bytes` (serve: the unplanned budget).
+    # costs an extra copy when packed: packed only within `spare_bytes`.
     prepack_cpu_linears: bool = True
-    shared_weight_copy_bytes: int = 0
+    spare_bytes: int = 0  # budget the plan leaves unspent after weights, overhead and the whole KV cache
 
     def __post_init__(self) -> None:
+        if self.block_size_tokens <= 0:
+            raise ValueError(f"block_size_tokens must be positive, got {self.block_size_tokens}")
         if self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
-        if self.kv_capacity_tokens < self.block_size_tokens:
+        if self.kv_capacity_tokens < self.block_size_tokens or self.kv_capacity_tokens % self.block_size_tokens:
             raise ValueError(
-                f"kv_capacity_tokens ({self.kv_capacity_tokens}) must hold at least one block "
+                f"kv_capacity_tokens ({self.kv_capacity_tokens}) must be a whole number (at least one) of blocks "
                 f"of {self.block_size_tokens} tokens"
             )
+        if self.spare_bytes < 0:
+            raise ValueError(f"spare_bytes must be >= 0, got {self.spare_bytes}")
         if self.max_batch_size is not None and self.max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive or None, got {self.max_batch_size}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.max_prefill_tokens <= 0:
             raise ValueError(f"max_prefill_tokens must be positive, got {self.max_prefill_tokens}")
-        if self.block_size_tokens <= 0:
-            raise ValueError(f"block_size_tokens must be positive, got {self.block_size_tokens}")
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """Blocks of the paged KV cache: the one place this number is computed (scheduler and runner read it)."""
+        return self.kv_capacity_tokens // self.block_size_tokens

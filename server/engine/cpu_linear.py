@@ -69,15 +69,18 @@ def prepack_linears(model: torch.nn.Module, shared_copy_bytes: int = 0) -> PackR
     if not onednn_linear_available():
         return PackReport(0, 0, 0)
     uses = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
-    targets = [
-        (name, module)
+    targets = [  # names only: holding the modules would keep every unpacked weight alive until the end
+        name
         for name, module in model.named_modules()
         if type(module) is torch.nn.Linear
         and module.weight.dtype == torch.float32
         and module.weight.device.type == "cpu"
     ]
     packed = skipped = extra = 0
-    for name, module in targets:
+    for name in targets:  # each original Linear is freed as soon as its packed copy replaces it
+        module = model.get_submodule(name)
+        if not isinstance(module, torch.nn.Linear):  # cannot happen: listed above as a Linear
+            continue
         shared = uses[module.weight.data_ptr()] > 1
         copy_bytes = module.weight.numel() * module.weight.element_size() if shared else 0
         if extra + copy_bytes > shared_copy_bytes:

@@ -1,6 +1,7 @@
 """The preallocated paged KV cache and the attention function that reads and writes it.
 
-Layout: per layer one K and one V tensor of shape [num_blocks * block_size, num_kv_heads, head_dim] ("slots").
+Layout: per layer one K and one V tensor of shape [num_blocks * block_size, num_kv_heads, head_dim] ("slots"),
+on the device of that layer (several GPUs: each layer's KV lives beside its weights, sized by the plan's split).
 A sequence owns a list of blocks (its block table); token position p lives in slot
 `block_table[p // block_size] * block_size + p % block_size`.
 
@@ -13,7 +14,7 @@ implementation, transformers builds no 4D mask at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -59,7 +60,7 @@ class PackedBatch:
 
 
 class PagedKVCache:
-    """K/V tensors for every layer, allocated once from the token capacity."""
+    """K/V tensors for every layer, allocated once from the block count, each on its layer's device."""
 
     def __init__(
         self,
@@ -69,19 +70,46 @@ class PagedKVCache:
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
-        device: torch.device | str,
+        device: torch.device | str | Sequence[torch.device | str],
     ) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
+        devices = [device] * num_layers if isinstance(device, str | torch.device) else list(device)
+        if len(devices) != num_layers:
+            raise ValueError(f"{len(devices)} devices given for {num_layers} layers")
         num_slots = num_blocks * block_size
         shape = (num_slots, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=dev) for dev in devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=dev) for dev in devices]
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache."""
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(self.nbytes_by_device().values())
+
+    def nbytes_by_device(self) -> dict[str, int]:
+        """Bytes held by the cache on each device."""
+        out: dict[str, int] = {}
+        for tensor in (*self.k, *self.v):
+            out[str(tensor.device)] = out.get(str(tensor.device), 0) + tensor.numel() * tensor.element_size()
+        return out
+
+
+def layer_devices(model: torch.nn.Module, num_layers: int, default: torch.device) -> list[torch.device]:
+    """The device of each attention layer (by its `layer_idx`), `default` for a layer without weights."""
+    devices = [default] * num_layers
+    for module in model.modules():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int) and 0 <= index < num_layers:
+            weight = next(module.parameters(recurse=True), None)
+            if weight is not None:
+                devices[index] = weight.device
+    return devices
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` (itself when already there: the one-device case costs nothing)."""
+    return tensor if tensor.device == device else tensor.to(device, non_blocking=True)
 
 
 def _grouped_decode(
@@ -89,13 +117,14 @@ def _grouped_decode(
 ) -> torch.Tensor:
     """All decodes in one SDPA call over padded contexts with a mask -> [num, H, D] (faster, not bit-exact)."""
     n = group.num
-    k = k_cache.index_select(0, group.slots.flatten()).view(n, -1, *k_cache.shape[1:]).transpose(1, 2)
-    v = v_cache.index_select(0, group.slots.flatten()).view(n, -1, *v_cache.shape[1:]).transpose(1, 2)
+    slots, mask = _on(group.slots, k_cache.device), _on(group.mask, k_cache.device)
+    k = k_cache.index_select(0, slots.flatten()).view(n, -1, *k_cache.shape[1:]).transpose(1, 2)
+    v = v_cache.index_select(0, slots.flatten()).view(n, -1, *v_cache.shape[1:]).transpose(1, 2)
     num_heads, head_dim = query.shape[1], query.shape[3]
     kv_heads = k.shape[1]
     # query heads sharing a KV head become rows of one "head": [n, KVH, H/KVH, D] (transformers' pack_gqa)
     q = query[0, :, :n].transpose(0, 1).reshape(n, kv_heads, num_heads // kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return out.reshape(n, num_heads, head_dim)
 
 
@@ -103,8 +132,10 @@ def _context(cache: torch.Tensor, s: SeqSlice) -> torch.Tensor:
     """A sequence's cached K or V for positions 0 .. start+length-1 as [1, KVH, L, D]."""
     if s.first_slot is not None:
         ctx = cache[s.first_slot : s.first_slot + s.start + s.length]
+    elif s.slots is not None:
+        ctx = cache.index_select(0, _on(s.slots, cache.device))
     else:
-        ctx = cache.index_select(0, s.slots)
+        raise ValueError("a slice on top of a cached context needs its slots or its first slot")
     return ctx.transpose(0, 1).unsqueeze(0)
 
 
@@ -149,8 +180,9 @@ def paged_attention_forward(
     k_cache, v_cache = batch.cache.k[layer], batch.cache.v[layer]
     new_k = key[0].transpose(0, 1)  # [T, KVH, D]
     new_v = value[0].transpose(0, 1)
-    k_cache.index_copy_(0, batch.slot_mapping, new_k)
-    v_cache.index_copy_(0, batch.slot_mapping, new_v)
+    slot_mapping = _on(batch.slot_mapping, k_cache.device)
+    k_cache.index_copy_(0, slot_mapping, new_k)
+    v_cache.index_copy_(0, slot_mapping, new_v)
 
     # Each sequence is attended on its own, with exactly the SDPA call transformers makes for a lone sequence
     # (causal prefill without a mask; a decode token over its whole context without a mask; GQA inside SDPA), so
@@ -167,7 +199,8 @@ def paged_attention_forward(
         else:
             k, v = _context(k_cache, s), _context(v_cache, s)  # [1, KVH, L, D]
             with _threads(1 if s.length == 1 and batch.single_thread_decode else None):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=s.mask, scale=scaling, enable_gqa=True)
+                mask = None if s.mask is None else _on(s.mask, k.device)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         pieces.append(out[0].transpose(0, 1))  # [c, H, D]
     attn = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
     return attn.unsqueeze(0), None

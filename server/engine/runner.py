@@ -20,6 +20,7 @@ from fitserve.server.engine.kv_cache import (
     PackedBatch,
     PagedKVCache,
     SeqSlice,
+    layer_devices,
     register_attention,
 )
 from fitserve.server.engine.sampling import sample_sequences
@@ -74,7 +75,7 @@ class ModelRunner:
         if not self.dtype.is_floating_point:
             self.dtype = getattr(model.config, "dtype", None) or torch.float16
         self.block_size = config.block_size_tokens
-        num_blocks = config.kv_capacity_tokens // self.block_size
+        num_blocks = config.num_kv_blocks
         self.cache = PagedKVCache(
             self.shape.num_layers,
             num_blocks,
@@ -82,11 +83,11 @@ class ModelRunner:
             self.shape.num_kv_heads,
             self.shape.head_dim,
             self.dtype,
-            self.device,
+            layer_devices(self.model, self.shape.num_layers, self.device),  # several GPUs: KV beside its layer
         )
         self.oom_inject_steps = frozenset(config.oom_inject_steps)
         if config.prepack_cpu_linears and self.device.type == "cpu" and self.dtype == torch.float32:
-            packed = prepack_linears(self.model, shared_copy_bytes=config.shared_weight_copy_bytes)
+            packed = prepack_linears(self.model, shared_copy_bytes=config.spare_bytes)
             logger.info(
                 "oneDNN prepacked Linears: %d packed, %d shared weights left as they are, %.1f MiB extra",
                 packed.packed,

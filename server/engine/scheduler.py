@@ -130,9 +130,7 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.block_size = config.block_size_tokens
-        self.allocator = BlockPool(
-            config.kv_capacity_tokens // self.block_size, self.block_size, enable_caching=config.enable_prefix_caching
-        )
+        self.allocator = BlockPool(config.num_kv_blocks, self.block_size, enable_caching=config.enable_prefix_caching)
         self.capacity_tokens = self.allocator.num_blocks * self.block_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.clock = clock

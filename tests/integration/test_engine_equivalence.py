@@ -101,7 +101,7 @@ def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, 
         max_batch_size=None,
         max_waiting=256,
         max_prefill_tokens=512,
-        shared_weight_copy_bytes=1 << 30,  # as `fitserve serve` with spare budget: fp32 packs the tied lm_head too
+        spare_bytes=1 << 30,  # as `fitserve serve` with spare budget: fp32 packs the tied lm_head too
     )
 
     async def main() -> tuple[list[list[int]], int]:

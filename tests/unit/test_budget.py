@@ -74,6 +74,7 @@ class FakeProbe:
     total: int = 16 * GIB
     cgroup: tuple[int, int] | None = None
     native_bf16: bool = True  # AVX512-BF16/AMX: the plain 16-bit -> INT8 -> NF4 ladder
+    rss: int = 0  # this process's resident memory
 
     def cuda_device_count(self) -> int:
         return len(self.gpus)
@@ -96,6 +97,9 @@ class FakeProbe:
 
     def cpu_native_bf16(self) -> bool:
         return self.native_bf16
+
+    def process_rss(self) -> int:
+        return self.rss
 
 
 def test_cpu_budget_is_available_minus_reserve() -> None:
@@ -210,3 +214,12 @@ def test_read_device_memory_cpu_is_process_rss() -> None:
     assert 0 < mem.used_bytes < mem.total_bytes
     assert abs(mem.used_bytes - psutil.Process().memory_info().rss) < 64 * MIB
     assert mem.torch_allocated_bytes is None and mem.torch_reserved_bytes is None and mem.torch_peak_bytes is None
+
+
+def test_auto_cpu_budget_adds_back_what_this_process_holds() -> None:
+    """psutil's "available" excludes this process; the plan counts its runtime, so the budget includes it."""
+    budget = detect_budget(probe=FakeProbe(available=10 * GIB, rss=300 * MIB))
+    assert budget.budget_bytes == 10 * GIB + 300 * MIB - int(16 * GIB * 0.05)
+    limited = detect_budget(probe=FakeProbe(available=10 * GIB, rss=300 * MIB, cgroup=(2 * GIB, 1 * GIB)))
+    assert limited.devices[0].free_bytes == 1 * GIB + 300 * MIB  # limit - usage, plus our own share of usage
+    assert detect_budget(memory_budget_bytes=GIB, probe=FakeProbe(rss=300 * MIB)).budget_bytes == GIB  # user: as given

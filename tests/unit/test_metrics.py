@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -347,3 +348,17 @@ def test_concurrent_recording_and_scraping() -> None:
     families = scrape(metrics)
     assert sample_value(families, "fitserve_generation_tokens_total") == 2000
     assert sample_value(families, "fitserve_batch_size", "fitserve_batch_size_count") == 2000
+
+
+def test_ledger_per_device_carries_its_device_label() -> None:
+    gpu0 = replace(cuda_ledger(), device="cuda:0", used_bytes=GiB)
+    gpu1 = replace(cuda_ledger(), device="cuda:1", used_bytes=2 * GiB)
+    metrics = ServerMetrics(CollectorRegistry(), model_info=MODEL_INFO, ledger_fn=lambda: (gpu0, gpu1))
+    families = scrape(metrics)
+    headroom = {s.labels["device"]: s.value for s in families["fitserve_memory_headroom_bytes"].samples}
+    assert headroom == {"cuda:0": gpu0.headroom_bytes, "cuda:1": gpu1.headroom_bytes}
+    predicted = families["fitserve_plan_predicted_bytes"].samples
+    assert {(s.labels["device"], s.labels["component"]) for s in predicted} >= {
+        ("cuda:0", "kv_cache"),
+        ("cuda:1", "kv_cache"),
+    }

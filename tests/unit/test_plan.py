@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 
 from fitserve.quant.budget import GIB, MIB, BudgetError
-from fitserve.quant.estimate import ModelShape, estimate_precision
+from fitserve.quant.estimate import ModelShape, estimate_precision, layer_weights_bytes
 from fitserve.quant.plan import NothingFitsError, Plan, PlanInputError, PlanRequest, make_plan
 from fitserve.quant.schemes import DType, GptqParams, LinearShape, Precision
 from tests.unit.test_budget import FakeProbe
@@ -43,6 +46,7 @@ def fake_shape(prequantized: Precision | None = None) -> ModelShape:
         linears=linears,
         prequantized=prequantized,
         gptq=GptqParams(4, 128) if prequantized is Precision.GPTQ else None,
+        config_dtype="bfloat16",
     )
 
 
@@ -50,7 +54,8 @@ SHAPE = fake_shape()
 
 
 def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, max_model_len: int = 2048) -> int:
-    """Minimum total bytes for one full-length sequence, computed independently of the planner."""
+    """Minimum total bytes for one full-length sequence, computed independently of the planner: what serving
+    needs, or on CPU the load's peak when that is more."""
     est = estimate_precision(
         SHAPE,
         precision,
@@ -60,7 +65,8 @@ def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, m
         max_model_len=max_model_len,
         n_cuda_devices=n_cuda,
     )
-    return est.weights_bytes + est.quant_state_bytes + est.overhead_bytes + est.kv_bytes_per_token * max_model_len
+    serving = est.weights_bytes + est.quant_state_bytes + est.overhead_bytes + est.kv_bytes_per_token * max_model_len
+    return max(serving, est.load_peak_bytes)
 
 
 def plan_for(budget_bytes: int, probe: FakeProbe | None = None, **kwargs: object) -> Plan:
@@ -68,8 +74,22 @@ def plan_for(budget_bytes: int, probe: FakeProbe | None = None, **kwargs: object
     return make_plan(request, probe=probe or FakeProbe(), shape=SHAPE)
 
 
+GPU = FakeProbe(gpus=[(80 * GIB, 81 * GIB)])
+
+
+def gpu_need(precision: Precision, max_model_len: int = 2048) -> int:
+    """`need` on one GPU: no CPU runtime and no CPU load peak, so the ladder's order is the weights' order."""
+    return need(precision, n_cuda=1, max_model_len=max_model_len)
+
+
+def gpu_plan_for(budget_bytes: int, **kwargs: object) -> Plan:
+    return plan_for(budget_bytes, probe=GPU, **kwargs)
+
+
 def test_needs_are_ordered_like_the_ladder() -> None:
-    assert need(Precision.BF16) > need(Precision.INT8) > need(Precision.NF4)
+    assert gpu_need(Precision.BF16) > gpu_need(Precision.INT8) > gpu_need(Precision.NF4)
+    # on CPU bitsandbytes' load (16-bit copies quantized in place) makes the quantized rungs the costliest
+    assert need(Precision.BF16) < need(Precision.INT8) < need(Precision.NF4)
 
 
 def test_big_budget_chooses_16_bit() -> None:
@@ -80,21 +100,44 @@ def test_big_budget_chooses_16_bit() -> None:
 
 
 def test_between_int8_and_16_bit_chooses_int8() -> None:
-    budget = (need(Precision.BF16) + need(Precision.INT8)) // 2
-    plan = plan_for(budget)
+    budget = (gpu_need(Precision.BF16) + gpu_need(Precision.INT8)) // 2
+    plan = gpu_plan_for(budget)
     assert plan.precision is Precision.INT8
-    assert not plan.candidates[0].fits and plan.candidates[0].shortfall_bytes == need(Precision.BF16) - budget
+    assert not plan.candidates[0].fits and plan.candidates[0].shortfall_bytes == gpu_need(Precision.BF16) - budget
     assert "bf16 short by" in plan.reason
 
 
 def test_between_nf4_and_int8_chooses_nf4() -> None:
-    plan = plan_for((need(Precision.INT8) + need(Precision.NF4)) // 2)
+    plan = gpu_plan_for((gpu_need(Precision.INT8) + gpu_need(Precision.NF4)) // 2)
     assert plan.precision is Precision.NF4
 
 
 def test_exactly_the_need_fits() -> None:
-    plan = plan_for(need(Precision.NF4))
+    plan = gpu_plan_for(gpu_need(Precision.NF4))
     assert plan.precision is Precision.NF4 and plan.kv_capacity_tokens == 2048
+    cpu = plan_for(need(Precision.BF16))
+    assert cpu.precision is Precision.BF16 and cpu.kv_capacity_tokens == 2048
+
+
+def test_on_cpu_a_quantized_load_peak_is_part_of_its_minimum() -> None:
+    """bitsandbytes quantizes on the CPU from 16-bit copies: loading INT8/NF4 peaks above what they serve in."""
+    plan = plan_for(64 * GIB)
+    for cand in plan.candidates:
+        serving = cand.weights_bytes + cand.quant_state_bytes + cand.overhead_bytes + cand.min_kv_bytes
+        assert cand.total_bytes == max(serving, cand.load_peak_bytes)
+    by_precision = {c.precision: c for c in plan.candidates}
+    assert by_precision[Precision.BF16].load_peak_bytes < by_precision[Precision.BF16].total_bytes  # mapped file
+    assert by_precision[Precision.NF4].load_peak_bytes == by_precision[Precision.NF4].total_bytes
+    with pytest.raises(NothingFitsError, match="Loading it peaks at"):
+        plan_for(need(Precision.NF4) - 1, precision="nf4")
+    assert plan_for(need(Precision.NF4), precision="nf4").precision is Precision.NF4
+    assert all(c.load_peak_bytes == 0 for c in gpu_plan_for(64 * GIB).candidates)  # a GPU loads in its own memory
+
+
+def test_measured_cpu_runtime_replaces_the_estimate() -> None:
+    estimated = plan_for(8 * GIB)
+    measured = plan_for(8 * GIB, cpu_runtime_bytes=100 * MIB)
+    assert estimated.overhead_bytes - measured.overhead_bytes == (288 - 100) * MIB
 
 
 def test_kv_capacity_is_what_the_budget_leaves() -> None:
@@ -102,7 +145,8 @@ def test_kv_capacity_is_what_the_budget_leaves() -> None:
     plan = plan_for(budget, max_num_seqs=256)
     fixed = plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes
     assert plan.kv_bytes_per_token == 2 * 16 * 8 * 64 * 2
-    assert plan.kv_capacity_tokens == (budget - fixed) // plan.kv_bytes_per_token
+    assert plan.kv_capacity_tokens == (budget - fixed) // plan.kv_bytes_per_token // 16 * 16  # whole blocks
+    assert plan.kv_capacity_blocks * plan.block_size_tokens == plan.kv_capacity_tokens
     assert plan.max_concurrent_seqs_full_context == plan.kv_capacity_tokens // 2048
     assert plan.max_concurrent_seqs_typical == plan.kv_capacity_tokens // 512
     assert plan.total_bytes <= budget
@@ -111,13 +155,14 @@ def test_kv_capacity_is_what_the_budget_leaves() -> None:
 def test_kv_capacity_capped_by_useful_tokens_and_max_kv_tokens() -> None:
     assert plan_for(64 * GIB).kv_capacity_tokens == 8 * 2048  # default max_num_seqs 8
     assert plan_for(64 * GIB, max_num_seqs=4).kv_capacity_tokens == 4 * 2048
-    assert plan_for(64 * GIB, max_kv_tokens=5000).kv_capacity_tokens == 5000
+    assert plan_for(64 * GIB, max_kv_tokens=5000).kv_capacity_tokens == 4992  # whole blocks of 16
+    assert plan_for(64 * GIB, max_kv_tokens=5000, block_size_tokens=8).kv_capacity_tokens == 5000
 
 
 def test_min_concurrency_raises_the_need() -> None:
-    budget = need(Precision.BF16) + 1000
-    assert plan_for(budget).precision is Precision.BF16
-    plan = plan_for(budget, min_concurrency=4)
+    budget = gpu_need(Precision.BF16) + 1000
+    assert gpu_plan_for(budget).precision is Precision.BF16
+    plan = gpu_plan_for(budget, min_concurrency=4)
     assert plan.precision is Precision.INT8 and plan.kv_capacity_tokens >= 4 * 2048
 
 
@@ -136,23 +181,23 @@ def test_nothing_fits_names_need_budget_shortfall_and_remedies() -> None:
 
 
 def test_nothing_fits_suggests_a_context_that_fits() -> None:
-    budget = need(Precision.NF4, max_model_len=1024)
+    budget = gpu_need(Precision.NF4, max_model_len=1024)
     with pytest.raises(NothingFitsError) as info:
-        plan_for(budget)
+        gpu_plan_for(budget)
     suggested = int(str(info.value).split("--max-model-len: ")[1].split()[0])
     assert 1024 <= suggested < 2048
-    assert plan_for(budget, max_model_len=suggested).precision is Precision.NF4
+    assert gpu_plan_for(budget, max_model_len=suggested).precision is Precision.NF4
 
 
 def test_forced_precision_that_does_not_fit_says_by_how_much() -> None:
-    budget = need(Precision.INT8)
+    budget = gpu_need(Precision.INT8)
     with pytest.raises(NothingFitsError) as info:
-        plan_for(budget, precision="bf16")
-    assert str(need(Precision.BF16) - budget) in str(info.value) and "--force" in str(info.value)
+        gpu_plan_for(budget, precision="bf16")
+    assert str(gpu_need(Precision.BF16) - budget) in str(info.value) and "--force" in str(info.value)
 
 
 def test_force_loads_it_anyway() -> None:
-    plan = plan_for(need(Precision.INT8), precision="bf16", force=True)
+    plan = gpu_plan_for(gpu_need(Precision.INT8), precision="bf16", force=True)
     assert plan.precision is Precision.BF16 and "--force" in plan.reason
 
 
@@ -202,8 +247,9 @@ def test_fp32_first_by_default_on_cpu_without_native_bf16() -> None:
     tight = plan_for(need(Precision.BF16), probe=FakeProbe(native_bf16=False))
     assert tight.precision is Precision.BF16  # fp32 does not fit: the ladder goes on
     # the quantized rungs keep bf16 dense layers, so their minimum budgets are those of the plain ladder
-    for precision in (Precision.INT8, Precision.NF4):
-        assert plan_for(need(precision), probe=FakeProbe(native_bf16=False)).precision is precision
+    plain = {c.precision: c.total_bytes for c in plan_for(64 * GIB).candidates}
+    for cand in plan.candidates[1:]:
+        assert cand.total_bytes == plain[cand.precision]
 
 
 def test_prefer_fp32_can_be_turned_off() -> None:
@@ -257,7 +303,7 @@ def test_none_means_default_for_server_settings() -> None:
 
 
 def test_json_has_the_issue_keys() -> None:
-    out = plan_for((need(Precision.BF16) + need(Precision.INT8)) // 2).to_json()
+    out = gpu_plan_for((gpu_need(Precision.BF16) + gpu_need(Precision.INT8)) // 2).to_json()
     for key in ("budget_bytes", "device", "chosen", "reason", "candidates"):
         assert key in out
     assert out["chosen"] == "int8"
@@ -284,3 +330,89 @@ def test_table_and_verdict_render() -> None:
     text = console.export_text()
     assert "bf16" in text and "int8" in text and "nf4" in text and "yes" in text
     assert plan.verdict().startswith("BF16 on cpu")
+
+
+@pytest.mark.parametrize(("budget", "seqs"), [(need(Precision.BF16) + 12345, 8), (5 * GIB + 777, 256), (8 * GIB, 256)])
+def test_capacity_is_whole_blocks_and_spare_is_the_rest(budget: int, seqs: int) -> None:
+    plan = plan_for(budget, max_num_seqs=seqs)
+    assert plan.kv_capacity_tokens % plan.block_size_tokens == 0
+    used = plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes
+    assert plan.total_bytes == used + plan.kv_capacity_tokens * plan.kv_bytes_per_token
+    assert plan.spare_bytes == budget - plan.total_bytes >= 0
+    assert plan.spare_bytes < (plan.block_size_tokens + 1) * plan.kv_bytes_per_token  # at most a block unspent
+    (share,) = plan.device_split
+    assert (share.device, share.num_layers, share.kv_capacity_tokens) == ("cpu", 16, plan.kv_capacity_tokens)
+    assert share.spare_bytes == plan.spare_bytes
+    out = plan.to_json()
+    assert out["kv_capacity_blocks"] == plan.kv_capacity_tokens // 16 and out["spare_bytes"] == plan.spare_bytes
+
+
+def test_capped_capacity_leaves_spare_bytes() -> None:
+    plan = plan_for(8 * GIB)  # 8 x 2048 tokens is far less than 8 GiB buys
+    assert plan.kv_capacity_tokens == 8 * 2048
+    assert plan.spare_bytes == 8 * GIB - plan.total_bytes > GIB
+
+
+def test_odd_context_length_counts_whole_blocks() -> None:
+    plan = plan_for(64 * GIB, max_model_len=100, max_num_seqs=3)
+    assert plan.kv_capacity_tokens == 3 * 112  # 100 tokens occupy 7 blocks of 16
+    exact = plan_for(need(Precision.BF16, max_model_len=100) + 12 * plan.kv_bytes_per_token, max_model_len=100)
+    assert exact.precision is Precision.BF16 and exact.kv_capacity_tokens == 112
+
+
+def _two_gpu_plan(free0: int, free1: int, **kwargs: object) -> Plan:
+    probe = FakeProbe(gpus=[(free0, free0 + GIB), (free1, free1 + GIB)])  # reserve: 512 MiB each
+    shape = replace(SHAPE, layers_module="model.layers")
+    request = PlanRequest(model="/fake/model", device="cuda", max_num_seqs=4096, **kwargs)
+    return make_plan(request, probe=probe, shape=shape)
+
+
+@pytest.mark.parametrize(("free0", "free1"), [(12 * GIB, 12 * GIB), (20 * GIB, 6 * GIB), (6 * GIB, 20 * GIB)])
+def test_multi_gpu_split_fits_every_device_and_maximises_kv(free0: int, free1: int) -> None:
+    plan = _two_gpu_plan(free0, free1, precision="bf16")
+    first, second = plan.device_split
+    assert (first.device, second.device) == ("cuda:0", "cuda:1")
+    assert (first.first_layer, first.num_layers + second.num_layers) == (0, SHAPE.num_layers)
+    assert second.first_layer == first.num_layers and second.num_layers > 0
+    for share in plan.device_split:  # each device holds its own layers' weights, KV and overhead
+        used = share.weights_bytes + share.overhead_bytes + share.kv_cache_bytes
+        assert used <= share.budget_bytes and share.kv_capacity_tokens == plan.kv_capacity_tokens
+    assert first.kv_bytes_per_token + second.kv_bytes_per_token == plan.kv_bytes_per_token
+    assert plan.kv_capacity_tokens % 16 == 0 and plan.kv_capacity_tokens > 2048
+    # brute force, from the estimate: no split of the layers holds one more block on both devices
+    layer = math.ceil(layer_weights_bytes(SHAPE, Precision.BF16, DType.BFLOAT16) / SHAPE.num_layers)
+    head = plan.weights_bytes - layer * SHAPE.num_layers
+    per_layer = layer + plan.kv_bytes_per_token // SHAPE.num_layers * (plan.kv_capacity_tokens + 16)
+    for k in range(SHAPE.num_layers + 1):
+        fits0 = head + first.overhead_bytes + k * per_layer <= first.budget_bytes
+        fits1 = second.overhead_bytes + (SHAPE.num_layers - k) * per_layer <= second.budget_bytes
+        assert not (fits0 and fits1)
+    assert isinstance(plan.device_map, dict) and plan.device_map[""] == 0
+    assert [plan.device_map[f"model.layers.{i}"] for i in range(16)] == [0] * first.num_layers + [1] * second.num_layers
+    out = plan.to_json()["device_split"]
+    assert [d["device"] for d in out] == ["cuda:0", "cuda:1"]
+    assert out[0]["layers"] == [0, first.num_layers] and out[1]["layers"] == [first.num_layers, 16]
+
+
+def test_multi_gpu_kv_is_sized_per_device_not_from_the_sum() -> None:
+    plan = _two_gpu_plan(20 * GIB, 6 * GIB, precision="bf16")
+    first, second = plan.device_split
+    assert first.num_layers > second.num_layers  # the bigger GPU takes more layers
+    combined_left = plan.budget_bytes - plan.weights_bytes - plan.quant_state_bytes - plan.overhead_bytes
+    assert plan.kv_capacity_tokens <= combined_left // plan.kv_bytes_per_token  # never more than the sum allows
+    # the second GPU is the bottleneck: its layers' KV for one more block would not fit beside its weights
+    more = (second.kv_bytes_per_token * (plan.kv_capacity_tokens + 16)) + second.weights_bytes + second.overhead_bytes
+    assert more > second.budget_bytes or first.spare_bytes < first.kv_bytes_per_token * 16
+
+
+def test_multi_gpu_that_cannot_hold_the_weights_does_not_fit() -> None:
+    with pytest.raises(NothingFitsError):
+        _two_gpu_plan(2 * GIB, 2 * GIB, precision="bf16")
+
+
+def test_multi_gpu_without_a_known_layer_list_uses_auto_with_planned_shares() -> None:
+    probe = FakeProbe(gpus=[(6 * GIB, 8 * GIB), (3 * GIB, 8 * GIB)])
+    plan = make_plan(PlanRequest(model="/fake/model", device="cuda"), probe=probe, shape=SHAPE)
+    assert plan.device_map == "auto" and plan.max_memory is not None
+    for share in plan.device_split:
+        assert plan.max_memory[int(share.device[-1])] >= share.weights_bytes

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from types import SimpleNamespace
 
 import pytest
 
-from fitserve.server.serve import run_in_short_lived_thread, unplanned_bytes
+from fitserve.server.serve import run_in_short_lived_thread
 
 
 def test_short_lived_thread_returns_the_result_and_is_gone() -> None:
@@ -30,17 +29,3 @@ def test_short_lived_thread_raises_what_the_work_raised() -> None:
 
     with pytest.raises(ValueError, match="no model here"):
         asyncio.run(run_in_short_lived_thread(fail))
-
-
-def test_unplanned_bytes_is_what_the_kv_cap_leaves_over() -> None:
-    plan = SimpleNamespace(
-        budget_bytes=1000,
-        weights_bytes=300,
-        quant_state_bytes=10,
-        overhead_bytes=90,
-        kv_capacity_tokens=50,
-        kv_bytes_per_token=4,
-    )
-    assert unplanned_bytes(plan) == 1000 - 300 - 10 - 90 - 200
-    assert unplanned_bytes(SimpleNamespace(**{**vars(plan), "kv_capacity_tokens": 500})) == 0  # over: none
-    assert unplanned_bytes(object()) == 0
