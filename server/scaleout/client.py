@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fitserve.server.engine.types import EngineError, EngineUnavailableError, RequestOutput, SamplingParams
+from fitserve.server.scaleout.errors import ReplicaEngineError
 from fitserve.server.scaleout.request import ReplicaRequest
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ class ReplicaEngineClient:
                     raise engine_error from error
                 if streamed or attempt == MAX_ATTEMPTS or not _replica_gone(error):
                     logger.warning("request %s failed on its replica: %s", request_id, error)
-                    raise EngineUnavailableError(f"The replica serving this request failed: {type(error).__name__}") from error
+                    raise EngineUnavailableError(
+                        f"The replica serving this request failed: {type(error).__name__}"
+                    ) from error
                 logger.info("request %s: replica gone before the first token, retrying (%s)", request_id, error)
             finally:
                 response.cancel()
@@ -94,8 +97,10 @@ class ReplicaEngineClient:
 
 def _engine_error(error: BaseException) -> EngineError | None:
     """The replica's own EngineError inside a Ray task error (queue full, prompt too long, ...), if any."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, EngineError) else None
+    for candidate in (error, getattr(error, "cause", None)):
+        if isinstance(candidate, ReplicaEngineError):
+            return candidate.unwrap()
+    return None
 
 
 def _replica_gone(error: BaseException) -> bool:

@@ -7,6 +7,7 @@ application is deployed to that cluster and deleted from it on exit; the cluster
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -47,7 +48,8 @@ def run_replicas(settings: Settings, replicas: int, ray_address: str | None = No
     from fitserve.server.scaleout.app import build_app
 
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
     config = scaleout_config(settings, replicas)
     local = ray_address is None
     try:
@@ -55,6 +57,8 @@ def run_replicas(settings: Settings, replicas: int, ray_address: str | None = No
             start_local_ray()
         else:
             ray.init(address=ray_address, configure_logging=False, log_to_driver=False)
+        for sig in signals:  # after ray.init, which installs a SIGTERM handler of its own that aborts the driver
+            signal.signal(sig, lambda *_: stop.set())
         serve.start(http_options={"host": settings.host, "port": settings.port})
         logger.info("deploying %d replicas of %s", replicas, settings.model or "the default model")
         serve.run(build_app(config.model_dump(mode="json")), name=config.app_name, route_prefix="/", blocking=False)
@@ -95,7 +99,5 @@ def _kill_directory(config: ScaleoutConfig) -> None:
 
     from fitserve.server.scaleout.config import DIRECTORY_NAMESPACE
 
-    try:
+    with contextlib.suppress(ValueError):  # never created
         ray.kill(ray.get_actor(config.directory_name, namespace=DIRECTORY_NAMESPACE))
-    except ValueError:
-        pass  # never created

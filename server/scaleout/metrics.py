@@ -7,6 +7,7 @@ router itself, inside the ingress process, so its counters live in one registry 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -45,10 +46,8 @@ class RouterMetrics:
     def forget(self, replica: str) -> None:
         """Drop a gone replica's gauges."""
         for gauge in (self.free_kv_tokens, self.in_flight):
-            try:
+            with contextlib.suppress(KeyError):
                 gauge.remove(replica)
-            except KeyError:
-                pass
 
 
 @functools.cache

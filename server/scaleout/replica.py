@@ -14,10 +14,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fitserve.server.engine.types import RequestOutput
+from fitserve.server.engine.types import EngineError, RequestOutput
 from fitserve.server.scaleout.autoscale import KV_USAGE_METRIC, WAITING_METRIC
 from fitserve.server.scaleout.budget import replica_memory_budget
 from fitserve.server.scaleout.config import DIRECTORY_NAMESPACE, ScaleoutConfig
+from fitserve.server.scaleout.errors import ReplicaEngineError
 from fitserve.server.scaleout.request import ReplicaRequest
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,9 @@ class EngineReplica:
 
     def _serve_metrics(self) -> str | None:
         """Expose this replica's registry on an ephemeral port of the node's address; returns host:port."""
-        import ray
         from prometheus_client import start_http_server
 
-        host = ray.util.get_node_ip_address()
+        host = node_address()
         try:
             server, _ = start_http_server(0, addr=host, registry=self._metrics.registry)
         except OSError:
@@ -76,8 +76,11 @@ class EngineReplica:
 
     async def generate(self, request: ReplicaRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs (called with `handle.options(stream=True)`)."""
-        async for output in self._engine.generate(request.prompt_token_ids, request.params, request.request_id):
-            yield output
+        try:
+            async for output in self._engine.generate(request.prompt_token_ids, request.params, request.request_id):
+                yield output
+        except EngineError as error:
+            raise ReplicaEngineError.wrap(error) from None
 
     def routing_stats(self) -> dict[str, Any]:
         """The KV state the memory-aware router ranks replicas by."""
@@ -122,3 +125,13 @@ class EngineReplica:
         if self._close is not None:
             await self._close()
 
+
+def node_address() -> str:
+    """The address this replica's node registered with Ray (127.0.0.1 on a loopback-only local instance)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return str(node["NodeManagerAddress"])
+    return "127.0.0.1"

@@ -121,7 +121,9 @@ class RoutingPolicy:
         else:
             free, waiting, taken_at = float(load.kv_free_tokens), load.waiting, load.taken_at
         unseen = sum(
-            flight.tokens for flight in self._in_flight.values() if flight.replica == replica and flight.sent_at > taken_at
+            flight.tokens
+            for flight in self._in_flight.values()
+            if flight.replica == replica and flight.sent_at > taken_at
         )
         if load is None:  # no stats: everything we sent it is unseen
             unseen = sum(flight.tokens for flight in self._in_flight.values() if flight.replica == replica)
