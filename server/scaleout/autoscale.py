@@ -75,8 +75,8 @@ class KvAutoscaler:
         queued = sum(waiting.values())
         pressure = queued > 0 or max(kv_usage.values()) >= config.kv_usage_high
         idle = queued == 0 and max(kv_usage.values()) <= config.kv_usage_low
-        self._pressure_since = (self._pressure_since or now_s) if pressure else None
-        self._idle_since = (self._idle_since or now_s) if idle else None
+        self._pressure_since = _since(self._pressure_since, now_s) if pressure else None
+        self._idle_since = _since(self._idle_since, now_s) if idle else None
         if pressure and current_replicas < config.max_replicas:
             if now_s - self._pressure_since >= config.upscale_delay_s:  # type: ignore[operator]
                 return self._event(now_s, current_replicas + 1, ScaleDirection.UP, f"KV pressure (queued={queued:g})")
@@ -95,3 +95,8 @@ class KvAutoscaler:
     def events_since(self, since_s: float) -> list[tuple[float, ScaleDirection]]:
         """Scaling events at or after `since_s` (for tests and the decision metrics)."""
         return [event for event in self._events if event[0] >= since_s]
+
+
+def _since(start_s: float | None, now_s: float) -> float:
+    """When a condition that holds now began: its recorded start, or now."""
+    return now_s if start_s is None else start_s
