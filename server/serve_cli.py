@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 
 from pydantic import ValidationError
@@ -107,10 +108,8 @@ def _run_scale_out(settings: Settings, replicas: int, ray_address: str | None) -
     if replicas < 1:
         logger.error("--replicas must be at least 1")
         return EXIT_CANNOT_LOAD
-    try:
-        import ray.serve  # noqa: F401 - only to say clearly when the extra is missing
-    except ImportError as error:
-        logger.error("--replicas needs Ray Serve: pip install 'fitserve[ray]' (%s)", error)
+    if importlib.util.find_spec("ray") is None:  # find, not import: Ray reads its environment on import
+        logger.error("--replicas needs Ray Serve: pip install 'fitserve[ray]'")
         return EXIT_CANNOT_LOAD
     from fitserve.server.scaleout.launch import run_replicas
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -32,21 +33,27 @@ def scaleout_config(settings: Settings, replicas: int, **overrides: Any) -> Scal
     return ScaleoutConfig(settings=fields, num_replicas=replicas, **overrides)
 
 
-def start_local_ray() -> None:
-    """Start a Ray instance on this machine that binds and talks on 127.0.0.1 only."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # else Ray registers the node on the non-loopback address
+def start_local_ray() -> str:
+    """Start a Ray instance on this machine that binds and talks on 127.0.0.1 only; returns the node address.
+
+    Raises RuntimeError (after shutting Ray down again) if the node registered any other address.
+    """
+    if "ray" in sys.modules:
+        raise RuntimeError("start_local_ray must run before Ray is imported (Ray reads its environment on import)")
+    # Ray reads this on import: with it off, the node registers on 127.0.0.1 rather than the machine's address.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    address = str(ray.nodes()[0]["NodeManagerAddress"])
+    if address != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray node registered {address}, not {LOOPBACK}")
+    return address
 
 
 def run_replicas(settings: Settings, replicas: int, ray_address: str | None = None) -> int:
     """Deploy `replicas` engine replicas behind one OpenAI-compatible port; block until a signal; clean up."""
-    import ray
-    from ray import serve
-
-    from fitserve.server.scaleout.app import build_app
-
     stop = threading.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.getsignal(sig) for sig in signals}
@@ -54,8 +61,13 @@ def run_replicas(settings: Settings, replicas: int, ray_address: str | None = No
     local = ray_address is None
     try:
         if local:
-            start_local_ray()
-        else:
+            start_local_ray()  # before anything imports ray
+        import ray
+        from ray import serve
+
+        from fitserve.server.scaleout.app import build_app
+
+        if not local:
             ray.init(address=ray_address, configure_logging=False, log_to_driver=False)
         for sig in signals:  # after ray.init, which installs a SIGTERM handler of its own that aborts the driver
             signal.signal(sig, lambda *_: stop.set())
@@ -78,6 +90,8 @@ def run_replicas(settings: Settings, replicas: int, ray_address: str | None = No
 
 def _stop(config: ScaleoutConfig, local: bool) -> None:
     """Local: shut Serve and Ray down (every process they started). Cluster: delete only our application."""
+    if "ray" not in sys.modules:
+        return
     import ray
     from ray import serve
 

@@ -2,21 +2,24 @@
 
 A thin adapter from Ray's `RequestRouter` API to `routing.RoutingPolicy`: it reads each replica's routing stats,
 asks the policy for a ranking and returns one replica per rank (Ray then tries them in order, skipping full
-ones), and feeds the policy the in-flight bookkeeping from Ray's `on_request_routed` / `on_request_completed`.
+ones). The request counts as in flight on the replica ranked first from that moment (Ray's `on_send_request`
+carries no request id, and `on_request_routed` only fires with strict max-ongoing-requests), until Ray's
+`on_request_completed` says it finished. No FIFOMixin: each routing task routes its own request, so the
+ranking made for a request is the one that places it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from fitserve.server.scaleout.metrics import router_metrics
 from fitserve.server.scaleout.request import ReplicaRequest
 from fitserve.server.scaleout.routing import ReplicaLoad, RoutingPolicy
 
 
-class MemoryAwareRouter(FIFOMixin, RequestRouter):
+class MemoryAwareRouter(RequestRouter):
     """Most free KV tokens for the request first; prefix affinity only breaks near-ties."""
 
     def initialize_state(self, **kwargs: Any) -> None:
@@ -41,27 +44,21 @@ class MemoryAwareRouter(FIFOMixin, RequestRouter):
         )
         for rid, score in decision.scores.items():
             self._metrics.free_kv_tokens.labels(rid.unique_id).set(score)
-        if pending_request is not None:
-            self._by_affinity[pending_request.metadata.internal_request_id] = decision.by_affinity
+        if pending_request is not None and decision.ranked:
+            request_id = pending_request.metadata.internal_request_id
+            self._by_affinity[request_id] = decision.by_affinity
+            first = decision.ranked[0]
+            self._policy.on_sent(
+                request_id, first, request.kv_tokens if request else 1, request.prompt_token_ids if request else ()
+            )
+            self._metrics.in_flight.labels(first.unique_id).set(self._policy.in_flight(first))
         return [[by_id[rid]] for rid in decision.ranked]
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        """Count the request as in flight on the replica it went to."""
-        request = _replica_request(pending_request)
-        request_id = pending_request.metadata.internal_request_id
-        self._policy.on_sent(
-            request_id,
-            replica_id,
-            request.kv_tokens if request else 1,
-            request.prompt_token_ids if request else (),
-        )
-        reason = "prefix_affinity" if self._by_affinity.pop(request_id, False) else "free_kv"
-        self._metrics.decisions.labels(replica_id.unique_id, reason).inc()
-        self._metrics.in_flight.labels(replica_id.unique_id).set(self._policy.in_flight(replica_id))
-
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        """The request finished (or failed): it no longer counts against the replica."""
+        """The request finished (or failed) on `replica_id`: count the decision, stop counting it in flight."""
         self._policy.on_finished(internal_request_id)
+        reason = "prefix_affinity" if self._by_affinity.pop(internal_request_id, False) else "free_kv"
+        self._metrics.decisions.labels(replica_id.unique_id, reason).inc()
         self._metrics.in_flight.labels(replica_id.unique_id).set(self._policy.in_flight(replica_id))
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:

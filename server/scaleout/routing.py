@@ -8,6 +8,7 @@ burst would all land on the replica that looked emptiest). Prefix-cache affinity
 
 from __future__ import annotations
 
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -85,6 +86,7 @@ class RoutingPolicy:
     tie_fraction: float = 0.02
     affinity_entries: int = 4096
     clock: Callable[[], float] = time.time
+    rng: random.Random = field(default_factory=random.Random)
     _in_flight: dict[str, _InFlight] = field(default_factory=dict)
     _prefix_owner: OrderedDict[int, Hashable] = field(default_factory=OrderedDict)
     _mean_request_tokens: float = 256.0
@@ -101,7 +103,8 @@ class RoutingPolicy:
         known = [load for load in loads.values() if load is not None]
         default_capacity = max((load.kv_capacity_tokens for load in known), default=0)
         scores = {replica: self._score(replica, load, default_capacity) for replica, load in loads.items()}
-        ordered = sorted(scores, key=lambda replica: scores[replica], reverse=True)
+        jitter = {replica: self.rng.random() for replica in scores}  # equal scores: no replica is favoured
+        ordered = sorted(scores, key=lambda replica: (scores[replica], jitter[replica]), reverse=True)
         best = scores[ordered[0]]
         capacities = [load.kv_capacity_tokens for load in known] or [request_tokens]
         tolerance = max(self.tie_fraction * max(capacities), 1.0)

@@ -1,0 +1,245 @@
+"""`fitserve serve --replicas 2` for real: a local loopback Ray, two CPU engine replicas of the tiny test model,
+the official `openai` client through one port, the memory-aware router, a real Prometheus scraping both
+replicas, a replica killed mid-load, and a SIGTERM that leaves no Ray process behind.
+
+Runs in the `ray` venv (`make test-ray`). The tests share one server and run in file order; the last one
+stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.live_server import free_port
+from tests.ray.helpers import API_KEY, ScaleOutServer, scale_out_server, wait_for
+
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[ScaleOutServer]:
+    args = ["--replicas", "2", "--model", str(tiny_model_dir), "--served-model-name", MODEL]
+    args += ["--memory-budget", "1GiB", "--max-kv-tokens", "4096", "--max-batch-size", "8", "--api-key", API_KEY]
+    with scale_out_server(args) as running:
+        print(f"\nfitserve serve --replicas 2 (tiny model): ready after {running.ready_after_s:.1f} s")
+        yield running
+
+
+def client(server: ScaleOutServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def router_decisions(server: ScaleOutServer) -> dict[str, float]:
+    """fitserve_router_decisions_total summed per replica, from the ingress's /metrics."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text):
+        if family.name == "fitserve_router_decisions":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    replica = sample.labels["replica"]
+                    totals[replica] = totals.get(replica, 0.0) + sample.value
+    return totals
+
+
+def targets(server: ScaleOutServer) -> list[dict]:
+    return httpx.get(f"{server.url}/metrics/targets", timeout=10).json()
+
+
+def test_local_ray_binds_loopback_only() -> None:
+    """The launcher's local Ray registers its node on 127.0.0.1 (traffic to other addresses is not allowed here)."""
+    code = (
+        "from fitserve.server.scaleout.launch import start_local_ray\n"
+        "start_local_ray()\n"
+        "import ray\n"
+        "print('NODE', ray.nodes()[0]['NodeManagerAddress'])\n"
+        "ray.shutdown()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "NODE 127.0.0.1" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+def test_openai_client_through_one_port(server: ScaleOutServer) -> None:
+    api = client(server)
+    chat = api.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+    )
+    assert chat.choices[0].message.content and chat.usage is not None and chat.usage.completion_tokens > 0
+    chunks = list(api.completions.create(model=MODEL, prompt="Once upon", max_tokens=6, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert [model.id for model in api.models.list().data] == [MODEL]
+    # every replica's metrics target is on loopback
+    assert all(address.startswith("127.0.0.1:") for entry in targets(server) for address in entry["targets"])
+
+
+def test_errors_and_auth_are_the_same_as_fitserve_serve(server: ScaleOutServer) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(server).completions.create(model=MODEL, prompt="Hi", max_tokens=100_000)
+    assert raised.value.status_code == 400
+    body = httpx.post(
+        f"{server.url}/v1/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 3000},
+        timeout=30,
+    )
+    assert body.status_code == 400 and body.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_burst_of_long_requests_is_split_over_both_replicas(server: ScaleOutServer) -> None:
+    """Eight simultaneous long requests: no replica gets more than 5 (router decisions before/after)."""
+    before = router_decisions(server)
+
+    async def burst() -> None:
+        api = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        await asyncio.gather(
+            *(
+                api.completions.create(
+                    model=MODEL, prompt=f"Story {i}:", max_tokens=400, extra_body={"ignore_eos": True}
+                )
+                for i in range(8)
+            )
+        )
+
+    asyncio.run(burst())
+    after = router_decisions(server)
+    split = sorted(after.get(replica, 0) - before.get(replica, 0) for replica in after)
+    assert sum(split) == 8 and len(split) == 2 and split[0] >= 3, (before, after)
+
+
+def test_prometheus_scrapes_both_replicas_with_distinct_labels(
+    server: ScaleOutServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+    assert Path(binary).is_file(), "the prometheus binary is missing: apt-get install -y prometheus"
+    workdir = tmp_path_factory.mktemp("prometheus-ray")
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "fitserve-replicas",
+                "http_sd_configs": [{"url": f"{server.url}/metrics/targets", "refresh_interval": "2s"}],
+            },
+            {"job_name": "fitserve-ingress", "static_configs": [{"targets": [server.url.removeprefix("http://")]}]},
+        ],
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    with (workdir / "prometheus.log").open("w") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def replicas_seen() -> set[str]:
+            result = httpx.get(f"{url}/api/v1/query", params={"query": "fitserve_memory_budget_bytes"}, timeout=5)
+            if result.status_code != 200:  # Prometheus still starting
+                return set()
+            series = result.json()["data"]["result"]
+            labels = {s["metric"].get("replica") for s in series}
+            return labels if len(labels) == 2 and None not in labels else set()
+
+        seen = wait_for(replicas_seen, 30, "Prometheus to scrape both replicas' ledgers")
+        elapsed = time.monotonic() - started
+        print(f"\nPrometheus saw both replicas {sorted(seen)} {elapsed:.1f} s after it started")
+        router = httpx.get(f"{url}/api/v1/query", params={"query": "fitserve_router_decisions_total"}, timeout=5)
+        assert router.json()["data"]["result"], "router decisions reach Prometheus through the ingress"
+    except BaseException:
+        print((workdir / "prometheus.log").read_text()[-3000:])
+        raise
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_killing_a_replica_mid_load_fails_only_its_requests_and_ray_replaces_it(server: ScaleOutServer) -> None:
+    replicas = server.processes_named("ServeReplica:fitserve:EngineReplica")
+    assert len(replicas) == 2, replicas
+    victim = replicas[0]
+    old_names = {entry["labels"]["replica"] for entry in targets(server)}
+
+    async def one(api: openai.AsyncOpenAI, i: int) -> str:
+        try:
+            stream = await api.completions.create(
+                model=MODEL, prompt=f"Tale {i}:", max_tokens=300, stream=True, extra_body={"ignore_eos": True}
+            )
+            async for _ in stream:
+                pass
+            return "ok"
+        except openai.APIStatusError as error:  # a clean OpenAI error before the stream began
+            assert error.status_code in (429, 503), error
+            return f"error {error.status_code}"
+        except openai.APIError as error:  # an error event inside the stream after it began
+            return f"stream error: {error.message}"
+
+    async def load() -> list[str]:
+        api = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        tasks = [asyncio.create_task(one(api, i)) for i in range(8)]
+        await asyncio.sleep(2.0)
+        victim.kill()
+        return await asyncio.gather(*tasks)
+
+    outcomes = asyncio.run(load())
+    print(f"\noutcomes with a replica killed mid-load: {outcomes}")
+    assert outcomes.count("ok") >= 1  # the other replica's requests finished
+    killed_at = time.monotonic()
+
+    def replaced() -> bool:
+        names = {entry["labels"]["replica"] for entry in targets(server)}
+        return len(names) == 2 and bool(names - old_names)
+
+    wait_for(replaced, 60, "Ray to replace the killed replica")
+    new_name = ({entry["labels"]["replica"] for entry in targets(server)} - old_names).pop()
+
+    def new_replica_serves() -> bool:
+        client(server).completions.create(model=MODEL, prompt="Again", max_tokens=4)
+        return router_decisions(server).get(new_name, 0) > 0
+
+    wait_for(new_replica_serves, max(1.0, 60 - (time.monotonic() - killed_at)), "the new replica to serve")
+    print(f"replacement serving {time.monotonic() - killed_at:.1f} s after the kill")
+    server.remember_descendants()
+
+
+def test_sigterm_stops_everything_with_no_stray_ray_process(server: ScaleOutServer) -> None:
+    server.remember_descendants()
+    rss = 0
+    for pid in [server.process.pid, *server.descendants]:
+        with contextlib.suppress(psutil.Error):
+            rss += psutil.Process(pid).memory_info().rss
+    print(f"\ntotal RSS of the server and every process it started: {rss / 2**20:.0f} MiB")
+    server.process.terminate()
+    assert server.process.wait(timeout=90) == 0, server.log_tail()
+    wait_for(
+        lambda: (
+            not [
+                pid
+                for pid in server.descendants
+                if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            ]
+        ),
+        30,
+        "every Ray process to exit",
+    )
