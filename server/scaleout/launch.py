@@ -13,9 +13,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
 
-from fitserve.server.scaleout.config import ScaleoutConfig
+from fitserve.server.scaleout.config import AutoscaleArgs, ScaleoutConfig
 from fitserve.server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -25,12 +24,18 @@ EXIT_RUNTIME_ERROR = 1
 LOOPBACK = "127.0.0.1"
 
 
-def scaleout_config(settings: Settings, replicas: int, **overrides: Any) -> ScaleoutConfig:
-    """The application config for `fitserve serve` settings (secrets included: the ingress checks the key)."""
+def scaleout_config(settings: Settings, replicas: int, max_replicas: int | None = None) -> ScaleoutConfig:
+    """The application config for `fitserve serve` settings (secrets included: the ingress checks the key).
+
+    With `max_replicas` above `replicas` the engine deployment autoscales between the two.
+    """
     fields = settings.model_dump(exclude_none=True, exclude={"host", "port", "log_level"})
     if settings.api_key is not None:
         fields["api_key"] = settings.api_key_value()
-    return ScaleoutConfig(settings=fields, num_replicas=replicas, **overrides)
+    autoscaling = None
+    if max_replicas is not None and max_replicas > replicas:
+        autoscaling = AutoscaleArgs(min_replicas=replicas, max_replicas=max_replicas)
+    return ScaleoutConfig(settings=fields, num_replicas=replicas, autoscaling=autoscaling)
 
 
 def start_local_ray() -> str:
@@ -52,12 +57,14 @@ def start_local_ray() -> str:
     return address
 
 
-def run_replicas(settings: Settings, replicas: int, ray_address: str | None = None) -> int:
+def run_replicas(
+    settings: Settings, replicas: int, ray_address: str | None = None, max_replicas: int | None = None
+) -> int:
     """Deploy `replicas` engine replicas behind one OpenAI-compatible port; block until a signal; clean up."""
     stop = threading.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.getsignal(sig) for sig in signals}
-    config = scaleout_config(settings, replicas)
+    config = scaleout_config(settings, replicas, max_replicas)
     local = ray_address is None
     try:
         if local:

@@ -1,6 +1,7 @@
-"""`fitserve serve --replicas 2` for real: a local loopback Ray, two CPU engine replicas of the tiny test model,
-the official `openai` client through one port, the memory-aware router, a real Prometheus scraping both
-replicas, a replica killed mid-load, and a SIGTERM that leaves no Ray process behind.
+"""`fitserve serve --replicas 1 --max-replicas 2` for real: a local loopback Ray, CPU engine replicas of the tiny
+test model, the official `openai` client through one port, autoscaling up under KV pressure and down when idle,
+the memory-aware router splitting a burst, a replica killed mid-load, a real Prometheus scraping both replicas,
+and a SIGTERM that leaves no Ray process behind.
 
 Runs in the `ray` venv (`make test-ray`). The tests share one server and run in file order; the last one
 stops it.
@@ -14,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -32,10 +33,10 @@ MODEL = "tiny-llama"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path) -> Iterator[ScaleOutServer]:
-    args = ["--replicas", "2", "--model", str(tiny_model_dir), "--served-model-name", MODEL]
+    args = ["--replicas", "1", "--max-replicas", "2", "--model", str(tiny_model_dir), "--served-model-name", MODEL]
     args += ["--memory-budget", "1GiB", "--max-kv-tokens", "4096", "--max-batch-size", "8", "--api-key", API_KEY]
     with scale_out_server(args) as running:
-        print(f"\nfitserve serve --replicas 2 (tiny model): ready after {running.ready_after_s:.1f} s")
+        print(f"\nfitserve serve --replicas 1 --max-replicas 2 (tiny model): ready after {running.ready_after_s:.1f} s")
         yield running
 
 
@@ -100,6 +101,61 @@ def test_errors_and_auth_are_the_same_as_fitserve_serve(server: ScaleOutServer) 
     assert body.status_code == 400 and body.json()["error"]["code"] == "context_length_exceeded"
 
 
+def autoscaler_events(server: ScaleOutServer) -> dict[str, float]:
+    """fitserve_autoscaler_scale_events_total by direction, from the ingress's /metrics."""
+    events: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text):
+        if family.name == "fitserve_autoscaler_scale_events":
+            for sample in family.samples:
+                events[sample.labels["direction"]] = sample.value
+    return events
+
+
+async def keep_busy(server: ScaleOutServer, concurrency: int, until: Callable[[], bool], limit_s: float) -> tuple:
+    """`concurrency` clients sending long requests back to back until `until()` (polled every 0.5 s) or `limit_s`.
+
+    Returns (seconds until `until()` held, or None; 5xx responses seen). Requests still running are cancelled.
+    """
+    api = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    started = time.monotonic()
+    server_errors = 0
+
+    async def worker(i: int) -> None:
+        nonlocal server_errors
+        while True:
+            try:
+                await api.completions.create(
+                    model=MODEL, prompt=f"Chapter {i}:", max_tokens=500, extra_body={"ignore_eos": True}
+                )
+            except openai.APIStatusError as error:
+                server_errors += error.status_code >= 500
+
+    workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+    held_after_s = None
+    try:
+        while time.monotonic() - started < limit_s:
+            if await asyncio.to_thread(until):
+                held_after_s = time.monotonic() - started
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    return held_after_s, server_errors
+
+
+def test_a_second_replica_starts_under_kv_pressure_without_flapping(server: ScaleOutServer) -> None:
+    """12 clients on one replica (8 run, the rest queue): the autoscaler adds one replica, and only one."""
+    assert len(targets(server)) == 1
+    scaled_after_s, errors = asyncio.run(keep_busy(server, 12, lambda: len(targets(server)) == 2, limit_s=120))
+    print(f"\nsecond replica registered {scaled_after_s} s after the load began")
+    assert scaled_after_s is not None and errors == 0
+    _, errors = asyncio.run(keep_busy(server, 12, lambda: False, limit_s=20))  # steady load at max: no new event
+    assert errors == 0
+    assert autoscaler_events(server) == {"up": 1.0, "down": 0.0}
+
+
 def test_a_burst_of_long_requests_is_split_over_both_replicas(server: ScaleOutServer) -> None:
     """Eight simultaneous long requests: no replica gets more than 5 (router decisions before/after)."""
     before = router_decisions(server)
@@ -119,6 +175,56 @@ def test_a_burst_of_long_requests_is_split_over_both_replicas(server: ScaleOutSe
     after = router_decisions(server)
     split = sorted(after.get(replica, 0) - before.get(replica, 0) for replica in after)
     assert sum(split) == 8 and len(split) == 2 and split[0] >= 3, (before, after)
+
+
+def test_killing_a_replica_mid_load_fails_only_its_requests_and_ray_replaces_it(server: ScaleOutServer) -> None:
+    replicas = server.processes_named("ServeReplica:fitserve:EngineReplica")
+    assert len(replicas) == 2, replicas
+    victim = replicas[0]
+    old_names = {entry["labels"]["replica"] for entry in targets(server)}
+
+    async def one(api: openai.AsyncOpenAI, i: int) -> str:
+        try:
+            stream = await api.completions.create(
+                model=MODEL, prompt=f"Tale {i}:", max_tokens=300, stream=True, extra_body={"ignore_eos": True}
+            )
+            async for _ in stream:
+                pass
+            return "ok"
+        except openai.APIStatusError as error:  # a clean OpenAI error before the stream began
+            assert error.status_code in (429, 503), error
+            return f"error {error.status_code}"
+        except openai.APIError as error:  # an error event inside the stream after it began
+            return f"stream error: {error.message}"
+
+    async def load() -> list[str]:
+        api = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        tasks = [asyncio.create_task(one(api, i)) for i in range(8)]
+        await asyncio.sleep(2.0)
+        victim.kill()
+        killed.append(time.monotonic())
+        return await asyncio.gather(*tasks)
+
+    killed: list[float] = []
+    outcomes = asyncio.run(load())
+    print(f"\noutcomes with a replica killed mid-load: {outcomes}")
+    assert outcomes.count("ok") >= 1  # the other replica's requests finished
+    killed_at = killed[0]
+
+    def replaced() -> bool:
+        names = {entry["labels"]["replica"] for entry in targets(server)}
+        return len(names) == 2 and bool(names - old_names)
+
+    wait_for(replaced, 60, "Ray to replace the killed replica")
+    new_name = ({entry["labels"]["replica"] for entry in targets(server)} - old_names).pop()
+
+    def new_replica_serves() -> bool:
+        client(server).completions.create(model=MODEL, prompt="Again", max_tokens=4)
+        return router_decisions(server).get(new_name, 0) > 0
+
+    wait_for(new_replica_serves, max(1.0, 60 - (time.monotonic() - killed_at)), "the new replica to serve")
+    print(f"replacement serving {time.monotonic() - killed_at:.1f} s after the kill")
+    server.remember_descendants()
 
 
 def test_prometheus_scrapes_both_replicas_with_distinct_labels(
@@ -175,52 +281,11 @@ def test_prometheus_scrapes_both_replicas_with_distinct_labels(
         process.wait(timeout=30)
 
 
-def test_killing_a_replica_mid_load_fails_only_its_requests_and_ray_replaces_it(server: ScaleOutServer) -> None:
-    replicas = server.processes_named("ServeReplica:fitserve:EngineReplica")
-    assert len(replicas) == 2, replicas
-    victim = replicas[0]
-    old_names = {entry["labels"]["replica"] for entry in targets(server)}
-
-    async def one(api: openai.AsyncOpenAI, i: int) -> str:
-        try:
-            stream = await api.completions.create(
-                model=MODEL, prompt=f"Tale {i}:", max_tokens=300, stream=True, extra_body={"ignore_eos": True}
-            )
-            async for _ in stream:
-                pass
-            return "ok"
-        except openai.APIStatusError as error:  # a clean OpenAI error before the stream began
-            assert error.status_code in (429, 503), error
-            return f"error {error.status_code}"
-        except openai.APIError as error:  # an error event inside the stream after it began
-            return f"stream error: {error.message}"
-
-    async def load() -> list[str]:
-        api = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-        tasks = [asyncio.create_task(one(api, i)) for i in range(8)]
-        await asyncio.sleep(2.0)
-        victim.kill()
-        return await asyncio.gather(*tasks)
-
-    outcomes = asyncio.run(load())
-    print(f"\noutcomes with a replica killed mid-load: {outcomes}")
-    assert outcomes.count("ok") >= 1  # the other replica's requests finished
-    killed_at = time.monotonic()
-
-    def replaced() -> bool:
-        names = {entry["labels"]["replica"] for entry in targets(server)}
-        return len(names) == 2 and bool(names - old_names)
-
-    wait_for(replaced, 60, "Ray to replace the killed replica")
-    new_name = ({entry["labels"]["replica"] for entry in targets(server)} - old_names).pop()
-
-    def new_replica_serves() -> bool:
-        client(server).completions.create(model=MODEL, prompt="Again", max_tokens=4)
-        return router_decisions(server).get(new_name, 0) > 0
-
-    wait_for(new_replica_serves, max(1.0, 60 - (time.monotonic() - killed_at)), "the new replica to serve")
-    print(f"replacement serving {time.monotonic() - killed_at:.1f} s after the kill")
-    server.remember_descendants()
+def test_an_idle_replica_is_removed(server: ScaleOutServer) -> None:
+    idle_since = time.monotonic()
+    wait_for(lambda: len(targets(server)) == 1, 90, "the autoscaler to remove the idle replica")
+    print(f"\nidle replica gone {time.monotonic() - idle_since:.1f} s after the last request")
+    assert autoscaler_events(server)["down"] == 1.0
 
 
 def test_sigterm_stops_everything_with_no_stray_ray_process(server: ScaleOutServer) -> None:
