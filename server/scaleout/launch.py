@@ -29,7 +29,7 @@ def scaleout_config(settings: Settings, replicas: int, max_replicas: int | None 
 
     With `max_replicas` above `replicas` the engine deployment autoscales between the two.
     """
-    fields = settings.model_dump(exclude_none=True, exclude={"host", "port", "log_level"})
+    fields = settings.model_dump(mode="json", exclude_none=True, exclude={"host", "port", "log_level"})
     if settings.api_key is not None:
         fields["api_key"] = settings.api_key_value()
     autoscaling = None

@@ -151,7 +151,7 @@ def test_a_second_replica_starts_under_kv_pressure_without_flapping(server: Scal
     scaled_after_s, errors = asyncio.run(keep_busy(server, 12, lambda: len(targets(server)) == 2, limit_s=120))
     print(f"\nsecond replica registered {scaled_after_s} s after the load began")
     assert scaled_after_s is not None and errors == 0
-    _, errors = asyncio.run(keep_busy(server, 12, lambda: False, limit_s=20))  # steady load at max: no new event
+    _, errors = asyncio.run(keep_busy(server, 12, lambda: False, limit_s=12))  # steady load at max: no new event
     assert errors == 0
     assert autoscaler_events(server) == {"up": 1.0, "down": 0.0}
 
