@@ -26,12 +26,12 @@ class AutoscaleArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(2, ge=1)
-    kv_usage_high: float = Field(0.9, gt=0, le=1)
-    kv_usage_low: float = Field(0.1, ge=0, lt=1)
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(15.0, ge=0)
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=2, ge=1)
+    kv_usage_high: float = Field(default=0.9, gt=0, le=1)
+    kv_usage_low: float = Field(default=0.1, ge=0, lt=1)
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=15.0, ge=0)
 
     def to_config(self) -> AutoscaleConfig:
         """The policy's own config (validates min <= max and the thresholds)."""
@@ -46,11 +46,11 @@ class ScaleoutConfig(BaseModel):
     settings: dict[str, Any] = Field(
         default_factory=dict, description="`fitserve serve` settings (Settings fields) for the ingress and replicas"
     )
-    num_replicas: int = Field(2, ge=1, description="engine replicas (ignored when autoscaling is set)")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine replica (its torch threads)")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; a fraction plans inside that share")
-    max_ongoing_requests: int = Field(256, ge=1, description="requests Serve sends one replica at once")
-    routing_stats_period_s: float = Field(1.0, gt=0, description="how often replicas report their KV state")
+    num_replicas: int = Field(default=2, ge=1, description="engine replicas (ignored when autoscaling is set)")
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs Ray reserves per engine replica (its torch threads)")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica; a fraction plans inside that share")
+    max_ongoing_requests: int = Field(default=256, ge=1, description="requests Serve sends one replica at once")
+    routing_stats_period_s: float = Field(default=1.0, gt=0, description="how often replicas report their KV state")
     router: RouterKind = RouterKind.MEMORY
     autoscaling: AutoscaleArgs | None = None
     app_name: str = APP_NAME

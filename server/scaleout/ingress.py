@@ -22,7 +22,7 @@ DECISIONS_REFRESH_S = 2.0
 class Ingress:
     """Builds the app once the engine replicas answer; Serve wraps it (`serve.ingress()`, late-bound app)."""
 
-    async def __init__(self, engine_handle: Any, config: dict[str, Any]) -> None:
+    async def __init__(self, engine_handle: Any, config: dict[str, Any]) -> None:  # type: ignore[misc]  # Ray awaits it
         """Load the tokenizer, learn the model name and context length from a replica, connect the directory."""
         from transformers import AutoTokenizer
 

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 class EngineReplica:
     """A fitserve engine inside a Ray Serve replica."""
 
-    async def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]  # Ray awaits async __init__
         """Plan within this replica's budget, load the model and start the engine (Ray awaits this)."""
         from ray import serve
 

@@ -43,7 +43,7 @@ class MemoryAwareRouter(RequestRouter):
             request.prompt_token_ids if request else (),
         )
         for rid, score in decision.scores.items():
-            self._metrics.free_kv_tokens.labels(rid.unique_id).set(score)
+            self._metrics.free_kv_tokens.labels(_name(rid)).set(score)
         if pending_request is not None and decision.ranked:
             request_id = pending_request.metadata.internal_request_id
             self._by_affinity[request_id] = decision.by_affinity
@@ -51,7 +51,7 @@ class MemoryAwareRouter(RequestRouter):
             self._policy.on_sent(
                 request_id, first, request.kv_tokens if request else 1, request.prompt_token_ids if request else ()
             )
-            self._metrics.in_flight.labels(first.unique_id).set(self._policy.in_flight(first))
+            self._metrics.in_flight.labels(_name(first)).set(self._policy.in_flight(first))
         return [[by_id[rid]] for rid in decision.ranked]
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
@@ -73,3 +73,8 @@ def _replica_request(pending_request: PendingRequest | None) -> ReplicaRequest |
         return None
     first = pending_request.args[0]
     return first if isinstance(first, ReplicaRequest) else None
+
+
+def _name(replica_id: Any) -> str:
+    """The `replica` label of a ReplicaID (Serve's short unique id, as in the replica metrics' targets)."""
+    return str(getattr(replica_id, "unique_id", replica_id))

@@ -108,7 +108,8 @@ class RoutingPolicy:
         best = scores[ordered[0]]
         capacities = [load.kv_capacity_tokens for load in known] or [request_tokens]
         tolerance = max(self.tie_fraction * max(capacities), 1.0)
-        owner = self._prefix_owner.get(prefix_key(prompt_token_ids)) if prompt_token_ids else None
+        key = prefix_key(prompt_token_ids)
+        owner = self._prefix_owner.get(key) if key is not None else None
         by_affinity = (
             owner is not None and owner in scores and owner != ordered[0] and scores[owner] >= best - tolerance
         )
