@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--short-tokens", type=int, default=8)
     parser.add_argument("--long-every", type=int, default=3, help="every n-th request is long")
     parser.add_argument("--rounds", type=int, default=1, help="alternating memory/default deployments per router")
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="per request")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", type=Path, default=Path("bench-out/ray_router.json"))
     return parser.parse_args()
@@ -70,7 +72,9 @@ async def drive(url: str, args: argparse.Namespace) -> list[RequestResult]:
     for item in items:
         queue.put_nowait(item)
     results: list[RequestResult] = []
-    async with OpenAIClient(url, None, Endpoint.COMPLETIONS, extra_body={"ignore_eos": True}) as client:
+    async with OpenAIClient(
+        url, None, Endpoint.COMPLETIONS, extra_body={"ignore_eos": True}, request_timeout_s=args.timeout_s
+    ) as client:
         await client.resolve_model()
 
         async def worker() -> None:
@@ -88,6 +92,7 @@ def summarise(results: list[RequestResult], wall_s: float) -> dict[str, Any]:
         "requests": len(results),
         "ok": sum(r.ok for r in results),
         "server_errors_5xx": sum(1 for r in results if (r.status_code or 0) >= 500),
+        "failures": dict(Counter(r.failure_key for r in results if not r.ok)),
         "p50_s": statistics.median(latencies) if latencies else None,
         "p95_s": latencies[p95_index] if latencies else None,
         "output_tokens_per_s": sum(r.output_tokens for r in results) / wall_s,
