@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import subprocess
 import sys
 import time
@@ -22,10 +21,9 @@ import httpx
 import openai
 import psutil
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.live_server import free_port
+from tests.prometheus_process import start_prometheus
 from tests.ray.helpers import API_KEY, ScaleOutServer, scale_out_server, wait_for
 
 MODEL = "tiny-llama"
@@ -230,8 +228,6 @@ def test_killing_a_replica_mid_load_fails_only_its_requests_and_ray_replaces_it(
 def test_prometheus_scrapes_both_replicas_with_distinct_labels(
     server: ScaleOutServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
-    assert Path(binary).is_file(), "the prometheus binary is missing: apt-get install -y prometheus"
     workdir = tmp_path_factory.mktemp("prometheus-ray")
     config = {
         "global": {"scrape_interval": "1s"},
@@ -243,21 +239,8 @@ def test_prometheus_scrapes_both_replicas_with_distinct_labels(
             {"job_name": "fitserve-ingress", "static_configs": [{"targets": [server.url.removeprefix("http://")]}]},
         ],
     }
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    with (workdir / "prometheus.log").open("w") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    url, process, log_path = start_prometheus(workdir, config)
     try:
 
         def replicas_seen() -> set[str]:
@@ -274,7 +257,7 @@ def test_prometheus_scrapes_both_replicas_with_distinct_labels(
         router = httpx.get(f"{url}/api/v1/query", params={"query": "fitserve_router_decisions_total"}, timeout=5)
         assert router.json()["data"]["result"], "router decisions reach Prometheus through the ingress"
     except BaseException:
-        print((workdir / "prometheus.log").read_text()[-3000:])
+        print(log_path.read_text()[-3000:])
         raise
     finally:
         process.terminate()
