@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memory-budget", default="1GiB", help="per replica")
     parser.add_argument("--max-kv-tokens", type=int, default=2048, help="per replica: small, so KV is the limit")
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--requests", type=int, default=48, help="requests per run (bounded)")
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--long-tokens", type=int, default=192)
@@ -56,6 +57,7 @@ def app_args(args: argparse.Namespace, router: str) -> dict[str, Any]:
         "memory_budget": args.memory_budget,
         "max_kv_tokens": args.max_kv_tokens,
         "max_batch_size": args.max_batch_size,
+        "max_model_len": args.max_model_len,
     }
     if args.model:
         settings["model"] = args.model

@@ -116,14 +116,15 @@ class EngineReplica:
 
     async def __del__(self) -> None:
         """Stop the engine and the metrics server; leave the directory."""
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(AttributeError):
             self._metrics_server.shutdown()
         with contextlib.suppress(Exception):
             from fitserve.server.scaleout.directory import get_directory
 
             get_directory(self._directory_name, DIRECTORY_NAMESPACE).unregister.remote(self.replica_name)
-        if self._close is not None:
-            await self._close()
+        close = getattr(self, "_close", None)  # absent when the constructor failed
+        if close is not None:
+            await close()
 
 
 def node_address() -> str:
