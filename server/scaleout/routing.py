@@ -64,6 +64,10 @@ class _InFlight:
     replica: Hashable
     tokens: int
     sent_at: float
+    finished_at: float | None = None
+
+
+FINISHED_MEMORY_S = 30.0  # finished requests are remembered this long (longer than any stats lag)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class RoutingPolicy:
     clock: Callable[[], float] = time.time
     rng: random.Random = field(default_factory=random.Random)
     _in_flight: dict[str, _InFlight] = field(default_factory=dict)
+    _finished: list[_InFlight] = field(default_factory=list)
     _prefix_owner: OrderedDict[int, Hashable] = field(default_factory=OrderedDict)
     _mean_request_tokens: float = 256.0
 
@@ -119,19 +124,27 @@ class RoutingPolicy:
         return RoutingDecision(ordered, scores, by_affinity)
 
     def _score(self, replica: Hashable, load: ReplicaLoad | None, default_capacity: int) -> float:
-        """Free KV tokens left for a new request on `replica`, after what is queued and what we sent unseen."""
-        if load is None:
-            free, waiting, taken_at = float(default_capacity), 0, float("-inf")
-        else:
-            free, waiting, taken_at = float(load.kv_free_tokens), load.waiting, load.taken_at
+        """Free KV tokens left for a new request on `replica`: its stats, corrected by what this router saw since.
+
+        Requests sent after the stats were taken are not in them yet (subtract their tokens); requests that were
+        in them and have finished since no longer hold their tokens (add them back); the waiting queue will need
+        the mean request size each.
+        """
+        if load is None:  # no stats: everything we sent it and is still running is unseen
+            unseen = sum(flight.tokens for flight in self._in_flight.values() if flight.replica == replica)
+            return default_capacity - unseen
         unseen = sum(
             flight.tokens
             for flight in self._in_flight.values()
-            if flight.replica == replica and flight.sent_at > taken_at
+            if flight.replica == replica and flight.sent_at > load.taken_at
         )
-        if load is None:  # no stats: everything we sent it is unseen
-            unseen = sum(flight.tokens for flight in self._in_flight.values() if flight.replica == replica)
-        return free - waiting * self._mean_request_tokens - unseen
+        released = sum(
+            flight.tokens
+            for flight in self._finished
+            if flight.replica == replica and flight.sent_at <= load.taken_at < (flight.finished_at or 0.0)
+        )
+        free = min(load.kv_free_tokens + released, load.kv_capacity_tokens)
+        return free - load.waiting * self._mean_request_tokens - unseen
 
     def on_sent(
         self, request_id: str, replica: Hashable, request_tokens: int, prompt_token_ids: Sequence[int] = ()
@@ -147,13 +160,19 @@ class RoutingPolicy:
                 self._prefix_owner.popitem(last=False)
 
     def on_finished(self, request_id: str) -> None:
-        """Forget a finished (or failed) request; unknown ids are ignored."""
-        self._in_flight.pop(request_id, None)
+        """A request finished (or failed): it holds no KV any more; unknown ids are ignored."""
+        flight = self._in_flight.pop(request_id, None)
+        now = self.clock()
+        self._finished = [done for done in self._finished if now - (done.finished_at or now) <= FINISHED_MEMORY_S]
+        if flight is not None:
+            flight.finished_at = now
+            self._finished.append(flight)
 
     def on_replica_gone(self, replica: Hashable) -> None:
         """Forget everything about a replica that died or was removed."""
         for request_id in [rid for rid, flight in self._in_flight.items() if flight.replica == replica]:
             del self._in_flight[request_id]
+        self._finished = [done for done in self._finished if done.replica != replica]
         for key in [key for key, owner in self._prefix_owner.items() if owner == replica]:
             del self._prefix_owner[key]
 

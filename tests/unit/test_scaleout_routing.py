@@ -58,6 +58,20 @@ def test_in_flight_correction_only_counts_requests_the_stats_have_not_seen() -> 
     assert policy.rank(fresh, 10).scores["A"] == CAPACITY
 
 
+def test_requests_finished_since_the_stats_give_their_tokens_back() -> None:
+    """Stale stats still show a finished request's reservation; the router knows it ended and does not herd."""
+    clock = Clock()
+    policy = RoutingPolicy(clock=clock)
+    policy.on_sent("long", "A", 3000)
+    clock.now = 101.0
+    stale = {"A": ReplicaLoad(CAPACITY, 3000, 0, 1, taken_at=100.5), "B": load(0.5, taken_at=100.5)}
+    assert policy.rank(stale, 10).ranked[0] == "B"
+    clock.now = 102.0
+    policy.on_finished("long")
+    assert policy.rank(stale, 10).scores["A"] == CAPACITY
+    assert policy.rank(stale, 10).ranked[0] == "A"
+
+
 def test_waiting_queue_counts_against_a_replica() -> None:
     policy = RoutingPolicy(clock=Clock())
     loads = {"A": load(0.2, waiting=6), "B": load(0.4)}
