@@ -138,13 +138,14 @@ class RoutingPolicy:
             for flight in self._in_flight.values()
             if flight.replica == replica and flight.sent_at > load.taken_at
         )
-        released = sum(
-            flight.tokens
+        gone = [
+            flight
             for flight in self._finished
             if flight.replica == replica and flight.sent_at <= load.taken_at < (flight.finished_at or 0.0)
-        )
-        free = min(load.kv_free_tokens + released, load.kv_capacity_tokens)
-        return free - load.waiting * self._mean_request_tokens - unseen
+        ]
+        free = min(load.kv_free_tokens + sum(flight.tokens for flight in gone), load.kv_capacity_tokens)
+        waiting = max(load.waiting - len(gone), 0)  # a request that ended was running or waiting: both shrink
+        return free - waiting * self._mean_request_tokens - unseen
 
     def on_sent(
         self, request_id: str, replica: Hashable, request_tokens: int, prompt_token_ids: Sequence[int] = ()

@@ -54,6 +54,14 @@ def router_decisions(server: ScaleOutServer) -> dict[str, float]:
     return totals
 
 
+def router_idle(server: ScaleOutServer) -> bool:
+    """True when the router counts no request in flight on any replica."""
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text):
+        if family.name == "fitserve_router_in_flight_requests":
+            return all(sample.value == 0 for sample in family.samples)
+    return True
+
+
 def targets(server: ScaleOutServer) -> list[dict]:
     return httpx.get(f"{server.url}/metrics/targets", timeout=10).json()
 
@@ -155,7 +163,9 @@ def test_a_second_replica_starts_under_kv_pressure_without_flapping(server: Scal
 
 
 def test_a_burst_of_long_requests_is_split_over_both_replicas(server: ScaleOutServer) -> None:
-    """Eight simultaneous long requests: no replica gets more than 5 (router decisions before/after)."""
+    """Eight simultaneous long requests with equal stats: no replica gets more than 5 (router decisions)."""
+    wait_for(lambda: len(targets(server)) == 2 and router_idle(server), 60, "both replicas idle in the router's view")
+    time.sleep(3.0)  # a few routing-stats periods: both replicas' stats now show the idle state
     before = router_decisions(server)
 
     async def burst() -> None:
@@ -172,7 +182,8 @@ def test_a_burst_of_long_requests_is_split_over_both_replicas(server: ScaleOutSe
     asyncio.run(burst())
     after = router_decisions(server)
     split = sorted(after.get(replica, 0) - before.get(replica, 0) for replica in after)
-    assert sum(split) == 8 and len(split) == 2 and split[0] >= 3, (before, after)
+    gauges = [line for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines() if "router_" in line]
+    assert sum(split) == 8 and len(split) == 2 and split[0] >= 3, (before, after, gauges)
 
 
 def test_killing_a_replica_mid_load_fails_only_its_requests_and_ray_replaces_it(server: ScaleOutServer) -> None:
