@@ -195,7 +195,12 @@ def test_every_dashboard_query_is_valid_promql_on_real_data(prometheus: Promethe
     on_cuda = bool(prometheus.query('fitserve_model_info{device=~"cuda.*"}'))
     assert len(exprs) >= 20
     for expr in exprs:
-        promql = expr.replace("$__rate_interval", "1m").replace("$__range", "5m").replace("$job", ".*")
+        promql = (
+            expr.replace("$__rate_interval", "1m")
+            .replace("$__range", "5m")
+            .replace("$job", ".*")
+            .replace("$replica", ".*")
+        )
         result = prometheus.query(promql)  # asserts Prometheus accepted the expression
         if on_cuda or "fitserve_torch_memory" not in expr:  # torch allocator series are absent on CPU
             assert result, f"dashboard query returned no data: {promql}"
