@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fitserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test test-unit test-gpu test-gptq check-manifests lint typecheck wheel-check clean
+.PHONY: install model serve test test-unit test-gpu test-gptq test-ray check-manifests lint typecheck wheel-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,15 @@ check-manifests: $(STAMP)
 	$(BIN)/python deploy/k8s/check_manifests.py
 	$(BIN)/python -m pytest -q tests/unit/test_k8s_manifests.py $(PYTEST_ARGS)
 
+# Scale-out on Ray Serve (the `ray` extra) in its own venv: Ray pins its own dependency ranges, and the core venv
+# must keep running without Ray (tests/conftest.py skips collecting tests/ray/ where Ray is not installed).
+RAY_VENV ?= .venv-ray
+test-ray: model
+	test -x $(RAY_VENV)/bin/python || $(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(RAY_VENV)/bin/python -m pip install --quiet -e '.[test,ray]'
+	$(RAY_VENV)/bin/python -m pytest tests/ray $(PYTEST_ARGS)
+
 # ruff (lint + format) and mypy; the tools come from the `dev` extra.
 DEV_STAMP := $(VENV)/.fitserve-dev-installed
 $(DEV_STAMP): $(STAMP)
@@ -86,4 +95,4 @@ wheel-check: $(DEV_STAMP)
 	@echo "wheel-check: $$(ls dist) install and run"
 
 clean:
-	rm -rf $(VENV) $(GPTQ_VENV) $(WHEEL_VENV) $(TYPECHECK_DIR) build dist *.egg-info
+	rm -rf $(VENV) $(GPTQ_VENV) $(RAY_VENV) $(WHEEL_VENV) $(TYPECHECK_DIR) build dist *.egg-info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 
 from pydantic import ValidationError
@@ -13,6 +14,8 @@ logger = logging.getLogger(__name__)
 
 # Flags whose destination differs from their Settings field.
 _RENAMED = {"serve_log_level": "log_level"}
+# Flags that choose the Ray Serve scale-out instead of a single process (not Settings fields).
+_SCALE_OUT_FLAGS = ("replicas", "max_replicas", "ray_address")
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -68,6 +71,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="seconds to drain requests on SIGTERM",
     )
     http.add_argument("--log-level", dest="serve_log_level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ...")
+    scale = parser.add_argument_group("scale-out (Ray Serve; needs the `ray` extra)")
+    scale.add_argument("--replicas", type=int, help="serve N engine replicas behind this port through Ray Serve")
+    scale.add_argument(
+        "--max-replicas", type=int, help="autoscale between --replicas and this on KV usage and waiting requests"
+    )
+    scale.add_argument("--ray-address", help="deploy to this Ray cluster (default: start a local, loopback-only one)")
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -77,7 +86,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {
         _RENAMED.get(key, key): value
         for key, value in vars(args).items()
-        if key not in ("func", "command", "log_level")
+        if key not in ("func", "command", "log_level", *_SCALE_OUT_FLAGS)
     }
     return Settings(**overrides)
 
@@ -91,4 +100,24 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as error:
         logger.error("invalid serve settings:\n%s", error)
         return EXIT_CANNOT_LOAD
+    replicas = getattr(args, "replicas", None)
+    max_replicas = getattr(args, "max_replicas", None)
+    ray_address = getattr(args, "ray_address", None)
+    if replicas is not None or max_replicas is not None or ray_address is not None:
+        return _run_scale_out(settings, replicas or 1, max_replicas, ray_address)
     return run(settings)
+
+
+def _run_scale_out(settings: Settings, replicas: int, max_replicas: int | None, ray_address: str | None) -> int:
+    """`--replicas` / `--ray-address`: the Ray Serve application (lazy import: ray is an optional extra)."""
+    from fitserve.server.serve import EXIT_CANNOT_LOAD
+
+    if replicas < 1 or (max_replicas is not None and max_replicas < replicas):
+        logger.error("--replicas must be at least 1 and --max-replicas at least --replicas")
+        return EXIT_CANNOT_LOAD
+    if importlib.util.find_spec("ray") is None:  # find, not import: Ray reads its environment on import
+        logger.error("--replicas needs Ray Serve: pip install 'fitserve[ray]'")
+        return EXIT_CANNOT_LOAD
+    from fitserve.server.scaleout.launch import run_replicas
+
+    return run_replicas(settings, replicas, ray_address, max_replicas)

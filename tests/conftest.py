@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,7 @@ def tiny_model_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# tests/ray/ needs the `ray` extra and runs in its own venv (`make test-ray`); the core venv has no Ray.
+collect_ignore = [] if importlib.util.find_spec("ray") else ["ray"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import socket
 import subprocess
 import time
@@ -19,11 +18,11 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from fitserve.server.metrics import METRICS
 from tests.live_server import live_server
+from tests.prometheus_process import start_prometheus
 
 pytestmark = pytest.mark.integration
 
@@ -88,9 +87,6 @@ def fitserve_url(default_model_dir: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def prometheus(fitserve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
-    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
-    if not Path(binary).is_file():
-        pytest.fail("the prometheus binary is missing: apt-get install -y prometheus")
     workdir = tmp_path_factory.mktemp("prometheus")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -102,21 +98,8 @@ def prometheus(fitserve_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
             }
         ],
     }
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log_path = workdir / "prometheus.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = Prometheus(f"http://127.0.0.1:{port}", process, log_path)
+    url, process, log_path = start_prometheus(workdir, config)
+    server = Prometheus(url, process, log_path)
     try:
         wait_for(
             lambda: process.poll() is None and httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200,
@@ -212,7 +195,12 @@ def test_every_dashboard_query_is_valid_promql_on_real_data(prometheus: Promethe
     on_cuda = bool(prometheus.query('fitserve_model_info{device=~"cuda.*"}'))
     assert len(exprs) >= 20
     for expr in exprs:
-        promql = expr.replace("$__rate_interval", "1m").replace("$__range", "5m").replace("$job", ".*")
+        promql = (
+            expr.replace("$__rate_interval", "1m")
+            .replace("$__range", "5m")
+            .replace("$job", ".*")
+            .replace("$replica", ".*")
+        )
         result = prometheus.query(promql)  # asserts Prometheus accepted the expression
         if on_cuda or "fitserve_torch_memory" not in expr:  # torch allocator series are absent on CPU
             assert result, f"dashboard query returned no data: {promql}"
