@@ -122,20 +122,51 @@ def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, 
     return asyncio.run(main())
 
 
-def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tuple[int, int, list[str], int, int]:
-    """(exactly equal requests, total, diffs, prompt tokens served from the prefix cache, Linears the engine
-    prepacked for oneDNN) for one precision."""
+# The one relaxation (issue 11): batched kernels may round differently from a lone `model.generate`, so a request may
+# diverge, but only at a token where the reference's top-2 logits were within this margin (a near-tie). bf16 keeps 8
+# bits of mantissa (logits of 16-32 are rounded to steps of 0.125): on CPUs with native bf16 (AVX512-BF16/AMX) its
+# matmul kernels depend on the batch's row count, and near-ties flip there; the margin is two such steps. fp32 and
+# NF4 (fp32 compute) get a margin five times smaller (measured: an NF4 flip at a gap of 0.021).
+NEAR_TIE_LOGIT_MARGIN = {Precision.BF16: 0.25, Precision.FP32: 0.05, Precision.NF4: 0.05, Precision.INT8: 0.05}
+
+
+def near_tie_at(model: Any, prompt: list[int], expected: list[int], got: list[int], margin: float) -> str | None:
+    """None when the first divergence of `got` from `expected` is an accepted near-tie, else why it is not."""
+    import torch
+
+    j = next((k for k, (g, e) in enumerate(zip(got, expected, strict=False)) if g != e), None)
+    if j is None:
+        return f"lengths differ without a token divergence ({len(got)} vs {len(expected)})"
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + expected[:j]])).logits[0, -1].float()
+    top = torch.topk(logits, 2)
+    gap = float(top.values[0] - top.values[1])
+    if gap > margin:
+        return f"at token {j} the reference's top-2 gap is {gap:.4f} > margin {margin}"
+    print(f"near-tie divergence at token {j}: reference top-2 gap {gap:.4f} <= {margin}")
+    return None
+
+
+def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tuple[int, int, list[str], int, int, int]:
+    """(exactly equal requests, total, diffs not explained by a near-tie, prompt tokens served from the prefix cache,
+    Linears the engine prepacked for oneDNN, near-tie divergences accepted) for one precision."""
     model, tokenizer = load(model_dir, precision)
     requests = make_requests(tokenizer, n)
     expected = [reference(model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
     got, cached_tokens = run_engine(model, tokenizer, requests)
-    diffs = [
-        f"request {i} (prompt {len(r[0])} tokens): engine {g} != generate {e}"
-        for i, (r, g, e) in enumerate(zip(requests, got, expected, strict=False))
-        if g != e
-    ]
+    diffs, near_ties, exact = [], 0, 0
+    for i, (r, g, e) in enumerate(zip(requests, got, expected, strict=False)):
+        if g == e:
+            exact += 1
+            continue
+        why = near_tie_at(model, r[0], e, g, NEAR_TIE_LOGIT_MARGIN[precision])
+        if why is None:
+            near_ties += 1
+        else:
+            diffs.append(f"request {i} (prompt {len(r[0])} tokens): {why}; engine {g} != generate {e}")
     packed = sum(type(m).__name__ == "PackedLinear" for m in model.modules())
-    return len(requests) - len(diffs), len(requests), diffs, cached_tokens, packed
+    print(f"{precision.value}: {exact}/{len(requests)} token-identical, {near_ties} near-tie divergences accepted")
+    return exact, len(requests), diffs, cached_tokens, packed, near_ties
 
 
 @pytest.mark.timeout(1800)
@@ -143,10 +174,11 @@ def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tup
 # result depends on its batch neighbours (measured: 3 of 6 requests diverge). NF4 dequantizes weights and stays exact.
 @pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP32, Precision.NF4], ids=lambda p: p.value)
 def test_engine_equals_generate_token_for_token(default_model_dir: Path, precision: Precision) -> None:
-    exact, total, diffs, cached_tokens, packed = check_equivalence(default_model_dir, precision)
+    exact, total, diffs, cached_tokens, packed, near_ties = check_equivalence(default_model_dir, precision)
     assert not diffs, "\n".join(diffs)
     # fp32 runs on oneDNN-prepacked Linears (all 211, the tied lm_head too) while the reference ran plain sgemm;
     # NF4 here has fp32 dense layers, so its one plain Linear (lm_head) is packed; bitsandbytes' 4-bit ones are not
     assert packed == {Precision.FP32: 211, Precision.NF4: 1, Precision.BF16: 0}[precision]
-    assert exact == total == 16
+    assert total == 16 and exact + near_ties == total
+    assert exact >= total - 4, f"{total - exact} near-tie divergences: more than rounding noise"
     assert cached_tokens >= 16 * 4, "prefix-cache hits are part of what this test checks"

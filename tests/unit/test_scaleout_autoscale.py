@@ -84,10 +84,14 @@ def test_engine_errors_survive_pickling_through_the_wrapper() -> None:
     import pickle
 
     from fitserve.server.engine.types import PromptTooLongError, QueueFullError
+    from fitserve.server.protocol.errors import http_mapping_for
 
     error = pickle.loads(pickle.dumps(ReplicaEngineError.wrap(QueueFullError(8, retry_after_s=3)))).unwrap()
-    assert isinstance(error, QueueFullError) and error.retry_after_s == 3 and error.http_status == 429
+    assert isinstance(error, QueueFullError) and error.retry_after_s == 3
+    assert http_mapping_for(error).status_code == 429
     error = pickle.loads(pickle.dumps(ReplicaEngineError.wrap(PromptTooLongError(10, 5, 12, "context")))).unwrap()
     assert (
-        isinstance(error, PromptTooLongError) and "15 tokens" in str(error) and error.code == "context_length_exceeded"
+        isinstance(error, PromptTooLongError)
+        and "15 tokens" in str(error)
+        and http_mapping_for(error).code == "context_length_exceeded"
     )
