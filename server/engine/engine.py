@@ -280,6 +280,8 @@ class Engine:
             self._wake.wait(self.config.idle_wait_s)
             self._wake.clear()
             return []
+        if batch.step == self.config.crash_inject_step:
+            raise RuntimeError(f"injected engine crash at step {batch.step} (EngineConfig.crash_inject_step)")
         t0 = time.perf_counter()
         try:
             sampled = self.runner.run(batch)

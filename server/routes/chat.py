@@ -9,15 +9,19 @@ from starlette.responses import Response
 
 from fitserve.server.engine.types import EngineClient
 from fitserve.server.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
-from fitserve.server.routes.deps import get_engine
+from fitserve.server.routes.deps import get_cpu_pool, get_engine
 from fitserve.server.serving.chat import ChatServing
+from fitserve.server.serving.cpu_pool import CPUWorkPool
 
 router = APIRouter(tags=["chat"])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, engine: Annotated[EngineClient, Depends(get_engine)]
+    body: ChatCompletionRequest,
+    request: Request,
+    engine: Annotated[EngineClient, Depends(get_engine)],
+    pool: Annotated[CPUWorkPool, Depends(get_cpu_pool)],
 ) -> Response:
     """OpenAI chat completions (JSON, or SSE when `stream` is true)."""
-    return await ChatServing(engine).create(body, request)
+    return await ChatServing(engine, pool).create(body, request)

@@ -9,15 +9,19 @@ from starlette.responses import Response
 
 from fitserve.server.engine.types import EngineClient
 from fitserve.server.protocol.completions import CompletionRequest, CompletionResponse
-from fitserve.server.routes.deps import get_engine
+from fitserve.server.routes.deps import get_cpu_pool, get_engine
 from fitserve.server.serving.completions import CompletionServing
+from fitserve.server.serving.cpu_pool import CPUWorkPool
 
 router = APIRouter(tags=["completions"])
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(
-    body: CompletionRequest, request: Request, engine: Annotated[EngineClient, Depends(get_engine)]
+    body: CompletionRequest,
+    request: Request,
+    engine: Annotated[EngineClient, Depends(get_engine)],
+    pool: Annotated[CPUWorkPool, Depends(get_cpu_pool)],
 ) -> Response:
     """OpenAI legacy completions (JSON, or SSE when `stream` is true)."""
-    return await CompletionServing(engine).create(body, request)
+    return await CompletionServing(engine, pool).create(body, request)

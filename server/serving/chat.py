@@ -20,6 +20,7 @@ from fitserve.server.protocol.chat import (
 from fitserve.server.protocol.common import Usage, finish_reason_name, new_id, now_s
 from fitserve.server.protocol.errors import APIError
 from fitserve.server.serving.common import ChoiceAccumulator, check_model, render_chat
+from fitserve.server.serving.cpu_pool import CPUWorkPool
 from fitserve.server.serving.generation import ChoiceGeneration, ChoiceRequest
 from fitserve.server.serving.logprobs import to_chat_logprobs
 from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_disconnect, sse_data, sse_error
@@ -28,13 +29,14 @@ from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_d
 class ChatServing:
     """Serves the chat completions endpoint against an `EngineClient`."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: EngineClient, pool: CPUWorkPool) -> None:
         self._engine = engine
+        self._pool = pool
 
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         """Handle one request: JSON body, or an SSE stream when `stream` is true."""
         check_model(self._engine, request.model)
-        prompt_ids = render_chat(self._engine, request.template_messages())
+        prompt_ids = await self._pool.run(render_chat, self._engine, request.template_messages())
         if not prompt_ids:
             raise APIError.invalid("the chat template produced an empty prompt", param="messages")
         response_id = new_id("chatcmpl")

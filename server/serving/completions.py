@@ -16,7 +16,14 @@ from fitserve.server.protocol.completions import (
     CompletionResponse,
 )
 from fitserve.server.protocol.errors import APIError
-from fitserve.server.serving.common import ChoiceAccumulator, check_model, check_token_ids, tokenize_text
+from fitserve.server.serving.common import (
+    ChoiceAccumulator,
+    check_model,
+    check_token_ids,
+    detokenize_ids,
+    tokenize_text,
+)
+from fitserve.server.serving.cpu_pool import CPUWorkPool
 from fitserve.server.serving.generation import ChoiceGeneration, ChoiceRequest
 from fitserve.server.serving.logprobs import to_completion_logprobs
 from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_disconnect, sse_data, sse_error
@@ -25,14 +32,14 @@ from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_d
 class CompletionServing:
     """Serves the legacy completions endpoint against an `EngineClient`."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: EngineClient, pool: CPUWorkPool) -> None:
         self._engine = engine
+        self._pool = pool
 
     async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
         """Handle one request: JSON body, or an SSE stream when `stream` is true."""
         check_model(self._engine, request.model)
-        prompt_ids = self._prompt_token_ids(request)
-        echo_texts = [self._engine.detokenize(ids) if request.echo else "" for ids in prompt_ids]
+        prompt_ids, echo_texts = await self._pool.run(self._prepare_prompts, request)
         response_id = new_id("cmpl")
         choices = [
             ChoiceRequest(
@@ -54,6 +61,12 @@ class CompletionServing:
             raw_request, self._collect(request, generation, response_id, prompt_tokens, echo_by_choice)
         )
         return JSONResponse(body.model_dump(mode="json"))
+
+    def _prepare_prompts(self, request: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        """Prompt token ids and, with `echo`, their texts (blocking: runs in the CPU pool)."""
+        prompt_ids = self._prompt_token_ids(request)
+        echo_texts = [detokenize_ids(self._engine, ids, "prompt") if request.echo else "" for ids in prompt_ids]
+        return prompt_ids, echo_texts
 
     def _prompt_token_ids(self, request: CompletionRequest) -> list[list[int]]:
         prompts: list[list[int]] = []
