@@ -82,7 +82,9 @@ def test_a_dead_engine_loop_fails_health_stops_admission_and_signals_once() -> N
         assert len(failures) == 1
         assert_openai_error(client.get("/health"), 503, "engine_unavailable")
         assert_openai_error(client.get("/ready"), 503, "engine_unavailable")
-        chat = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+        chat = client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+        )
         assert_openai_error(chat, 503, "engine_unavailable")
         time.sleep(0.1)
     assert len(failures) == 1
