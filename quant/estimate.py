@@ -12,11 +12,20 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fitserve.quant.schemes import DType, GptqParams, LinearShape, Precision, dense_dtype_for, handler_for
+from fitserve.quant.schemes import (
+    DType,
+    GptqParams,
+    KernelBackend,
+    LinearShape,
+    Precision,
+    dense_dtype_for,
+    handler_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +103,7 @@ class PrecisionEstimate:
     quant_state_bytes: int  # quantization scales kept outside parameters (real memory, not in the footprint)
     kv_bytes_per_token: int
     overhead: Overhead = field(repr=False)
+    backend: KernelBackend | None = None  # the kernels a quantized precision runs on
 
     @property
     def overhead_bytes(self) -> int:
@@ -158,6 +168,13 @@ def _should_convert(name: str, patterns: list[str]) -> bool:
         return bool(should_convert_module(name, patterns))
     except ImportError:  # pragma: no cover
         return not any(name == p or name.startswith(p + ".") or name.endswith(p) for p in patterns)
+
+
+def linear_conversion_rule(model: Any, qdict: dict[str, Any] | None = None) -> Callable[[str], bool]:
+    """`rule(name)`: whether the `nn.Linear` called `name` in `model` is one a scheme converts (transformers'
+    rule: not the output embedding, tied weights or the modules the config keeps dense)."""
+    patterns = _skip_patterns(model, qdict or {})
+    return lambda name: bool(name) and _should_convert(name, patterns)
 
 
 SHAPE_CACHE_VERSION = 1
@@ -244,11 +261,11 @@ def build_shape(model: str | Path, trust_remote_code: bool = False) -> ModelShap
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     skeleton.tie_weights()  # tied embeddings must share one parameter to be counted once
-    patterns = _skip_patterns(skeleton, qdict)
+    converts = linear_conversion_rule(skeleton, qdict)
     linears: list[LinearShape] = []
     converted_ids: set[int] = set()
     for name, module in skeleton.named_modules():
-        if type(module) is torch.nn.Linear and name and _should_convert(name, patterns):
+        if type(module) is torch.nn.Linear and converts(name):
             linears.append(LinearShape(module.out_features, module.in_features, module.bias is not None))
             converted_ids.update(id(p) for p in module.parameters(recurse=False))
     params = list(skeleton.parameters())  # unique: tied parameters appear once
@@ -287,15 +304,20 @@ def kv_bytes_per_token(shape: ModelShape, kv_dtype: DType) -> int:
 
 
 def weights_bytes(
-    shape: ModelShape, precision: Precision, compute_dtype: DType, double_quant: bool = False
+    shape: ModelShape,
+    precision: Precision,
+    compute_dtype: DType,
+    double_quant: bool = False,
+    backend: KernelBackend | None = None,
 ) -> tuple[int, int]:
     """(footprint bytes, quant-state bytes) of the weights in `precision`.
 
     footprint = dense params x dense dtype bytes + buffers + sum over converted Linears of the scheme's
     per-layer bytes (16/32-bit schemes convert nothing, so every parameter is dense). quant-state = the
     scheme's scales kept outside parameters (INT8 per-row fp32 SCB; NF4 absmax), not in the footprint.
+    `backend` is the quantized precision's kernel backend (torch's kernels keep their scales as buffers).
     """
-    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
+    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq, backend=backend)
     dense_dtype = dense_dtype_for(precision, compute_dtype)
     if not handler.converts_linears():
         return shape.total_params * dense_dtype.bytes + shape.buffer_bytes, 0
@@ -315,6 +337,7 @@ def overhead(
     max_model_len: int,
     n_cuda_devices: int = 0,
     double_quant: bool = False,
+    backend: KernelBackend | None = None,
 ) -> Overhead:
     """Runtime overhead of serving, in bytes (a = activation dtype bytes, T = max_batch_tokens):
 
@@ -325,7 +348,8 @@ def overhead(
       kernel materialises it (the math path does; flash kernels do not: an upper bound).
     - logits: min(max_num_seqs, T) x vocab x 4 x 2 (fp32 logits of the last token of each sequence, and the
       probabilities sampling derives from them).
-    - dequant: the largest converted weight dequantized to the compute dtype for one matmul (INT8/NF4/GPTQ).
+    - dequant: the largest converted weight dequantized to the compute dtype for one matmul (bitsandbytes
+      INT8/NF4, GPTQ; torch's weight-only kernels dequantize in registers: 0).
     - CUDA context: a fixed amount per GPU (its device memory is what a GPU budget covers).
     - CPU runtime: on CPU, where the budget is the process's memory, what the process holds before loading.
     """
@@ -336,7 +360,7 @@ def overhead(
     attention = shape.num_attention_heads * max_batch_tokens * max_model_len * 4
     rows = min(max_num_seqs, max_batch_tokens)
     logits = rows * shape.vocab_size * 4 * SAMPLING_COPIES
-    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
+    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq, backend=backend)
     dequant = handler.largest_dequant_bytes(list(shape.linears), compute_dtype) if handler.converts_linears() else 0
     runtime = 0 if n_cuda_devices else CPU_RUNTIME_BYTES
     return Overhead(activation, attention, logits, dequant, CUDA_CONTEXT_BYTES * n_cuda_devices, runtime)
@@ -352,10 +376,11 @@ def estimate_precision(
     max_model_len: int,
     n_cuda_devices: int = 0,
     double_quant: bool = False,
+    backend: KernelBackend | None = None,
 ) -> PrecisionEstimate:
-    """All the bytes one precision needs."""
+    """All the bytes one precision needs (on `backend`, for a quantized precision)."""
     dense_dtype = dense_dtype_for(precision, compute_dtype)
-    footprint, side = weights_bytes(shape, precision, dense_dtype, double_quant)
+    footprint, side = weights_bytes(shape, precision, dense_dtype, double_quant, backend)
     over = overhead(
         shape,
         precision,
@@ -365,8 +390,10 @@ def estimate_precision(
         max_model_len=max_model_len,
         n_cuda_devices=n_cuda_devices,
         double_quant=double_quant,
+        backend=backend,
     )
-    return PrecisionEstimate(precision, dense_dtype, footprint, side, kv_bytes_per_token(shape, dense_dtype), over)
+    kv = kv_bytes_per_token(shape, dense_dtype)
+    return PrecisionEstimate(precision, dense_dtype, footprint, side, kv, over, backend)
 
 
 __all__ = [
@@ -376,6 +403,7 @@ __all__ = [
     "estimate_precision",
     "inspect_model",
     "kv_bytes_per_token",
+    "linear_conversion_rule",
     "overhead",
     "weights_bytes",
 ]

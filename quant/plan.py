@@ -15,7 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitserve.quant.budget import Budget, MemoryProbe, SystemProbe, detect_budget, format_bytes
 from fitserve.quant.estimate import ModelShape, PrecisionEstimate, estimate_precision, inspect_model
-from fitserve.quant.schemes import DType, Precision, parse_precision
+from fitserve.quant.schemes import (
+    DType,
+    KernelBackend,
+    Precision,
+    backend_for,
+    four_bit_precision,
+    kernel_note,
+    parse_precision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,9 @@ class PlanRequest(BaseModel):
     prefer_fp32_on_cpu: bool = True
     max_kv_tokens: int | None = Field(default=None, gt=0)  # cap on KV capacity (always <= max_num_seqs x len)
     trust_remote_code: bool = False  # let the model repository's own code run (config/skeleton); off by default
+    # kernels for INT8 (and with it the 4-bit rung): auto = torch's weight-only kernels on CPU (INT8, INT4),
+    # bitsandbytes on CUDA (INT8, NF4); "bitsandbytes" keeps LLM.int8/NF4 on CPU too
+    quant_backend: KernelBackend | Literal["auto"] = "auto"
 
     @field_validator("max_num_seqs", "max_batch_tokens", "max_model_len", "min_concurrency", mode="before")
     @classmethod
@@ -76,6 +87,7 @@ class Candidate:
     fits: bool
     kv_capacity_tokens: int  # 0 when it does not fit
     shortfall_bytes: int  # 0 when it fits
+    backend: KernelBackend | None = None  # the kernels a quantized precision runs on
 
     def max_seqs(self, tokens_per_seq: int) -> int:
         """Concurrent sequences of `tokens_per_seq` tokens the KV capacity holds."""
@@ -86,6 +98,7 @@ class Candidate:
         out = asdict(self)
         out["precision"] = self.precision.value
         out["dtype"] = self.dtype.value
+        out["backend"] = self.backend.value if self.backend else None
         out["max_concurrent_seqs_full_context"] = self.max_seqs(max_model_len)
         out[f"max_concurrent_seqs_{TYPICAL_REQUEST_TOKENS}"] = self.max_seqs(TYPICAL_REQUEST_TOKENS)
         return out
@@ -115,6 +128,7 @@ class Plan:
     double_quant: bool = False
     budget_source: str = ""
     prequantized: bool = False  # the checkpoint is already quantized (GPTQ / bitsandbytes-serialized)
+    quant_backend: KernelBackend | None = None  # kernels of a quantized precision (torch / bitsandbytes)
 
     @property
     def compute_dtype(self) -> DType:
@@ -185,6 +199,7 @@ class Plan:
             "budget_source": self.budget_source,
             "chosen": self.precision.value if self.precision else None,
             "precision": self.precision.value if self.precision else None,
+            "quant_backend": self.quant_backend.value if self.quant_backend else None,
             "reason": self.reason,
             "weights_bytes": self.weights_bytes,
             "quant_state_bytes": self.quant_state_bytes,
@@ -237,6 +252,14 @@ def _ladder(
         )
     if forced is Precision.BF16 and budget.is_cuda and half is DType.FLOAT16:
         logger.warning("bf16 asked for on a GPU without native bf16; it will be slow")
+    requested = request.quant_backend if isinstance(request.quant_backend, KernelBackend) else None
+    try:
+        int8_backend = backend_for(Precision.INT8, on_cuda=budget.is_cuda, requested=requested)
+        if forced is not None:
+            backend_for(forced, on_cuda=budget.is_cuda, requested=requested)
+    except ValueError as error:
+        raise PlanInputError(str(error)) from None
+    four_bit = four_bit_precision(int8_backend)
     if forced is not None:
         compute = {Precision.FP32: DType.FLOAT32, Precision.FP16: DType.FLOAT16, Precision.BF16: DType.BFLOAT16}
         return [(forced, compute.get(forced, half))], f"{forced.value} forced by --precision"
@@ -247,14 +270,14 @@ def _ladder(
                 (Precision.FP32, DType.FLOAT32),
                 (Precision.BF16, DType.BFLOAT16),
                 (Precision.INT8, DType.BFLOAT16),
-                (Precision.NF4, DType.BFLOAT16),
+                (four_bit, DType.BFLOAT16),
             ],
             "CPU without native bf16 (no AVX512-BF16/AMX): fp32 compute is faster here, so fp32 goes first "
             "when it fits (--no-prefer-fp32-on-cpu keeps bf16)",
         )
     sixteen = Precision.BF16 if half is DType.BFLOAT16 else Precision.FP16
     note = "bf16" if half is DType.BFLOAT16 else "fp16 (this GPU has no native bf16)"
-    return [(sixteen, half), (Precision.INT8, half), (Precision.NF4, half)], f"ladder {note} -> int8 -> nf4"
+    return [(sixteen, half), (Precision.INT8, half), (four_bit, half)], f"ladder {note} -> int8 -> {four_bit.value}"
 
 
 def kv_token_cap(request: PlanRequest) -> int:
@@ -283,6 +306,7 @@ def _evaluate(est: PrecisionEstimate, budget_bytes: int, request: PlanRequest) -
         fits,
         capacity if fits else 0,
         max(total - budget_bytes, 0),
+        est.backend,
     )
 
 
@@ -294,6 +318,7 @@ def _estimate(
     n_cuda: int,
     max_model_len: int | None = None,
 ) -> PrecisionEstimate:
+    requested = request.quant_backend if isinstance(request.quant_backend, KernelBackend) else None
     return estimate_precision(
         shape,
         precision,
@@ -303,6 +328,7 @@ def _estimate(
         max_model_len=max_model_len or request.max_model_len,
         n_cuda_devices=n_cuda,
         double_quant=request.double_quant,
+        backend=backend_for(precision, on_cuda=n_cuda > 0, requested=requested),
     )
 
 
@@ -457,6 +483,9 @@ def _build_plan(
     capacity: int,
 ) -> Plan:
     device_map, max_memory = _device_map(budget, chosen)
+    kernels = kernel_note(chosen.precision, chosen.backend)
+    if kernels:
+        reason = f"{reason}; {kernels}"
     plan = Plan(
         model_path=shape.model_path,
         precision=chosen.precision,
@@ -481,6 +510,7 @@ def _build_plan(
         double_quant=request.double_quant and chosen.precision is Precision.NF4,
         budget_source=budget.devices[0].source.value,
         prequantized=shape.prequantized is not None,
+        quant_backend=chosen.backend,
     )
     logger.info("plan: %s", reason)
     return plan

@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_NOTHING_FITS = 3
-_PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "gptq")
+_PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8", "int4", "nf4", "gptq")
+_QUANT_BACKEND_CHOICES = ("auto", "torch", "bitsandbytes")
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +58,13 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-kv-tokens", type=int, default=None, help="cap the KV cache capacity")
     parser.add_argument("--device", default=None, help="cpu, cuda:N or cuda (all GPUs); default: GPUs if present")
     parser.add_argument("--double-quant", action="store_true", help="NF4 with double quantization")
+    parser.add_argument(
+        "--quant-backend",
+        default="auto",
+        choices=_QUANT_BACKEND_CHOICES,
+        help="kernels for int8 and the 4-bit rung: auto = torch's weight-only kernels on CPU (int8, int4), "
+        "bitsandbytes on GPU (int8, nf4); bitsandbytes keeps LLM.int8/nf4 on CPU too",
+    )
     parser.add_argument(
         "--prefer-fp32-on-cpu",
         action=argparse.BooleanOptionalAction,
@@ -108,6 +116,7 @@ def run_plan(args: argparse.Namespace) -> int:
             device=args.device,
             double_quant=args.double_quant,
             prefer_fp32_on_cpu=args.prefer_fp32_on_cpu,
+            quant_backend=args.quant_backend,
         )
         plan = make_plan(request)
     except NothingFitsError as error:

@@ -128,6 +128,7 @@ def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]
         "precision": settings.precision,
         "force": settings.force,
         "prefer_fp32_on_cpu": settings.prefer_fp32_on_cpu,
+        "quant_backend": settings.quant_backend,
         "max_num_seqs": settings.max_batch_size,
         "trust_remote_code": settings.trust_remote_code,
     }
@@ -202,7 +203,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         model_info=ModelInfo(
             model=serving.served_model_name,
             precision=str(getattr(plan.precision, "value", plan.precision)),
-            quant_method=_quant_method(plan.precision),
+            quant_method=_quant_method(plan.precision, getattr(plan, "quant_backend", None)),
             dtype=str(getattr(plan, "kv_dtype", "unknown")).removeprefix("torch."),
             device=device,
         )
@@ -269,11 +270,11 @@ def unplanned_bytes(plan: Any) -> int:
         return 0
 
 
-def _quant_method(precision: Any) -> str:
-    """The `quant_method` label for a precision."""
+def _quant_method(precision: Any, backend: Any = None) -> str:
+    """The `quant_method` label for a precision: its kernel backend (torch, bitsandbytes), gptq or none."""
     name = str(_value(precision))
-    if name in ("int8", "nf4"):
-        return "bitsandbytes"
+    if name in ("int8", "int4", "nf4"):
+        return str(_value(backend)) if backend is not None else "bitsandbytes"
     return "gptq" if name == "gptq" else "none"
 
 

@@ -35,6 +35,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     plan.add_argument("--precision", help="weight precision (default: auto, the best that fits)")
     plan.add_argument("--force", action="store_true", help="load even when the plan says it does not fit")
     plan.add_argument(
+        "--quant-backend",
+        choices=("auto", "torch", "bitsandbytes"),
+        help="kernels for int8/4-bit: auto = torch's weight-only kernels on CPU (int8, int4), bitsandbytes on GPU "
+        "(int8, nf4); bitsandbytes keeps LLM.int8/nf4 on CPU too",
+    )
+    plan.add_argument(
         "--prefer-fp32-on-cpu",
         action=argparse.BooleanOptionalAction,
         help="on CPUs without native bf16 (AVX2 only) try fp32 first: faster there, twice the memory (default: on)",

@@ -7,7 +7,7 @@ import pytest
 from fitserve.quant.budget import GIB, MIB, BudgetError
 from fitserve.quant.estimate import ModelShape, estimate_precision
 from fitserve.quant.plan import NothingFitsError, Plan, PlanInputError, PlanRequest, make_plan
-from fitserve.quant.schemes import DType, GptqParams, LinearShape, Precision
+from fitserve.quant.schemes import DType, GptqParams, KernelBackend, LinearShape, Precision, backend_for
 from tests.unit.test_budget import FakeProbe
 
 
@@ -49,8 +49,16 @@ def fake_shape(prequantized: Precision | None = None) -> ModelShape:
 SHAPE = fake_shape()
 
 
-def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, max_model_len: int = 2048) -> int:
-    """Minimum total bytes for one full-length sequence, computed independently of the planner."""
+def need(
+    precision: Precision,
+    dtype: DType = DType.BFLOAT16,
+    n_cuda: int = 0,
+    max_model_len: int = 2048,
+    backend: KernelBackend | None = None,
+) -> int:
+    """Minimum total bytes for one full-length sequence, computed independently of the planner (on the
+    precision's default kernels for the device unless `backend` is given)."""
+    backend = backend or backend_for(precision, on_cuda=n_cuda > 0)
     est = estimate_precision(
         SHAPE,
         precision,
@@ -59,6 +67,7 @@ def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, m
         max_num_seqs=8,
         max_model_len=max_model_len,
         n_cuda_devices=n_cuda,
+        backend=backend,
     )
     return est.weights_bytes + est.quant_state_bytes + est.overhead_bytes + est.kv_bytes_per_token * max_model_len
 
@@ -69,13 +78,13 @@ def plan_for(budget_bytes: int, probe: FakeProbe | None = None, **kwargs: object
 
 
 def test_needs_are_ordered_like_the_ladder() -> None:
-    assert need(Precision.BF16) > need(Precision.INT8) > need(Precision.NF4)
+    assert need(Precision.BF16) > need(Precision.INT8) > need(Precision.INT4)
 
 
 def test_big_budget_chooses_16_bit() -> None:
     plan = plan_for(64 * GIB)
     assert plan.precision is Precision.BF16 and plan.kv_dtype == "bfloat16"
-    assert [c.precision for c in plan.candidates] == [Precision.BF16, Precision.INT8, Precision.NF4]
+    assert [c.precision for c in plan.candidates] == [Precision.BF16, Precision.INT8, Precision.INT4]
     assert all(c.fits for c in plan.candidates)
 
 
@@ -87,14 +96,14 @@ def test_between_int8_and_16_bit_chooses_int8() -> None:
     assert "bf16 short by" in plan.reason
 
 
-def test_between_nf4_and_int8_chooses_nf4() -> None:
-    plan = plan_for((need(Precision.INT8) + need(Precision.NF4)) // 2)
-    assert plan.precision is Precision.NF4
+def test_between_int4_and_int8_chooses_int4() -> None:
+    plan = plan_for((need(Precision.INT8) + need(Precision.INT4)) // 2)
+    assert plan.precision is Precision.INT4
 
 
 def test_exactly_the_need_fits() -> None:
-    plan = plan_for(need(Precision.NF4))
-    assert plan.precision is Precision.NF4 and plan.kv_capacity_tokens == 2048
+    plan = plan_for(need(Precision.INT4))
+    assert plan.precision is Precision.INT4 and plan.kv_capacity_tokens == 2048
 
 
 def test_kv_capacity_is_what_the_budget_leaves() -> None:
@@ -126,9 +135,9 @@ def test_nothing_fits_names_need_budget_shortfall_and_remedies() -> None:
     with pytest.raises(NothingFitsError) as info:
         plan_for(budget)
     message = str(info.value)
-    nf4 = need(Precision.NF4)
-    assert "nf4" in message and str(nf4) in message and str(budget) in message
-    assert str(nf4 - budget) in message
+    int4 = need(Precision.INT4)
+    assert "int4" in message and str(int4) in message and str(budget) in message
+    assert str(int4 - budget) in message
     assert "--max-model-len" in message and "--memory-budget" in message and "GPU" in message
     plan = info.value.plan
     assert plan.precision is None and plan.to_json()["chosen"] is None
@@ -136,12 +145,12 @@ def test_nothing_fits_names_need_budget_shortfall_and_remedies() -> None:
 
 
 def test_nothing_fits_suggests_a_context_that_fits() -> None:
-    budget = need(Precision.NF4, max_model_len=1024)
+    budget = need(Precision.INT4, max_model_len=1024)
     with pytest.raises(NothingFitsError) as info:
         plan_for(budget)
     suggested = int(str(info.value).split("--max-model-len: ")[1].split()[0])
     assert 1024 <= suggested < 2048
-    assert plan_for(budget, max_model_len=suggested).precision is Precision.NF4
+    assert plan_for(budget, max_model_len=suggested).precision is Precision.INT4
 
 
 def test_forced_precision_that_does_not_fit_says_by_how_much() -> None:
@@ -197,12 +206,12 @@ def test_multi_gpu_device_map_and_max_memory() -> None:
 def test_fp32_first_by_default_on_cpu_without_native_bf16() -> None:
     plan = plan_for(64 * GIB, probe=FakeProbe(native_bf16=False))
     assert plan.precision is Precision.FP32 and "fp32 compute is faster" in plan.reason
-    assert [c.precision for c in plan.candidates] == [Precision.FP32, Precision.BF16, Precision.INT8, Precision.NF4]
+    assert [c.precision for c in plan.candidates] == [Precision.FP32, Precision.BF16, Precision.INT8, Precision.INT4]
     assert plan.kv_bytes_per_token == 2 * SHAPE.num_layers * SHAPE.num_kv_heads * SHAPE.head_dim * 4  # fp32 KV
     tight = plan_for(need(Precision.BF16), probe=FakeProbe(native_bf16=False))
     assert tight.precision is Precision.BF16  # fp32 does not fit: the ladder goes on
     # the quantized rungs keep bf16 dense layers, so their minimum budgets are those of the plain ladder
-    for precision in (Precision.INT8, Precision.NF4):
+    for precision in (Precision.INT8, Precision.INT4):
         assert plan_for(need(precision), probe=FakeProbe(native_bf16=False)).precision is precision
 
 
@@ -282,5 +291,43 @@ def test_table_and_verdict_render() -> None:
     console = Console(width=200, record=True)
     console.print(plan.to_table())
     text = console.export_text()
-    assert "bf16" in text and "int8" in text and "nf4" in text and "yes" in text
+    assert "bf16" in text and "int8" in text and "int4" in text and "yes" in text
     assert plan.verdict().startswith("BF16 on cpu")
+
+
+def test_cpu_ladder_runs_quantized_rungs_on_torch_kernels_and_says_so() -> None:
+    int8 = plan_for((need(Precision.BF16) + need(Precision.INT8)) // 2)
+    assert int8.precision is Precision.INT8 and int8.quant_backend is KernelBackend.TORCH
+    assert "torch's weight-only kernel" in int8.reason and int8.quant_state_bytes == 0
+    int4 = plan_for(need(Precision.INT4))
+    assert int4.precision is Precision.INT4 and "groupwise asymmetric int4" in int4.reason and "not NF4" in int4.reason
+    assert int4.to_json()["quant_backend"] == "torch"
+    assert [c.backend for c in int4.candidates] == [None, KernelBackend.TORCH, KernelBackend.TORCH]
+
+
+def test_bitsandbytes_backend_on_cpu_keeps_the_nf4_ladder() -> None:
+    bnb = KernelBackend.BITSANDBYTES
+    plan = plan_for(need(Precision.NF4, backend=bnb), quant_backend="bitsandbytes")
+    assert [c.precision for c in plan.candidates] == [Precision.BF16, Precision.INT8, Precision.NF4]
+    assert plan.precision is Precision.NF4 and plan.quant_backend is bnb and "bitsandbytes" in plan.reason
+    int8 = plan_for(need(Precision.INT8, backend=bnb), quant_backend="bitsandbytes")
+    assert int8.precision is Precision.INT8 and int8.quant_backend is bnb and int8.quant_state_bytes > 0
+
+
+def test_old_nf4_spelling_still_loads_bitsandbytes_nf4_on_cpu() -> None:
+    plan = plan_for(64 * GIB, precision="nf4")
+    assert plan.precision is Precision.NF4 and plan.quant_backend is KernelBackend.BITSANDBYTES
+
+
+def test_gpu_ladder_stays_on_bitsandbytes() -> None:
+    probe = FakeProbe(gpus=[(16 * GIB, 16 * GIB)], bf16=True)
+    plan = make_plan(PlanRequest(model="/fake/model"), probe=probe, shape=SHAPE)
+    assert [c.precision for c in plan.candidates] == [Precision.BF16, Precision.INT8, Precision.NF4]
+    assert [c.backend for c in plan.candidates] == [None, KernelBackend.BITSANDBYTES, KernelBackend.BITSANDBYTES]
+
+
+@pytest.mark.parametrize("kwargs", [{"precision": "int4"}, {"precision": "int8", "quant_backend": "torch"}])
+def test_torch_kernels_are_refused_on_a_gpu(kwargs: dict[str, str]) -> None:
+    probe = FakeProbe(gpus=[(16 * GIB, 16 * GIB)], bf16=True)
+    with pytest.raises(PlanInputError, match="CPU"):
+        make_plan(PlanRequest(model="/fake/model", **kwargs), probe=probe, shape=SHAPE)

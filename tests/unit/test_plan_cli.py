@@ -19,7 +19,8 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 # On a CPU without native bf16 the ladder starts with fp32 when it fits (issue 3 allows it; docs/memory-model.md
-# section 6); `--no-prefer-fp32-on-cpu` gives the plain 16-bit -> INT8 -> NF4 ladder the acceptance budgets name.
+# section 6); `--no-prefer-fp32-on-cpu` gives the plain 16-bit -> INT8 -> 4-bit ladder the acceptance budgets name.
+# On CPU the 4-bit rung is INT4 (torch's kernel); `--quant-backend bitsandbytes` gives bitsandbytes' NF4.
 NATIVE_BF16 = bool(read_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 TOP = "bf16" if NATIVE_BF16 else "fp32"
 SIXTEEN_BIT_LADDER = "--no-prefer-fp32-on-cpu"
@@ -44,7 +45,8 @@ def test_8gib_chooses_16_bit(default_model_dir: Path, capsys: pytest.CaptureFixt
     code, out = plan_json(default_model_dir, "8GiB", capsys, SIXTEEN_BIT_LADDER)
     assert code == EXIT_OK and out["chosen"] == "bf16" and out["device"] == "cpu"
     assert out["budget_bytes"] == 8 << 30 and out["reason"]
-    assert [c["precision"] for c in out["candidates"]] == ["bf16", "int8", "nf4"]
+    assert [c["precision"] for c in out["candidates"]] == ["bf16", "int8", "int4"]
+    assert [c["backend"] for c in out["candidates"]] == [None, "torch", "torch"]
     for cand in out["candidates"]:
         assert {
             "precision",
@@ -65,7 +67,7 @@ def test_8gib_by_default_chooses_fp32_on_a_cpu_without_native_bf16(
     assert code == EXIT_OK and out["chosen"] == TOP
     if not NATIVE_BF16:
         assert "fp32 compute is faster" in out["reason"]
-        assert [c["precision"] for c in out["candidates"]] == ["fp32", "bf16", "int8", "nf4"]
+        assert [c["precision"] for c in out["candidates"]] == ["fp32", "bf16", "int8", "int4"]
         fp32, bf16 = out["candidates"][:2]
         assert abs(fp32["weights_bytes"] - 2 * bf16["weights_bytes"]) < 1024  # twice the parameters (buffers once)
         assert fp32["kv_bytes_per_token"] == 2 * bf16["kv_bytes_per_token"]
@@ -80,16 +82,25 @@ def test_between_int8_and_16_bit_chooses_int8(
     assert {c["precision"]: c["fits"] for c in out["candidates"] if c["precision"] != "fp32"} == {
         "bf16": False,
         "int8": True,
-        "nf4": True,
+        "int4": True,
     }
     assert not any(c["fits"] for c in out["candidates"] if c["precision"] == "fp32")
 
 
-def test_between_nf4_and_int8_chooses_nf4(
+def test_between_int4_and_int8_chooses_int4(
     default_model_dir: Path, needs: dict[str, int], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out = plan_json(default_model_dir, str((needs["int8"] + needs["nf4"]) // 2), capsys)
-    assert code == EXIT_OK and out["chosen"] == "nf4"
+    code, out = plan_json(default_model_dir, str((needs["int8"] + needs["int4"]) // 2), capsys)
+    assert code == EXIT_OK and out["chosen"] == "int4" and out["quant_backend"] == "torch"
+    assert "not NF4" in out["reason"]
+
+
+def test_bitsandbytes_backend_keeps_nf4_on_cpu(default_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = plan_json(default_model_dir, "8GiB", capsys, "--quant-backend", "bitsandbytes", SIXTEEN_BIT_LADDER)
+    assert code == EXIT_OK and [c["precision"] for c in out["candidates"]] == ["bf16", "int8", "nf4"]
+    assert [c["backend"] for c in out["candidates"]] == [None, "bitsandbytes", "bitsandbytes"]
+    code, out = plan_json(default_model_dir, "8GiB", capsys, "--precision", "nf4")  # the old spelling still works
+    assert code == EXIT_OK and out["chosen"] == "nf4" and out["quant_backend"] == "bitsandbytes"
 
 
 def test_40mib_exits_3_with_the_message(
@@ -98,8 +109,8 @@ def test_40mib_exits_3_with_the_message(
     args = parse("--model", str(default_model_dir), "--memory-budget", "40MiB")
     assert run_plan(args) == EXIT_NOTHING_FITS
     err = capsys.readouterr().err
-    assert "nothing fits" in err and "nf4" in err and str(needs["nf4"]) in err
-    assert str(40 * MIB) in err and "short by" in err and str(needs["nf4"] - 40 * MIB) in err
+    assert "nothing fits" in err and "int4" in err and str(needs["int4"]) in err
+    assert str(40 * MIB) in err and "short by" in err and str(needs["int4"] - 40 * MIB) in err
     assert "--max-model-len" in err and "--memory-budget" in err and "GPU" in err
 
 
@@ -135,7 +146,7 @@ def test_human_output_has_table_and_verdict(default_model_dir: Path, capsys: pyt
     args = parse("--model", str(default_model_dir), "--memory-budget", "8GiB")
     assert run_plan(args) == EXIT_OK
     out = capsys.readouterr().out
-    assert "memory plan" in out and "nf4" in out and f"{TOP.upper()} on cpu" in out
+    assert "memory plan" in out and "int4" in out and f"{TOP.upper()} on cpu" in out
 
 
 def test_plan_reads_no_weights(
