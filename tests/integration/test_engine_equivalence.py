@@ -3,6 +3,12 @@
 Requests of mixed prompt lengths and max_tokens arrive at different times, so they join a running batch
 mid-flight (continuous batching, packed prefill + decode in one step). With temperature 0 every request must
 produce token for token what `model.generate` (greedy) gives for its prompt alone, in the same precision.
+
+With `compile_mode=off` (per-sequence attention) the match must be exact. With the decode step `fitserve serve`
+runs by default (`compile_mode=auto`: fixed-shape buckets, one batched attention call per layer) float rounding
+differs in the last bits, so one relaxation is allowed and counted: a request may leave the reference at a token
+where the reference's own top-2 logits were within `NEAR_TIE_LOGITS[precision]` of each other and the engine
+picked the runner-up. Nothing after that token is compared (the contexts differ from there on).
 """
 
 from __future__ import annotations
@@ -31,6 +37,12 @@ LONG_CONTEXT = (
     "The following notes describe a small town. The town has a bakery, a library, a river with two bridges, "
     "a school with three hundred pupils and a market every Saturday where farmers sell vegetables and cheese. "
 )
+
+
+# Largest gap between the reference's best and second-best logit at which the engine may pick the second:
+# fp32 compute (fp32, and NF4 with fp32 compute) differs by ~1e-5 between kernels; bf16 logits have ~3 significant
+# digits (a step of 0.06 at magnitude 16), so a batched kernel can flip bf16 ties up to a few of those steps.
+NEAR_TIE_LOGITS = {"bf16": 0.25, "fp32": 0.02, "int8": 0.02, "nf4": 0.02}
 
 
 class Precision(enum.StrEnum):
@@ -79,17 +91,48 @@ def make_requests(tokenizer: Any, n: int = 16, seed: int = 0) -> list[tuple[list
     return requests
 
 
-def reference(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
+def reference(model: Any, prompt: list[int], max_tokens: int) -> tuple[list[int], list[tuple[int, float]]]:
+    """Greedy tokens of `model.generate`, and per token the runner-up token and its gap to the best logit."""
     import torch
 
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False)
-    return out[0, len(prompt) :].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    runner_up = []
+    for logits in out.logits:
+        top = logits[0].float().topk(2)
+        runner_up.append((int(top.indices[1]), float(top.values[0] - top.values[1])))
+    return out.sequences[0, len(prompt) :].tolist(), runner_up
 
 
-def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, float]]) -> tuple[list[list[int]], int]:
+def compare(got: list[int], expected: list[int], runner_up: list[tuple[int, float]], margin: float | None) -> str:
+    """ "equal", "near-tie" (left the reference at a near-tie, to its runner-up, when `margin` allows) or "differs"."""
+    if got == expected:
+        return "equal"
+    if margin is None:
+        return "differs"
+    i = next((i for i, (g, e) in enumerate(zip(got, expected, strict=False)) if g != e), None)
+    if i is None:  # one is a prefix of the other: the shorter stopped (EOS) where the other did not
+        i = min(len(got), len(expected))
+        if i >= len(runner_up):
+            return "differs"
+        second, gap = runner_up[i]
+        return "near-tie" if gap <= margin and len(got) > i and got[i] == second else "differs"
+    second, gap = runner_up[i]
+    return "near-tie" if gap <= margin and got[i] == second else "differs"
+
+
+def run_engine(
+    model: Any, tokenizer: Any, requests: list[tuple[list[int], int, float]], compile_mode: str
+) -> tuple[list[list[int]], int]:
     """Each request's greedy tokens through one engine (prefix caching on), and the prompt tokens it served from
     cached blocks."""
+    from fitserve.server.engine.compile_mode import CompileMode
     from fitserve.server.engine.config import EngineConfig
     from fitserve.server.engine.engine import Engine
     from fitserve.server.engine.types import SamplingParams
@@ -101,6 +144,7 @@ def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, 
         max_batch_size=None,
         max_waiting=256,
         max_prefill_tokens=512,
+        compile_mode=CompileMode(compile_mode),
         shared_weight_copy_bytes=1 << 30,  # as `fitserve serve` with spare budget: fp32 packs the tied lm_head too
     )
 
@@ -122,31 +166,44 @@ def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, 
     return asyncio.run(main())
 
 
-def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tuple[int, int, list[str], int, int]:
-    """(exactly equal requests, total, diffs, prompt tokens served from the prefix cache, Linears the engine
-    prepacked for oneDNN) for one precision."""
+def check_equivalence(
+    model_dir: Path, precision: Precision, compile_mode: str, n: int = 16
+) -> tuple[int, int, list[str], int, int, int]:
+    """(exactly equal requests, total, diffs, near-tie divergences, prompt tokens served from the prefix cache,
+    Linears the engine prepacked for oneDNN) for one precision and decode mode."""
     model, tokenizer = load(model_dir, precision)
     requests = make_requests(tokenizer, n)
     expected = [reference(model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
-    got, cached_tokens = run_engine(model, tokenizer, requests)
+    got, cached_tokens = run_engine(model, tokenizer, requests, compile_mode)
+    margin = None if compile_mode == "off" else NEAR_TIE_LOGITS[precision.value]
+    verdicts = [compare(g, e, up, margin) for g, (e, up) in zip(got, expected, strict=True)]
     diffs = [
-        f"request {i} (prompt {len(r[0])} tokens): engine {g} != generate {e}"
-        for i, (r, g, e) in enumerate(zip(requests, got, expected, strict=False))
-        if g != e
+        f"request {i} (prompt {len(r[0])} tokens): engine {g} != generate {e[0]}"
+        for i, (r, g, e, v) in enumerate(zip(requests, got, expected, verdicts, strict=True))
+        if v == "differs"
     ]
     packed = sum(type(m).__name__ == "PackedLinear" for m in model.modules())
-    return len(requests) - len(diffs), len(requests), diffs, cached_tokens, packed
+    return verdicts.count("equal"), len(requests), diffs, verdicts.count("near-tie"), cached_tokens, packed
 
 
 @pytest.mark.timeout(1800)
 # INT8 is left out on purpose: bitsandbytes' LLM.int8() picks outlier columns over the whole batch, so a row's
 # result depends on its batch neighbours (measured: 3 of 6 requests diverge). NF4 dequantizes weights and stays exact.
 @pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP32, Precision.NF4], ids=lambda p: p.value)
-def test_engine_equals_generate_token_for_token(default_model_dir: Path, precision: Precision) -> None:
-    exact, total, diffs, cached_tokens, packed = check_equivalence(default_model_dir, precision)
+@pytest.mark.parametrize("compile_mode", ["off", "auto"])
+def test_engine_equals_generate_token_for_token(
+    default_model_dir: Path, precision: Precision, compile_mode: str, record_property: Any
+) -> None:
+    exact, total, diffs, near_ties, cached_tokens, packed = check_equivalence(
+        default_model_dir, precision, compile_mode
+    )
+    record_property("near_tie_divergences", near_ties)
+    print(f"{precision.value} compile_mode={compile_mode}: {exact}/{total} equal, {near_ties} near-tie divergences")
     assert not diffs, "\n".join(diffs)
     # fp32 runs on oneDNN-prepacked Linears (all 211, the tied lm_head too) while the reference ran plain sgemm;
     # NF4 here has fp32 dense layers, so its one plain Linear (lm_head) is packed; bitsandbytes' 4-bit ones are not
     assert packed == {Precision.FP32: 211, Precision.NF4: 1, Precision.BF16: 0}[precision]
-    assert exact == total == 16
+    assert exact + near_ties == total == 16
+    if compile_mode == "off":
+        assert near_ties == 0
     assert cached_tokens >= 16 * 4, "prefix-cache hits are part of what this test checks"
