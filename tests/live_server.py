@@ -52,7 +52,7 @@ def live_server(
     with the readiness probe (only /v1 routes need it, so it is rarely needed).
     """
     port = free_port()
-    command = [sys.executable, "-m", "server", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "fitserve", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     base_url = f"http://127.0.0.1:{port}"
     with tempfile.NamedTemporaryFile("w+b", prefix="fitserve-serve-", suffix=".log", delete=False) as log_file:

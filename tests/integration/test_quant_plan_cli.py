@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 def run_cli(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
     exe = shutil.which("fitserve", path=str(Path(sys.executable).parent))
-    cmd = [exe, "plan", *argv] if exe else [sys.executable, "-m", "quant", *argv]
+    cmd = [exe, "plan", *argv] if exe else [sys.executable, "-m", "fitserve.quant", *argv]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
     return proc, time.perf_counter() - start
@@ -53,10 +53,12 @@ def test_default_model_and_exit_3(default_model_dir: Path) -> None:
 
 def test_python_m_quant_human_output(default_model_dir: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "quant", "--model", str(default_model_dir), "--memory-budget", "700MiB"],
+        [sys.executable, "-m", "fitserve.quant", "--model", str(default_model_dir), "--memory-budget", "1GiB"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "memory plan" in proc.stdout and "INT8 on cpu" in proc.stdout
+    # 1 GiB: fp32's minimum (1.2 GiB with its load peak) does not fit, bf16 does; INT8/NF4 need more than bf16
+    # while bitsandbytes loads them on CPU (docs/memory-model.md), so the ladder stops at bf16
+    assert "memory plan" in proc.stdout and "BF16 on cpu" in proc.stdout
