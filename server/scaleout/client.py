@@ -1,24 +1,20 @@
 """`ReplicaEngineClient`: the `EngineClient` the ingress's FastAPI app talks to, forwarding to engine replicas.
 
 Tokenisation runs here with the model's own tokenizer (the HTTP layer calls it synchronously); generation goes
-through the Serve deployment handle, whose request router picks the replica. A replica that dies before it
-streamed anything is retried on another; after the first output its failure ends the stream with a clean
-`EngineUnavailableError` (the serving layer turns that into an OpenAI error).
+through the Serve deployment handle, whose request router picks the replica: the choices of one HTTP request go
+to one replica as a group (`group_call.py`: admission, retries on a dead replica, one stream per choice).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
-from fitserve.server.engine.types import EngineError, EngineUnavailableError, RequestOutput, SamplingParams
-from fitserve.server.scaleout.errors import ReplicaEngineError
+from fitserve.server.engine.types import GenerationRequest, RequestOutput, SamplingParams
+from fitserve.server.scaleout.group_call import GroupCall
 from fitserve.server.scaleout.request import ReplicaRequest
-
-logger = logging.getLogger(__name__)
-
-MAX_ATTEMPTS = 3  # a request that streamed nothing yet is retried when its replica died
 
 
 class ReplicaEngineClient:
@@ -29,6 +25,7 @@ class ReplicaEngineClient:
         self._tokenizer = tokenizer
         self._model_name = model_name
         self._max_model_len = max_model_len
+        self._calls: weakref.WeakValueDictionary[str, GroupCall] = weakref.WeakValueDictionary()  # live ones
 
     @property
     def model_name(self) -> str:
@@ -48,33 +45,28 @@ class ReplicaEngineClient:
     async def generate(
         self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        """Stream outputs from the replica the router picks; retry on a dead replica before the first output."""
-        request = ReplicaRequest(tuple(prompt_token_ids), params, request_id)
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            response = self._handle.generate.remote(request)
-            streamed = False
-            try:
-                async for output in response:
-                    streamed = True
-                    yield output
-                return
-            except EngineError:
-                raise
-            except Exception as error:
-                engine_error = _engine_error(error)
-                if engine_error is not None:
-                    raise engine_error from error
-                if streamed or attempt == MAX_ATTEMPTS or not _replica_gone(error):
-                    logger.warning("request %s failed on its replica: %s", request_id, error)
-                    raise EngineUnavailableError(
-                        f"The replica serving this request failed: {type(error).__name__}"
-                    ) from error
-                logger.info("request %s: replica gone before the first token, retrying (%s)", request_id, error)
-            finally:
-                response.cancel()
+        """Stream one request's outputs from the replica the router picks (a group of one)."""
+        (stream,) = await self._start([GenerationRequest(prompt_token_ids, params, request_id)])
+        async with contextlib.aclosing(stream):
+            async for output in stream:
+                yield output
+
+    async def generate_group(self, requests: Sequence[GenerationRequest]) -> list[AsyncIterator[RequestOutput]]:
+        """Send the requests to one replica, which admits all or none (else raises its error); one stream each."""
+        return list(await self._start(requests))
+
+    async def _start(self, requests: Sequence[GenerationRequest]) -> list[AsyncGenerator[RequestOutput]]:
+        call = GroupCall(self._handle, ReplicaRequest(tuple(requests)))
+        await call.admit()
+        for request_id in call.request_ids:
+            self._calls[request_id] = call
+        return call.streams()
 
     async def abort(self, request_id: str) -> None:
-        """Aborts happen by cancelling the stream (the replica's generator then aborts the request)."""
+        """Release the request's stream; the replica aborts the group's call once none of its streams is left."""
+        call = self._calls.get(request_id)
+        if call is not None:
+            call.release(call.request_ids.index(request_id))
 
     async def check_health(self) -> None:
         """Healthy while the deployment is reachable; Serve itself replaces dead replicas."""
@@ -93,18 +85,3 @@ class ReplicaEngineClient:
             [dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
         )
         return list(encoded["input_ids"])
-
-
-def _engine_error(error: BaseException) -> EngineError | None:
-    """The replica's own EngineError inside a Ray task error (queue full, prompt too long, ...), if any."""
-    for candidate in (error, getattr(error, "cause", None)):
-        if isinstance(candidate, ReplicaEngineError):
-            return candidate.unwrap()
-    return None
-
-
-def _replica_gone(error: BaseException) -> bool:
-    """True for the errors Ray raises when the replica's actor died or became unreachable."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-    return isinstance(error, ActorDiedError | ActorUnavailableError | RayActorError)

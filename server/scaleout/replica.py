@@ -1,9 +1,9 @@
 """The engine replica: one fitserve engine that plans for the device Ray gave it (a Ray Serve deployment class).
 
-Start-up reuses `fitserve serve`'s wiring (plan -> load -> engine -> metrics). The replica streams
-`RequestOutput`s to the ingress, reports its KV state for routing (`record_routing_stats`) and autoscaling
-(`record_autoscaling_stats`), and serves its own Prometheus registry on an ephemeral port that it registers
-with the application's directory (the `replica` label comes from there).
+Start-up reuses `fitserve serve`'s wiring (plan -> load -> engine -> metrics). The replica admits each request
+group the ingress sends and streams its outputs back (`request.py`), reports its KV state for routing
+(`record_routing_stats`) and autoscaling (`record_autoscaling_stats`), and serves its own Prometheus registry on
+an ephemeral port that it registers with the application's directory (the `replica` label comes from there).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fitserve.server.engine.types import EngineError, RequestOutput
+from fitserve.server.engine.types import EngineError
 from fitserve.server.scaleout.autoscale import KV_USAGE_METRIC, WAITING_METRIC
 from fitserve.server.scaleout.budget import replica_memory_budget
 from fitserve.server.scaleout.config import DIRECTORY_NAMESPACE, ScaleoutConfig
 from fitserve.server.scaleout.errors import ReplicaEngineError
-from fitserve.server.scaleout.request import ReplicaRequest
+from fitserve.server.scaleout.request import Admitted, ChoiceOutput, ReplicaRequest
+from fitserve.server.scaleout.streams import merge_streams
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +75,12 @@ class EngineReplica:
                 self.replica_name, self._metrics_address, self._labels
             )
 
-    async def generate(self, request: ReplicaRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs (called with `handle.options(stream=True)`)."""
+    async def generate(self, request: ReplicaRequest) -> AsyncIterator[Admitted | ChoiceOutput]:
+        """Admit the group, say so, then stream its outputs (called with `handle.options(stream=True)`)."""
         try:
-            async for output in self._engine.generate(request.prompt_token_ids, request.params, request.request_id):
+            streams = await self._engine.generate_group(request.requests)
+            yield Admitted()
+            async for output in merge_streams(streams):
                 yield output
         except EngineError as error:
             raise ReplicaEngineError.wrap(error) from None

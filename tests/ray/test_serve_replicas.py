@@ -88,6 +88,9 @@ def test_openai_client_through_one_port(server: ScaleOutServer) -> None:
     chunks = list(api.completions.create(model=MODEL, prompt="Once upon", max_tokens=6, stream=True))
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
     assert [model.id for model in api.models.list().data] == [MODEL]
+    # the choices of one request go to one replica as a group (admitted together, one stream each)
+    choices = api.completions.create(model=MODEL, prompt="Twice", max_tokens=5, n=2, seed=1).choices
+    assert sorted(choice.index for choice in choices) == [0, 1] and all(c.finish_reason for c in choices)
     # every replica's metrics target is on loopback
     assert all(address.startswith("127.0.0.1:") for entry in targets(server) for address in entry["targets"])
 

@@ -24,6 +24,8 @@ CORE_AND_RAY_FREE_MODULES = (
     "fitserve.server.scaleout.errors",
     "fitserve.server.scaleout.request",
     "fitserve.server.scaleout.client",
+    "fitserve.server.scaleout.group_call",
+    "fitserve.server.scaleout.streams",
     "fitserve.server.scaleout.launch",
 )
 
