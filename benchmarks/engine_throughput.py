@@ -6,6 +6,8 @@ decode tokens / their step time), median TTFT and mean step time, plus a plain `
 
     .venv/bin/python benchmarks/engine_throughput.py --dtype fp32 --batch-sizes 1,4,16 --hf-cb \
         --out bench-out/engine.json
+    # decode-step modes side by side (alternating, --repeats times each; medians reported)
+    .venv/bin/python benchmarks/engine_throughput.py --compile-modes off,eager --repeats 3 --no-baseline
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Result:
     """Numbers for one batch size."""
 
     batch_size: int
+    compile_mode: str
     output_tokens: int
     wall_s: float
     output_tokens_per_s: float
@@ -85,8 +88,10 @@ def bench_engine(
     batched_decode: bool = False,
     prepack: bool = True,
     pack_shared: bool = False,
+    compile_mode: str = "off",
 ) -> Result:
     """Run `batch` requests through a fresh Engine on the model's device and time them."""
+    from fitserve.server.engine.compile_mode import CompileMode
     from fitserve.server.engine.config import EngineConfig
     from fitserve.server.engine.engine import Engine
     from fitserve.server.engine.types import SamplingParams
@@ -95,12 +100,14 @@ def bench_engine(
     sink = _Sink()
     cfg = EngineConfig(
         served_model_name="bench",
-        max_model_len=2048,
+        max_model_len=max(512, prompt_tokens + max_tokens),
+        max_batch_size=batch,
+        compile_mode=CompileMode(compile_mode),
         kv_capacity_tokens=max(4096, -(-(batch * (prompt_tokens + max_tokens) + 256) // 16) * 16),
         max_prefill_tokens=max(512, prompt_tokens * batch),
         batched_decode_attention=batched_decode,
         prepack_cpu_linears=prepack,
-        shared_weight_copy_bytes=2**40 if pack_shared else 0,
+        spare_bytes=2**40 if pack_shared else 0,
         device=str(model.device),
     )
     prompts = [[100 + (7 * i + j) % 20000 for j in range(prompt_tokens)] for i in range(batch)]
@@ -127,6 +134,7 @@ def bench_engine(
     decode_tokens = sum(s.decode_tokens for s in decode_steps)
     return Result(
         batch_size=batch,
+        compile_mode=compile_mode,
         output_tokens=batch * max_tokens,
         wall_s=wall,
         output_tokens_per_s=batch * max_tokens / wall,
@@ -181,6 +189,8 @@ def main() -> None:
         "--hf-cb", action="store_true", help="also time transformers' generate_batch (continuous batching)"
     )
     parser.add_argument("--batched-decode", action="store_true", help="EngineConfig.batched_decode_attention")
+    parser.add_argument("--compile-modes", default="off", help="EngineConfig.compile_mode values, run alternately")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per (batch size, mode), alternating modes")
     parser.add_argument("--no-prepack", action="store_true", help="EngineConfig.prepack_cpu_linears=False (fp32 CPU)")
     parser.add_argument(
         "--pack-shared-weights", action="store_true", help="also pack tied weights (an extra copy of lm_head)"
@@ -205,17 +215,40 @@ def main() -> None:
     # warm-up (first forward allocates, first SDPA picks kernels)
     packing = {"prepack": not args.no_prepack, "pack_shared": args.pack_shared_weights}
     bench_engine(model, tokenizer, 1, args.prompt_tokens, 4, **packing)
+    modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
     for b in (int(x) for x in args.batch_sizes.split(",")):
-        r = bench_engine(model, tokenizer, b, args.prompt_tokens, args.max_tokens, args.batched_decode, **packing)
-        results.append(r)
-        logger.info(
-            "batch %2d: %7.1f output tok/s, %7.1f decode tok/s, decode step %6.1f ms, median TTFT %6.3f s",
-            b,
-            r.output_tokens_per_s,
-            r.decode_tokens_per_s,
-            r.mean_decode_step_s * 1e3,
-            r.median_ttft_s,
-        )
+        for repeat in range(args.repeats):
+            for mode in modes:  # alternating, so drift in the machine's load hits every mode alike
+                r = bench_engine(
+                    model,
+                    tokenizer,
+                    b,
+                    args.prompt_tokens,
+                    args.max_tokens,
+                    args.batched_decode,
+                    **packing,
+                    compile_mode=mode,
+                )
+                results.append(r)
+                logger.info(
+                    "batch %2d %-8s run %d: %7.1f output tok/s, %7.1f decode tok/s, decode step %6.1f ms, TTFT %6.3f s",
+                    b,
+                    mode,
+                    repeat + 1,
+                    r.output_tokens_per_s,
+                    r.decode_tokens_per_s,
+                    r.mean_decode_step_s * 1e3,
+                    r.median_ttft_s,
+                )
+        for mode in modes:
+            steps = [r.mean_decode_step_s for r in results if r.batch_size == b and r.compile_mode == mode]
+            logger.info(
+                "batch %2d %-8s median decode step %6.1f ms over %d runs",
+                b,
+                mode,
+                statistics.median(steps) * 1e3,
+                len(steps),
+            )
     if baseline is not None:
         logger.info("model.generate batch 1: %.1f tok/s", baseline)
     hf_cb: dict[int, float] = {}
@@ -237,6 +270,8 @@ def main() -> None:
                 "max_tokens": args.max_tokens,
                 "generate_batch1_tokens_per_s": baseline,
                 "batched_decode_attention": args.batched_decode,
+                "compile_modes": modes,
+                "repeats": args.repeats,
                 "prepack_cpu_linears": not args.no_prepack,
                 "pack_shared_weights": args.pack_shared_weights,
                 "hf_generate_batch_tokens_per_s": hf_cb,

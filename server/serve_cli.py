@@ -8,6 +8,7 @@ import logging
 
 from pydantic import ValidationError
 
+from fitserve.server.engine.compile_mode import CompileMode
 from fitserve.server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,24 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="on CPUs without native bf16 (AVX2 only) try fp32 first: faster there, twice the memory (default: on)",
     )
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-batch-size", type=int, help="most sequences decoded per step")
+    engine.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="most sequences decoded per step (default: as many as the plan's KV cache admits, at most 64)",
+    )
+    engine.add_argument(
+        "--compile-mode",
+        choices=[m.value for m in CompileMode],
+        help="decode step: auto (default: CUDA graphs on GPU, eager fixed-shape buckets on CPU), off (per-sequence "
+        "eager, bit-exact with model.generate), eager, inductor (torch.compile), cuda-graphs",
+    )
+    engine.add_argument(
+        "--no-compile",
+        dest="compile_mode",
+        action="store_const",
+        const=CompileMode.OFF.value,
+        help="same as --compile-mode off",
+    )
     engine.add_argument("--max-waiting", type=int, help="queued requests beyond which new ones get 429 (256)")
     engine.add_argument(
         "--max-choices-per-request", type=int, help="most choices (prompts x n) one request may ask for (64)"

@@ -13,6 +13,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from fitserve.server.engine.compile_mode import CompileMode
+
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 
@@ -43,7 +45,16 @@ class Settings(BaseSettings):
     precision: str = Field("auto", description="weight precision for the planner, or 'auto'")
     force: bool = Field(False, description="load even if the plan says it does not fit")
     prefer_fp32_on_cpu: bool = Field(True, description="fp32 first on CPUs without native bf16, when it fits")
-    max_batch_size: int = Field(8, ge=1, description="most sequences decoded in one step")
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="most sequences decoded in one step; None: as many as the plan's KV cache admits, at most 64",
+    )
+    compile_mode: CompileMode = Field(
+        CompileMode.AUTO,
+        description="decode step: auto (CUDA graphs on GPU, eager fixed-shape buckets on CPU), off, eager, "
+        "inductor, cuda-graphs",
+    )
     max_waiting: int = Field(256, ge=0, description="queued requests beyond which new ones get 429")
     max_choices_per_request: int = Field(
         64, ge=1, description="most engine requests one HTTP request may ask for (prompts x n)"

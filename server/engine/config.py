@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fitserve.server.engine.compile_mode import CompileMode
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -38,6 +40,11 @@ class EngineConfig:
     # costs an extra copy when packed: packed only within `spare_bytes`.
     prepack_cpu_linears: bool = True
     spare_bytes: int = 0  # budget the plan leaves unspent after weights, overhead and the whole KV cache
+    # Decode-only steps through a fixed-shape forward compiled (inductor) or captured (CUDA graphs) per bucket at
+    # start-up (server/engine/compiled_decode.py); AUTO picks per device, OFF keeps the eager per-sequence path.
+    compile_mode: CompileMode = CompileMode.OFF
+    # largest decode batch bucket when `max_batch_size` is None (bigger decode steps run eagerly)
+    max_compiled_batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.block_size_tokens <= 0:

@@ -22,6 +22,22 @@ from dataclasses import dataclass
 import torch
 
 
+@torch.library.custom_op("fitserve::onednn_linear", mutates_args=())
+def onednn_linear(
+    x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """`x @ W.T + b` with W prepacked by `mkldnn._reorder_linear_weight`; an opaque op to torch.compile (inductor's
+    own lowering of `_linear_pointwise` only accepts weights it froze itself)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _onednn_linear_shape(
+    x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 def onednn_linear_available() -> bool:
     """True when this torch build has oneDNN (mkldnn) with the prepacked-linear ops."""
     return bool(
@@ -44,7 +60,9 @@ class PackedLinear(torch.nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W.T + b` through oneDNN."""
+        """`x @ W.T + b` through oneDNN (the custom op when compiled, the aten op directly in eager mode)."""
+        if torch.compiler.is_compiling():
+            return onednn_linear(x, self.packed_weight, self.bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -1,9 +1,11 @@
 """The preallocated paged KV cache and the attention function that reads and writes it.
 
-Layout: per layer one K and one V tensor of shape [num_blocks * block_size, num_kv_heads, head_dim] ("slots"),
-on the device of that layer (several GPUs: each layer's KV lives beside its weights, sized by the plan's split).
-A sequence owns a list of blocks (its block table); token position p lives in slot
-`block_table[p // block_size] * block_size + p % block_size`.
+Layout: per layer one K and one V tensor of shape [(num_blocks + 1) * block_size, num_kv_heads, head_dim]
+("slots"), on the device of that layer (several GPUs: each layer's KV lives beside its weights, sized by the plan's
+split). A sequence owns a list of blocks (its block table); token position p lives in slot
+`block_table[p // block_size] * block_size + p % block_size`. The last block (`scratch_block`) belongs to no
+sequence: the padding rows of a fixed-shape decode step write their K/V there and padded block-table entries
+point at it, so padding never touches a block the pool hands out or keeps for prefix caching.
 
 The attention function is registered with `transformers.AttentionInterface` under `ATTENTION_NAME`. The HF model
 runs on a packed batch (`input_ids` [1, total_tokens], per-token `position_ids`) and receives the step's
@@ -39,11 +41,14 @@ class SeqSlice:
 
 @dataclass
 class DecodeGroup:
-    """The first `num` packed tokens are single-token decodes attended in one padded, masked SDPA call."""
+    """The first `num` packed tokens are single-token decodes attended in one padded, masked SDPA call per layer.
+
+    Only tensors besides `num`, so a compiled decode step sees the same shapes at every replay of its bucket.
+    """
 
     num: int
-    slots: torch.Tensor  # [num, max_ctx] cache slots of each decode's context (padding points at slot 0)
-    mask: torch.Tensor  # [num, 1, 1, max_ctx] True where a key is real
+    block_tables: torch.Tensor  # [num, context_blocks] long; entries past a sequence's blocks: the scratch block
+    context_lens: torch.Tensor  # [num] long: keys each decode attends to (its position + 1); >= 1 for padding too
 
 
 @dataclass
@@ -74,13 +79,18 @@ class PagedKVCache:
     ) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks  # one extra block, never handed out: padding rows write here
         devices = [device] * num_layers if isinstance(device, str | torch.device) else list(device)
         if len(devices) != num_layers:
             raise ValueError(f"{len(devices)} devices given for {num_layers} layers")
-        num_slots = num_blocks * block_size
-        shape = (num_slots, num_kv_heads, head_dim)
+        shape = ((num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=dev) for dev in devices]
         self.v = [torch.zeros(shape, dtype=dtype, device=dev) for dev in devices]
+
+    @property
+    def scratch_slot(self) -> int:
+        """The first slot of the scratch block."""
+        return self.scratch_block * self.block_size
 
     @property
     def nbytes(self) -> int:
@@ -112,19 +122,33 @@ def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor if tensor.device == device else tensor.to(device, non_blocking=True)
 
 
+def _paged_context(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Each row's cached K or V through its block table: [rows, KVH, context_blocks * block_size, D]."""
+    rows, blocks = block_tables.shape
+    paged = cache.view(-1, block_size, *cache.shape[1:])  # [num_blocks + 1, block_size, KVH, D]
+    return paged[block_tables].view(rows, blocks * block_size, *cache.shape[1:]).transpose(1, 2)
+
+
 def _grouped_decode(
-    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scaling: float | None
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: DecodeGroup,
+    block_size: int,
+    scaling: float | None,
 ) -> torch.Tensor:
     """All decodes in one SDPA call over padded contexts with a mask -> [num, H, D] (faster, not bit-exact)."""
     n = group.num
-    slots, mask = _on(group.slots, k_cache.device), _on(group.mask, k_cache.device)
-    k = k_cache.index_select(0, slots.flatten()).view(n, -1, *k_cache.shape[1:]).transpose(1, 2)
-    v = v_cache.index_select(0, slots.flatten()).view(n, -1, *v_cache.shape[1:]).transpose(1, 2)
+    block_tables = _on(group.block_tables, k_cache.device)
+    k = _paged_context(k_cache, block_tables, block_size)
+    v = _paged_context(v_cache, block_tables, block_size)
     num_heads, head_dim = query.shape[1], query.shape[3]
     kv_heads = k.shape[1]
+    context_lens = _on(group.context_lens, k.device)
+    mask = torch.arange(k.shape[2], device=k.device).unsqueeze(0) < context_lens.unsqueeze(1)
     # query heads sharing a KV head become rows of one "head": [n, KVH, H/KVH, D] (transformers' pack_gqa)
     q = query[0, :, :n].transpose(0, 1).reshape(n, kv_heads, num_heads // kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(n, 1, 1, -1), scale=scaling)
     return out.reshape(n, num_heads, head_dim)
 
 
@@ -189,7 +213,7 @@ def paged_attention_forward(
     # a token's output does not depend on what else is in the batch.
     pieces: list[torch.Tensor] = []  # each [tokens, H, D], in packing order
     if batch.decode_group is not None:
-        pieces.append(_grouped_decode(query, k_cache, v_cache, batch.decode_group, scaling))
+        pieces.append(_grouped_decode(query, k_cache, v_cache, batch.decode_group, batch.cache.block_size, scaling))
     for s in batch.slices:
         q = query[:, :, s.row : s.row + s.length]  # [1, H, c, D]
         if s.slots is None:  # the chunk is the whole context so far

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fitserve.server.engine.compile_mode import CompileMode
+from fitserve.server.engine.compiled_decode import CompiledDecode, DecodeBuckets, DecodeRow, resolve_mode
 from fitserve.server.engine.config import EngineConfig
 from fitserve.server.engine.cpu_linear import prepack_linears
 from fitserve.server.engine.kv_cache import (
@@ -40,26 +42,21 @@ def is_oom(exc: BaseException) -> bool:
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """What the KV cache needs to know about the model."""
+class KVCacheShape:
+    """What the KV cache needs to know about the model (layers, KV heads, head size)."""
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
 
     @classmethod
-    def from_config(cls, config: object) -> ModelShape:
+    def from_config(cls, config: object) -> KVCacheShape:
         """Read layer/head sizes from a transformers config (text part for multimodal configs)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         return cls(text.num_hidden_layers, kv_heads, head_dim)
-
-
-def kv_bytes_per_token(shape: ModelShape, dtype: torch.dtype) -> int:
-    """Bytes of K+V one token takes across all layers."""
-    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
 class ModelRunner:
@@ -70,7 +67,7 @@ class ModelRunner:
         self.model = model.eval()
         self.device = torch.device(config.device)
         self.model.set_attn_implementation(register_attention())
-        self.shape = ModelShape.from_config(model.config)
+        self.shape = KVCacheShape.from_config(model.config)
         self.dtype = model.get_input_embeddings().weight.dtype
         if not self.dtype.is_floating_point:
             self.dtype = getattr(model.config, "dtype", None) or torch.float16
@@ -101,6 +98,17 @@ class ModelRunner:
             self.dtype,
             self.cache.nbytes / 2**20,
         )
+        self.compile_mode = resolve_mode(config.compile_mode, self.device)
+        self.compiled_decode: CompiledDecode | None = None
+        if self.compile_mode is not CompileMode.OFF:
+            buckets = DecodeBuckets.build(
+                config.max_batch_size or config.max_compiled_batch_size,
+                -(-config.max_model_len // self.block_size),
+            )
+            self.compiled_decode = CompiledDecode(self.model, self.cache, buckets, self.compile_mode, self.device)
+            self.compiled_decode.warm_up()  # at start-up (serve builds the engine before it listens), not on a request
+        else:
+            logger.info("decode step: off (eager, per-sequence attention)")
 
     def configure_threads(self) -> None:
         """Apply `EngineConfig.num_threads` (torch intra-op threads) from the engine thread."""
@@ -118,18 +126,20 @@ class ModelRunner:
         return seq.slot_state
 
     def _decode_group(self, batch: ScheduledBatch) -> tuple[DecodeGroup, torch.Tensor]:
-        """Padded context slots + mask of all decodes (batched decode attention), and their new tokens' slots."""
+        """Block tables + context lengths of all decodes (batched decode attention), and their new tokens' slots."""
         bs = self.block_size
         decodes = batch.decodes
-        ctx = torch.tensor([c.start + 1 for c in decodes])
-        max_ctx = int(ctx.max())
-        nb = -(-max_ctx // bs)
-        tables = torch.tensor([(c.seq.block_table + [0] * nb)[:nb] for c in decodes], dtype=torch.long)
-        slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).reshape(len(decodes), -1)[:, :max_ctx]
-        mask = (torch.arange(max_ctx).unsqueeze(0) < ctx.unsqueeze(1)).view(len(decodes), 1, 1, max_ctx)
-        new_slots = slots.gather(1, (ctx - 1).unsqueeze(1)).squeeze(1)
+        width = max(c.start // bs + 1 for c in decodes)
+        scratch = self.cache.scratch_block
+        tables = [(c.seq.block_table[: c.start // bs + 1] + [scratch] * width)[:width] for c in decodes]
+        new_slots = [t[c.start // bs] * bs + c.start % bs for t, c in zip(tables, decodes, strict=True)]
         dev = self.device
-        return DecodeGroup(len(decodes), slots.to(dev), mask.to(dev)), new_slots.to(dev)
+        group = DecodeGroup(
+            len(decodes),
+            torch.tensor(tables, dtype=torch.long, device=dev),
+            torch.tensor([c.start + 1 for c in decodes], dtype=torch.long, device=dev),
+        )
+        return group, torch.tensor(new_slots, dtype=torch.long, device=dev)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch]:
         """Packed input ids, position ids, the rows to keep for logits, and the attention metadata."""
@@ -179,6 +189,11 @@ class ModelRunner:
         """Run the model on the batch; returns logits [num_sampled, vocab] of the sampling chunks."""
         if batch.step in self.oom_inject_steps:
             raise torch.OutOfMemoryError(f"injected OOM at step {batch.step} (EngineConfig.oom_inject_steps)")
+        if self.compiled_decode is not None and batch.decodes and not batch.prefills:
+            rows = [DecodeRow(c.seq.token_ids[c.start], c.start, c.seq.block_table) for c in batch.decodes]
+            logits = self.compiled_decode.run(rows)
+            if logits is not None:
+                return logits
         input_ids, position_ids, keep, meta = self.prepare(batch)
         out = self.model(
             input_ids=input_ids,

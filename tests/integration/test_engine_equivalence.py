@@ -3,6 +3,11 @@
 Requests of mixed prompt lengths and max_tokens arrive at different times, so they join a running batch
 mid-flight (continuous batching, packed prefill + decode in one step). With temperature 0 every request must
 produce token for token what `model.generate` (greedy) gives for its prompt alone, in the same precision.
+
+Each precision runs twice: `compile_mode=off` (per-sequence attention; what `fitserve serve` runs on CPU) and
+`compile_mode=eager` (the fixed-shape decode step: one batched attention call per layer over padded block tables,
+the forward CUDA graphs replay on a GPU). Both are held to the same rule: token-identical, except a divergence at a
+near-tie of the reference (`NEAR_TIE_LOGIT_MARGIN`), counted and printed.
 """
 
 from __future__ import annotations
@@ -87,9 +92,12 @@ def reference(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, float]]) -> tuple[list[list[int]], int]:
+def run_engine(
+    model: Any, tokenizer: Any, requests: list[tuple[list[int], int, float]], compile_mode: str
+) -> tuple[list[list[int]], int]:
     """Each request's greedy tokens through one engine (prefix caching on), and the prompt tokens it served from
     cached blocks."""
+    from fitserve.server.engine.compile_mode import CompileMode
     from fitserve.server.engine.config import EngineConfig
     from fitserve.server.engine.engine import Engine
     from fitserve.server.engine.types import SamplingParams
@@ -101,6 +109,7 @@ def run_engine(model: Any, tokenizer: Any, requests: list[tuple[list[int], int, 
         max_batch_size=None,
         max_waiting=256,
         max_prefill_tokens=512,
+        compile_mode=CompileMode(compile_mode),
         spare_bytes=1 << 30,  # as `fitserve serve` with spare budget: fp32 packs the tied lm_head too
     )
 
@@ -147,13 +156,15 @@ def near_tie_at(model: Any, prompt: list[int], expected: list[int], got: list[in
     return None
 
 
-def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tuple[int, int, list[str], int, int, int]:
+def check_equivalence(
+    model_dir: Path, precision: Precision, compile_mode: str, n: int = 16
+) -> tuple[int, int, list[str], int, int, int]:
     """(exactly equal requests, total, diffs not explained by a near-tie, prompt tokens served from the prefix cache,
-    Linears the engine prepacked for oneDNN, near-tie divergences accepted) for one precision."""
+    Linears the engine prepacked for oneDNN, near-tie divergences accepted) for one precision and decode mode."""
     model, tokenizer = load(model_dir, precision)
     requests = make_requests(tokenizer, n)
     expected = [reference(model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
-    got, cached_tokens = run_engine(model, tokenizer, requests)
+    got, cached_tokens = run_engine(model, tokenizer, requests, compile_mode)
     diffs, near_ties, exact = [], 0, 0
     for i, (r, g, e) in enumerate(zip(requests, got, expected, strict=False)):
         if g == e:
@@ -165,7 +176,9 @@ def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tup
         else:
             diffs.append(f"request {i} (prompt {len(r[0])} tokens): {why}; engine {g} != generate {e}")
     packed = sum(type(m).__name__ == "PackedLinear" for m in model.modules())
-    print(f"{precision.value}: {exact}/{len(requests)} token-identical, {near_ties} near-tie divergences accepted")
+    print(
+        f"{precision.value} compile_mode={compile_mode}: {exact}/{len(requests)} token-identical, {near_ties} near-tie divergences accepted"
+    )
     return exact, len(requests), diffs, cached_tokens, packed, near_ties
 
 
@@ -173,8 +186,14 @@ def check_equivalence(model_dir: Path, precision: Precision, n: int = 16) -> tup
 # INT8 is left out on purpose: bitsandbytes' LLM.int8() picks outlier columns over the whole batch, so a row's
 # result depends on its batch neighbours (measured: 3 of 6 requests diverge). NF4 dequantizes weights and stays exact.
 @pytest.mark.parametrize("precision", [Precision.BF16, Precision.FP32, Precision.NF4], ids=lambda p: p.value)
-def test_engine_equals_generate_token_for_token(default_model_dir: Path, precision: Precision) -> None:
-    exact, total, diffs, cached_tokens, packed, near_ties = check_equivalence(default_model_dir, precision)
+@pytest.mark.parametrize("compile_mode", ["off", "eager"])
+def test_engine_equals_generate_token_for_token(
+    default_model_dir: Path, precision: Precision, compile_mode: str, record_property: Any
+) -> None:
+    exact, total, diffs, cached_tokens, packed, near_ties = check_equivalence(
+        default_model_dir, precision, compile_mode
+    )
+    record_property("near_tie_divergences", near_ties)
     assert not diffs, "\n".join(diffs)
     # fp32 runs on oneDNN-prepacked Linears (all 211, the tied lm_head too) while the reference ran plain sgemm;
     # NF4 here has fp32 dense layers, so its one plain Linear (lm_head) is packed; bitsandbytes' 4-bit ones are not

@@ -94,8 +94,8 @@ def test_chunked_prefill_matches_full_forward(tiny_model) -> None:  # type: igno
 def test_kv_cache_is_preallocated_once(tiny_model) -> None:  # type: ignore[no-untyped-def]
     cfg = make_config(kv_capacity_tokens=256, block_size_tokens=16)
     runner = ModelRunner(tiny_model, cfg)
-    # 2 layers x (K + V) x 256 slots x 2 kv heads x 16 head dim x 4 bytes
-    assert runner.cache.nbytes == 2 * 2 * 256 * 2 * 16 * 4
+    # 2 layers x (K + V) x (256 slots + one 16-slot scratch block for decode padding) x 2 kv heads x 16 dim x 4 B
+    assert runner.cache.nbytes == 2 * 2 * (256 + 16) * 2 * 16 * 4
     ptrs = [t.data_ptr() for t in runner.cache.k]
     sched = Scheduler(cfg)
     seqs = [

@@ -119,3 +119,15 @@ def test_invalid_values_are_rejected() -> None:
         Settings(port=70000)
     with pytest.raises(ValidationError):
         Settings(max_batch_size=0)
+
+
+def test_compile_mode_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fitserve.server.engine.compile_mode import CompileMode
+
+    assert settings_from_args(_parse(["serve"])).compile_mode is CompileMode.AUTO
+    assert settings_from_args(_parse(["serve", "--no-compile"])).compile_mode is CompileMode.OFF
+    assert settings_from_args(_parse(["serve", "--compile-mode", "inductor"])).compile_mode is CompileMode.INDUCTOR
+    monkeypatch.setenv("FITSERVE_COMPILE_MODE", "eager")
+    assert settings_from_args(_parse(["serve"])).compile_mode is CompileMode.EAGER
+    with pytest.raises(SystemExit):
+        _parse(["serve", "--compile-mode", "fast"])

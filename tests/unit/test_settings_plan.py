@@ -73,3 +73,17 @@ def test_format_plan_lists_the_decision() -> None:
 
     table = format_plan(FakePlan())
     assert "int8" in table and "kv_capacity_tokens" in table and "int8 fits" in table
+
+
+def test_default_batch_cap_comes_from_the_plan() -> None:
+    from fitserve.server.serve import MAX_DEFAULT_BATCH_SIZE, default_max_batch_size
+
+    # unset: the planner sizes the KV cache with its own default sequence count ...
+    assert Settings().max_batch_size is None
+    assert PlanRequest(model="m", **plan_options(Settings(), None)).max_num_seqs == PlanRequest(model="m").max_num_seqs
+    # ... and the engine runs as many sequences as that cache admits (a block each), up to the largest bucket
+    assert default_max_batch_size(16384, 16) == MAX_DEFAULT_BATCH_SIZE == 64
+    assert default_max_batch_size(16 * 20, 16) == 20
+    assert default_max_batch_size(8, 16) == 1
+    request = PlanRequest(model="m", **plan_options(Settings(max_prefill_tokens=256), None))
+    assert request.max_batch_tokens == 256 + MAX_DEFAULT_BATCH_SIZE

@@ -1,0 +1,157 @@
+"""The compiled decode step: bucket choice, padded static inputs, and its logits against the eager runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fitserve.server.engine.compile_mode import CompileMode
+from fitserve.server.engine.compiled_decode import (
+    CompiledDecode,
+    DecodeBuckets,
+    DecodeRow,
+    StaticDecodeInputs,
+    resolve_mode,
+)
+from fitserve.server.engine.config import EngineConfig
+from fitserve.server.engine.kv_cache import PagedKVCache
+from fitserve.server.engine.runner import ModelRunner
+from fitserve.server.engine.scheduler import Scheduler, Sequence
+from fitserve.server.engine.types import SamplingParams
+
+
+def test_buckets_are_powers_of_two_up_to_the_limits() -> None:
+    buckets = DecodeBuckets.build(max_batch_size=12, max_context_blocks=128)
+    assert buckets.batch_sizes == (1, 2, 4, 8, 12)
+    assert buckets.context_blocks == (8, 16, 32, 64, 128)
+    assert DecodeBuckets.build(1, 3).context_blocks == (3,)
+    with pytest.raises(ValueError):
+        DecodeBuckets.build(0, 8)
+
+
+def test_bucket_selection_rounds_up_and_gives_up_past_the_largest() -> None:
+    buckets = DecodeBuckets.build(max_batch_size=16, max_context_blocks=64)
+    assert buckets.select(1, 1) == (1, 8)
+    assert buckets.select(3, 9) == (4, 16)
+    assert buckets.select(16, 64) == (16, 64)
+    assert buckets.select(17, 8) is None
+    assert buckets.select(2, 65) is None
+    assert buckets.all()[0] == (16, 64)  # largest first (CUDA graphs share one pool, captured big to small)
+    assert len(buckets.all()) == 5 * 4
+
+
+def test_static_inputs_pad_with_the_scratch_block() -> None:
+    cache = PagedKVCache(1, num_blocks=10, block_size=4, num_kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
+    assert cache.k[0].shape[0] == 11 * 4 and cache.scratch_block == 10 and cache.scratch_slot == 40
+    inputs = StaticDecodeInputs(batch=4, context_blocks=3, cache=cache, device=torch.device("cpu"))
+    ptr = inputs.block_tables.data_ptr()
+    rows = [DecodeRow(token_id=7, position=5, block_table=[3, 6, 9]), DecodeRow(11, 0, [2])]
+    inputs.fill(rows)
+    assert inputs.input_ids.tolist() == [[7, 11, 0, 0]]
+    assert inputs.position_ids.tolist() == [[5, 0, 0, 0]]
+    # position 5 of the first row is block 6 (its second), offset 1; padding rows write the scratch slot
+    assert inputs.slot_mapping.tolist() == [6 * 4 + 1, 2 * 4, 40, 40]
+    # only the blocks a row's context reaches are real; the rest of the width, and padding rows, point at scratch
+    assert inputs.block_tables.tolist() == [[3, 6, 10], [2, 10, 10], [10, 10, 10], [10, 10, 10]]
+    assert inputs.context_lens.tolist() == [6, 1, 1, 1]
+    assert inputs.block_tables.data_ptr() == ptr  # filled in place: the captured/compiled graph sees the same buffer
+    with pytest.raises(ValueError):
+        inputs.fill([DecodeRow(1, 12, [1, 2, 3, 4])])  # needs 4 blocks, the bucket holds 3
+    with pytest.raises(ValueError):
+        inputs.fill([DecodeRow(1, 0, [1])] * 5)
+
+
+def test_mode_resolution_per_device() -> None:
+    assert resolve_mode(CompileMode.AUTO, torch.device("cpu")) is CompileMode.INDUCTOR
+    assert resolve_mode(CompileMode.AUTO, torch.device("cuda:0")) is CompileMode.CUDA_GRAPHS
+    assert resolve_mode(CompileMode.OFF, torch.device("cuda:0")) is CompileMode.OFF
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_mode(CompileMode.CUDA_GRAPHS, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def _decode_logits(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """Prefill `prompts` together, then run `steps` decode-only steps; the logits of each decode step."""
+    cfg = runner.config
+    sched = Scheduler(cfg)
+    for i, p in enumerate(prompts):
+        sched.add(Sequence(f"r{i}", list(p), len(p), SamplingParams(max_tokens=steps + 1, temperature=0), 0.0))
+    out = []
+    while sched.has_work:
+        batch = sched.schedule()
+        logits = runner.forward_logits(batch)
+        if batch.decodes and not batch.prefills:
+            out.append(logits.clone())
+        sched.postprocess(batch, logits.argmax(-1).tolist())
+    return out
+
+
+@pytest.mark.parametrize(
+    ("mode", "prepack"),
+    [
+        (CompileMode.EAGER, False),
+        (CompileMode.EAGER, True),
+        # inductor compiles for minutes on a busy 2-core CPU even for the 2-layer model: the integration suite's
+        pytest.param(CompileMode.INDUCTOR, True, marks=pytest.mark.integration),
+    ],
+    ids=["eager-plain", "eager-onednn", "inductor-onednn"],
+)
+def test_compiled_decode_matches_the_eager_runner(tiny_model, mode: CompileMode, prepack: bool) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in (5, 40, 17)]
+    base = dict(served_model_name="tiny", max_model_len=64, kv_capacity_tokens=512, max_batch_size=4)
+    eager = ModelRunner(tiny_model, EngineConfig(**base, prepack_cpu_linears=prepack))  # type: ignore[arg-type]
+    expected = _decode_logits(eager, prompts, steps=10)
+    compiled = ModelRunner(
+        tiny_model,
+        EngineConfig(**base, prepack_cpu_linears=prepack, compile_mode=mode),  # type: ignore[arg-type]
+    )
+    assert compiled.compiled_decode is not None and compiled.compile_mode is mode
+    if mode is not CompileMode.EAGER:  # every bucket was built at construction: no request compiles
+        assert set(compiled.compiled_decode._runners) == {(1, 4), (2, 4), (4, 4)}
+    got = _decode_logits(compiled, prompts, steps=10)
+    assert len(got) == len(expected) == 10
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+        assert g.argmax(-1).tolist() == e.argmax(-1).tolist()
+
+
+def test_a_step_beyond_the_buckets_runs_eagerly(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    cfg = EngineConfig(
+        served_model_name="tiny",
+        max_model_len=64,
+        kv_capacity_tokens=512,
+        max_batch_size=None,
+        max_compiled_batch_size=1,
+        compile_mode=CompileMode.EAGER,
+    )
+    runner = ModelRunner(tiny_model, cfg)
+    assert runner.compiled_decode is not None
+    rows = [DecodeRow(5, 3, [0]), DecodeRow(6, 3, [1])]
+    assert runner.compiled_decode.run(rows) is None  # two decodes, the largest bucket holds one
+    logits = _decode_logits(runner, [[101, 102, 103, 104], [201, 202, 203, 204]], steps=2)
+    assert len(logits) == 2 and logits[0].shape[0] == 2
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager_on_cuda(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).to("cuda").eval()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in (5, 40, 17)]
+    base = dict(served_model_name="tiny", max_model_len=64, kv_capacity_tokens=512, max_batch_size=4, device="cuda")
+    expected = _decode_logits(ModelRunner(model, EngineConfig(**base)), prompts, steps=10)  # type: ignore[arg-type]
+    runner = ModelRunner(model, EngineConfig(**base, compile_mode=CompileMode.AUTO))  # type: ignore[arg-type]
+    assert isinstance(runner.compiled_decode, CompiledDecode) and runner.compile_mode is CompileMode.CUDA_GRAPHS
+    got = _decode_logits(runner, prompts, steps=10)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
