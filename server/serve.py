@@ -216,6 +216,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
     config_kwargs: dict[str, Any] = {}
     if settings.max_prefill_tokens is not None:
         config_kwargs["max_prefill_tokens"] = settings.max_prefill_tokens
+    use_compile_cache()
     config = EngineConfig(
         served_model_name=serving.served_model_name,
         max_model_len=int(plan.max_model_len),
@@ -259,6 +260,17 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         engine.runner.compile_mode.value,
     )
     return BuiltEngine(engine=engine, metrics=metrics, close=stop)
+
+
+def use_compile_cache(environ: dict[str, str] | None = None) -> Path:
+    """Point torch.compile's caches (inductor's FX graph / kernel cache, Triton's under it) at
+    `$FITSERVE_HOME/compile` unless TORCHINDUCTOR_CACHE_DIR is set: a warm cache survives restarts there."""
+    import os
+
+    from fitserve.quant.model_store import fitserve_home
+
+    env = os.environ if environ is None else environ
+    return Path(env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(fitserve_home() / "compile")))
 
 
 def default_max_batch_size(kv_capacity_tokens: int, block_size_tokens: int) -> int:

@@ -10,9 +10,11 @@ call per layer (`kv_cache.DecodeGroup`), so a bucket's forward always sees the s
 - `CompileMode.INDUCTOR`: `torch.compile` (inductor) of that forward, one static graph per bucket (CPU or GPU);
 - `CompileMode.CUDA_GRAPHS`: the forward captured once per bucket with `torch.cuda.CUDAGraph` into one shared
   memory pool, largest bucket first, and replayed (GPU only);
+- `CompileMode.EAGER`: the same fixed-shape forward, run as it is (the CPU default: nothing to compile);
 - `CompileMode.OFF`: no decode step of its own; the runner's eager per-sequence path runs every step.
 
-`CompiledDecode.warm_up()` compiles or captures every bucket at start-up, so no user request pays for it.
+`CompiledDecode.warm_up()` compiles or captures every bucket at start-up, so no user request pays for it
+(EAGER has nothing to build).
 Prefill and mixed prefill+decode steps stay eager in the runner. Sampling runs right after, on the bucket's
 first `num` rows of logits.
 """
@@ -33,12 +35,14 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_mode(mode: CompileMode, device: torch.device) -> CompileMode:
-    """The concrete mode for `device`: AUTO is CUDA graphs on CUDA and inductor elsewhere.
+    """The concrete mode for `device`: AUTO is CUDA graphs on CUDA and EAGER elsewhere.
 
-    CUDA graphs on a non-CUDA device is a configuration error.
+    On CPU there are no kernel launches to save, and inductor's compile of the 30-layer default model took ~500 s
+    per graph on the 2-core CPU (docs/engine.md), so the fixed-shape step runs eagerly there: it still replaces
+    one attention call per sequence by one per layer. CUDA graphs on a non-CUDA device is a configuration error.
     """
     if mode is CompileMode.AUTO:
-        return CompileMode.CUDA_GRAPHS if device.type == "cuda" else CompileMode.INDUCTOR
+        return CompileMode.CUDA_GRAPHS if device.type == "cuda" else CompileMode.EAGER
     if mode is CompileMode.CUDA_GRAPHS and device.type != "cuda":
         raise ValueError(f"compile mode {mode.value!r} needs a CUDA device, got {device}")
     return mode

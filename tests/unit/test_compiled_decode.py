@@ -64,7 +64,8 @@ def test_static_inputs_pad_with_the_scratch_block() -> None:
 
 
 def test_mode_resolution_per_device() -> None:
-    assert resolve_mode(CompileMode.AUTO, torch.device("cpu")) is CompileMode.INDUCTOR
+    assert resolve_mode(CompileMode.AUTO, torch.device("cpu")) is CompileMode.EAGER
+    assert resolve_mode(CompileMode.INDUCTOR, torch.device("cpu")) is CompileMode.INDUCTOR
     assert resolve_mode(CompileMode.AUTO, torch.device("cuda:0")) is CompileMode.CUDA_GRAPHS
     assert resolve_mode(CompileMode.OFF, torch.device("cuda:0")) is CompileMode.OFF
     with pytest.raises(ValueError, match="CUDA"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -87,3 +89,14 @@ def test_default_batch_cap_comes_from_the_plan() -> None:
     assert default_max_batch_size(8, 16) == 1
     request = PlanRequest(model="m", **plan_options(Settings(max_prefill_tokens=256), None))
     assert request.max_batch_tokens == 256 + MAX_DEFAULT_BATCH_SIZE
+
+
+def test_compile_cache_lives_under_fitserve_home(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fitserve.server.serve import use_compile_cache
+
+    monkeypatch.setenv("FITSERVE_HOME", str(tmp_path))
+    env: dict[str, str] = {}
+    assert use_compile_cache(env) == tmp_path / "compile" and env["TORCHINDUCTOR_CACHE_DIR"] == str(
+        tmp_path / "compile"
+    )
+    assert use_compile_cache({"TORCHINDUCTOR_CACHE_DIR": "/elsewhere"}) == Path("/elsewhere")
