@@ -42,8 +42,14 @@ print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() els
   TAIL=20 step pytest_gpu_no_weights 120 "$PY" -m pytest -p no:cacheprovider -q -m gpu -rs \
     tests/integration/test_cuda_metrics.py \
     "tests/integration/test_quant_load.py::test_cuda_budget_matches_mem_get_info"
+  # the compiled decode step (issue 11): its unit tests on CUDA, then per-step times of each mode side by side
+  TAIL=10 step pytest_gpu_compiled_decode 240 "$PY" -m pytest -p no:cacheprovider -q -m gpu -rs \
+    tests/unit/test_compiled_decode.py
+  TAIL=14 step decode_step_bf16 240 "$PY" benchmarks/decode_step.py --device "$DEVICE" --dtype bf16 --model-dir "$MODEL_DIR" \
+    --compile-modes off,eager,cuda-graphs --batch-sizes "$BATCHES" --steps 20 --out "$OUT/decode_step_bf16.json"
   TAIL=16 step engine_bf16 150 "$PY" benchmarks/engine_throughput.py --device "$DEVICE" --dtype bf16 \
-    --model-dir "$MODEL_DIR" --batch-sizes "$BATCHES" --max-tokens "$TOKENS" $HF_CB --out "$OUT/engine_bf16.json"
+    --model-dir "$MODEL_DIR" --batch-sizes "$BATCHES" --max-tokens "$TOKENS" $HF_CB --compile-modes off,cuda-graphs \
+    --out "$OUT/engine_bf16.json"
   TAIL=8 step engine_fp16 60 "$PY" benchmarks/engine_throughput.py --device "$DEVICE" --dtype fp16 \
     --model-dir "$MODEL_DIR" --batch-sizes "$BATCHES" --max-tokens "$TOKENS" --no-baseline \
     --out "$OUT/engine_fp16.json"
@@ -56,7 +62,7 @@ elif [[ $PHASE == serve ]]; then
     TAIL=2 step "plan_$budget" 30 "$PY" -m fitserve plan "${extra[@]}"
   done
   TAIL=30 step serve_vs_transformers 170 "$PY" benchmarks/serve_vs_transformers.py --device "$DEVICE" \
-    --levels "$LEVELS" --max-tokens "$TOKENS" --rounds 2 --ready-timeout 90 --fitserve-args "--max-batch-size 64" \
+    --levels "$LEVELS" --max-tokens "$TOKENS" --rounds 2 --ready-timeout 120 --fitserve-args "--max-batch-size 64" \
     --out "$OUT/serve_vs_transformers.json"
   # the planner under a tight budget, then the loadtest's largest batch within a TTFT objective
   port=8765

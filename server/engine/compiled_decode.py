@@ -200,11 +200,11 @@ class CompiledDecode:
             self._runner(pair)
         seconds = time.perf_counter() - start
         logger.info(
-            "decode step: %s, %d buckets (batch sizes %s x context blocks %s) ready in %.1f s",
+            "decode step: %s, buckets: batch sizes %s x context blocks %s; %d built at start-up in %.1f s",
             self.mode.value,
-            len(pairs),
             list(self.buckets.batch_sizes),
             list(self.buckets.context_blocks),
+            len(pairs),
             seconds,
         )
         return WarmUpReport(self.mode, tuple(pairs), seconds)
