@@ -52,7 +52,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     engine.add_argument(
         "--compile-mode",
         choices=[m.value for m in CompileMode],
-        help="decode step: auto (default: CUDA graphs on GPU, eager fixed-shape buckets on CPU), off (per-sequence "
+        help="decode step: auto (default: CUDA graphs on GPU, off on CPU), off (per-sequence "
         "eager, bit-exact with model.generate), eager, inductor (torch.compile), cuda-graphs",
     )
     engine.add_argument(

@@ -10,7 +10,7 @@ call per layer (`kv_cache.DecodeGroup`), so a bucket's forward always sees the s
 - `CompileMode.INDUCTOR`: `torch.compile` (inductor) of that forward, one static graph per bucket (CPU or GPU);
 - `CompileMode.CUDA_GRAPHS`: the forward captured once per bucket with `torch.cuda.CUDAGraph` into one shared
   memory pool, largest bucket first, and replayed (GPU only);
-- `CompileMode.EAGER`: the same fixed-shape forward, run as it is (the CPU default: nothing to compile);
+- `CompileMode.EAGER`: the same fixed-shape forward, run as it is (nothing to compile);
 - `CompileMode.OFF`: no decode step of its own; the runner's eager per-sequence path runs every step.
 
 `CompiledDecode.warm_up()` compiles or captures every bucket at start-up, so no user request pays for it
@@ -35,14 +35,16 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_mode(mode: CompileMode, device: torch.device) -> CompileMode:
-    """The concrete mode for `device`: AUTO is CUDA graphs on CUDA and EAGER elsewhere.
+    """The concrete mode for `device`: AUTO is CUDA graphs on CUDA and OFF elsewhere.
 
-    On CPU there are no kernel launches to save, and inductor's compile of the 30-layer default model took ~500 s
-    per graph on the 2-core CPU (docs/engine.md), so the fixed-shape step runs eagerly there: it still replaces
-    one attention call per sequence by one per layer. CUDA graphs on a non-CUDA device is a configuration error.
+    On CPU there are no kernel launches to save, only Python dispatch: measured on the 2-core CPU
+    (`benchmarks/decode_step.py`, docs/benchmarks.md) the eager fixed-shape step was 1.19x slower than the
+    per-sequence path at batch 1 and 1.06x at batch 16 (its context gather costs more than the calls it saves), and
+    inductor needed ~510 s to compile one bucket of the 30-layer default model. CUDA graphs on a non-CUDA device
+    is a configuration error.
     """
     if mode is CompileMode.AUTO:
-        return CompileMode.CUDA_GRAPHS if device.type == "cuda" else CompileMode.EAGER
+        return CompileMode.CUDA_GRAPHS if device.type == "cuda" else CompileMode.OFF
     if mode is CompileMode.CUDA_GRAPHS and device.type != "cuda":
         raise ValueError(f"compile mode {mode.value!r} needs a CUDA device, got {device}")
     return mode

@@ -64,7 +64,7 @@ def test_static_inputs_pad_with_the_scratch_block() -> None:
 
 
 def test_mode_resolution_per_device() -> None:
-    assert resolve_mode(CompileMode.AUTO, torch.device("cpu")) is CompileMode.EAGER
+    assert resolve_mode(CompileMode.AUTO, torch.device("cpu")) is CompileMode.OFF  # measured: no gain on CPU
     assert resolve_mode(CompileMode.INDUCTOR, torch.device("cpu")) is CompileMode.INDUCTOR
     assert resolve_mode(CompileMode.AUTO, torch.device("cuda:0")) is CompileMode.CUDA_GRAPHS
     assert resolve_mode(CompileMode.OFF, torch.device("cuda:0")) is CompileMode.OFF
@@ -156,3 +156,14 @@ def test_cuda_graph_decode_matches_eager_on_cuda(tiny_model_dir: Path) -> None:
     got = _decode_logits(runner, prompts, steps=10)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_batched_decode_attention_on_the_eager_path_uses_the_same_paged_gather(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in (3, 33, 20)]
+    base = dict(served_model_name="tiny", max_model_len=64, kv_capacity_tokens=512, max_batch_size=4)
+    expected = _decode_logits(ModelRunner(tiny_model, EngineConfig(**base)), prompts, steps=6)  # type: ignore[arg-type]
+    batched = ModelRunner(tiny_model, EngineConfig(**base, batched_decode_attention=True))  # type: ignore[arg-type]
+    got = _decode_logits(batched, prompts, steps=6)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
