@@ -39,7 +39,7 @@ def resolve_mode(mode: CompileMode, device: torch.device) -> CompileMode:
 
     On CPU there are no kernel launches to save, only Python dispatch: measured on the 2-core CPU
     (`benchmarks/decode_step.py`, docs/benchmarks.md) the eager fixed-shape step was 1.19x slower than the
-    per-sequence path at batch 1 and 1.06x at batch 16 (its context gather costs more than the calls it saves), and
+    per-sequence path at batch 1, 0.90x at batch 4 and 1.06x at batch 16 (no consistent gain; `off` is exact), and
     inductor needed ~510 s to compile one bucket of the 30-layer default model. CUDA graphs on a non-CUDA device
     is a configuration error.
     """
