@@ -177,7 +177,8 @@ def check_equivalence(
             diffs.append(f"request {i} (prompt {len(r[0])} tokens): {why}; engine {g} != generate {e}")
     packed = sum(type(m).__name__ == "PackedLinear" for m in model.modules())
     print(
-        f"{precision.value} compile_mode={compile_mode}: {exact}/{len(requests)} token-identical, {near_ties} near-tie divergences accepted"
+        f"{precision.value} compile_mode={compile_mode}: {exact}/{len(requests)} token-identical, "
+        f"{near_ties} near-tie divergences accepted"
     )
     return exact, len(requests), diffs, cached_tokens, packed, near_ties
 
