@@ -15,6 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# The engine's KV cache holds one block more than its capacity: the scratch block, which no sequence owns (the
+# padding rows of a fixed-shape decode step write their K/V there; padded block-table entries point at it).
+KV_SCRATCH_BLOCKS = 1
+
+
+def kv_cache_tokens(capacity_tokens: int, block_size_tokens: int) -> int:
+    """Token slots the engine's KV cache allocates for `capacity_tokens` of capacity (the scratch block added)."""
+    return capacity_tokens + KV_SCRATCH_BLOCKS * block_size_tokens
+
 
 @dataclass(frozen=True)
 class DeviceShare:
@@ -28,11 +37,12 @@ class DeviceShare:
     overhead_bytes: int
     kv_bytes_per_token: int  # K+V of this device's layers for one token
     kv_capacity_tokens: int  # the same on every device
+    block_size_tokens: int  # the engine's KV page (the cache adds one scratch block to the capacity)
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes of the KV cache allocated on this device."""
-        return self.kv_bytes_per_token * self.kv_capacity_tokens
+        """Bytes of the KV cache allocated on this device: the capacity plus the scratch block."""
+        return self.kv_bytes_per_token * kv_cache_tokens(self.kv_capacity_tokens, self.block_size_tokens)
 
     @property
     def spare_bytes(self) -> int:
@@ -77,7 +87,8 @@ def _layers_that_fit(budget_bytes: int, base_bytes: int, costs: LayerCosts, toke
 
 
 def _fits(budgets: Sequence[int], costs: LayerCosts, tokens: int) -> list[int] | None:
-    """Layers per device (in order, filling each before the next) at `tokens` KV tokens, or None."""
+    """Layers per device (in order, filling each before the next) at `tokens` KV slots (scratch included), or
+    None."""
     left = costs.num_layers
     counts = []
     for index, budget in enumerate(budgets):
@@ -99,21 +110,22 @@ def split_layers(
     """Spread the layers over `devices` ((name, budget) pairs) for the most KV tokens, at most `max_tokens`.
 
     The capacity is found by bisection over whole blocks: at T tokens device d holds
-    floor((budget_d - base_d) / (layer_bytes + T x kv_bytes_per_layer_token)) layers; T is feasible when the
+    floor((budget_d - base_d) / (layer_bytes + (T + scratch) x kv_bytes_per_layer_token)) layers (scratch: the
+    cache's scratch block, `kv_cache_tokens`); T is feasible when the
     devices together hold every layer. Returns None when even an empty KV cache does not fit.
     """
     budgets = [budget for _name, budget in devices]
     lo, hi = 0, align_down(max_tokens, block_size_tokens) // block_size_tokens
-    if _fits(budgets, costs, 0) is None:
+    if _fits(budgets, costs, kv_cache_tokens(0, block_size_tokens)) is None:
         return None
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _fits(budgets, costs, mid * block_size_tokens) is not None:
+        if _fits(budgets, costs, kv_cache_tokens(mid * block_size_tokens, block_size_tokens)) is not None:
             lo = mid
         else:
             hi = mid - 1
     tokens = lo * block_size_tokens
-    counts = _fits(budgets, costs, tokens)
+    counts = _fits(budgets, costs, kv_cache_tokens(tokens, block_size_tokens))
     assert counts is not None  # feasible at lo by the bisection
     shares = []
     first = 0
@@ -130,6 +142,7 @@ def split_layers(
                 overhead_bytes=over,
                 kv_bytes_per_token=count * costs.kv_bytes_per_layer_token,
                 kv_capacity_tokens=tokens,
+                block_size_tokens=block_size_tokens,
             )
         )
         first += count

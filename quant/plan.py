@@ -16,7 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitserve.quant.budget import Budget, MemoryProbe, SystemProbe, detect_budget, format_bytes
 from fitserve.quant.estimate import ModelShape, PrecisionEstimate, estimate_precision, inspect_model
-from fitserve.quant.placement import DeviceShare, align_down, device_map_for, layer_costs, split_layers
+from fitserve.quant.placement import (
+    DeviceShare,
+    align_down,
+    device_map_for,
+    kv_cache_tokens,
+    layer_costs,
+    split_layers,
+)
 from fitserve.quant.schemes import DType, Precision, parse_precision
 
 logger = logging.getLogger(__name__)
@@ -76,7 +83,7 @@ class Candidate:
     quant_state_bytes: int
     kv_bytes_per_token: int
     overhead_bytes: int
-    min_kv_bytes: int  # KV for min_concurrency x max_model_len tokens
+    min_kv_bytes: int  # KV cache for min_concurrency x max_model_len tokens (+ the scratch block)
     total_bytes: int  # max(weights + quant state + overhead + min KV, CPU load peak): the minimum it needs
     fits: bool
     kv_capacity_tokens: int  # whole KV blocks; 0 when it does not fit
@@ -113,7 +120,7 @@ class Plan:
     kv_dtype: str  # torch dtype name, e.g. "bfloat16"
     overhead_bytes: int
     total_bytes: int
-    kv_capacity_tokens: int  # whole blocks of `block_size_tokens`: exactly what the engine's cache holds
+    kv_capacity_tokens: int  # whole blocks of `block_size_tokens`: what the engine's block pool hands out
     max_model_len: int
     min_concurrency: int
     reason: str
@@ -129,8 +136,13 @@ class Plan:
 
     @property
     def kv_capacity_blocks(self) -> int:
-        """KV cache blocks the engine allocates (the capacity is always whole blocks)."""
+        """KV cache blocks the engine hands to sequences (the capacity is always whole blocks)."""
         return self.kv_capacity_tokens // self.block_size_tokens
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache the engine allocates: the capacity plus its scratch block."""
+        return self.kv_bytes_per_token * kv_cache_tokens(self.kv_capacity_tokens, self.block_size_tokens)
 
     @property
     def compute_dtype(self) -> DType:
@@ -290,8 +302,10 @@ def kv_token_cap(request: PlanRequest) -> int:
 
 
 def kv_capacity_tokens(left_bytes: int, kv_bytes_per_token: int, request: PlanRequest) -> int:
-    """The one KV capacity formula: what `left_bytes` buys, capped by `kv_token_cap`, in whole blocks."""
-    tokens = max(left_bytes // kv_bytes_per_token, 0) if kv_bytes_per_token else 0
+    """The one KV capacity formula: what `left_bytes` buys after the cache's scratch block, capped by
+    `kv_token_cap`, in whole blocks."""
+    slots = left_bytes // kv_bytes_per_token if kv_bytes_per_token else 0
+    tokens = max(slots - kv_cache_tokens(0, request.block_size_tokens), 0)
     return align_down(min(tokens, kv_token_cap(request)), request.block_size_tokens)
 
 
@@ -304,7 +318,15 @@ def _split(
         dev = budget.devices[0]
         capacity = kv_capacity_tokens(dev.budget_bytes - weights - est.overhead_bytes, est.kv_bytes_per_token, request)
         share = DeviceShare(
-            dev.device, dev.budget_bytes, 0, num_layers, weights, est.overhead_bytes, est.kv_bytes_per_token, capacity
+            dev.device,
+            dev.budget_bytes,
+            0,
+            num_layers,
+            weights,
+            est.overhead_bytes,
+            est.kv_bytes_per_token,
+            capacity,
+            request.block_size_tokens,
         )
         return capacity, (share,)
     costs = layer_costs(
@@ -322,7 +344,7 @@ def _split(
 
 def _evaluate(est: PrecisionEstimate, budget: Budget, request: PlanRequest, num_layers: int) -> Candidate:
     min_tokens = seq_tokens(request) * request.min_concurrency
-    min_kv = est.kv_bytes_per_token * min_tokens
+    min_kv = est.kv_bytes_per_token * kv_cache_tokens(min_tokens, request.block_size_tokens)
     capacity, shares = _split(est, budget, request, num_layers)
     over = sum(s.overhead_bytes for s in shares) if len(shares) > 1 else est.overhead_bytes
     # on CPU loading peaks before the KV cache exists; the minimum is the larger of the load and the serving need
@@ -406,7 +428,8 @@ def _nothing_fits_message(
     lines = [
         f"nothing fits: {what} needs {format_bytes(last.total_bytes)} ({last.total_bytes} bytes: weights "
         f"{format_bytes(last.weights_bytes + last.quant_state_bytes)} + overhead {format_bytes(last.overhead_bytes)}"
-        f" + KV for {request.min_concurrency} x {request.max_model_len} tokens {format_bytes(last.min_kv_bytes)}), "
+        f" + KV for {request.min_concurrency} x {request.max_model_len} tokens and a scratch block "
+        f"{format_bytes(last.min_kv_bytes)}), "
         f"the budget on {budget.device} is {format_bytes(budget.budget_bytes)} ({budget.budget_bytes} bytes): "
         f"short by {format_bytes(last.shortfall_bytes)} ({last.shortfall_bytes} bytes).",
     ]
@@ -522,9 +545,8 @@ def _build_plan(
     capacity: int,
 ) -> Plan:
     device_map, max_memory = _device_map(budget, chosen.device_split, shape.layers_module)
-    total = (
-        chosen.weights_bytes + chosen.quant_state_bytes + chosen.overhead_bytes + capacity * chosen.kv_bytes_per_token
-    )
+    kv_cache = kv_cache_tokens(capacity, request.block_size_tokens) * chosen.kv_bytes_per_token
+    total = chosen.weights_bytes + chosen.quant_state_bytes + chosen.overhead_bytes + kv_cache
     plan = Plan(
         model_path=shape.model_path,
         precision=chosen.precision,

@@ -87,9 +87,7 @@ class DeviceShareLike(Protocol):
     @property
     def overhead_bytes(self) -> int: ...
     @property
-    def kv_bytes_per_token(self) -> int: ...
-    @property
-    def kv_capacity_tokens(self) -> int: ...
+    def kv_cache_bytes(self) -> int: ...
 
 
 class PlanLike(Protocol):
@@ -100,9 +98,7 @@ class PlanLike(Protocol):
     @property
     def weights_bytes(self) -> int: ...
     @property
-    def kv_bytes_per_token(self) -> int: ...
-    @property
-    def kv_capacity_tokens(self) -> int: ...
+    def kv_cache_bytes(self) -> int: ...
     @property
     def overhead_bytes(self) -> int: ...
     @property
@@ -124,11 +120,11 @@ def build_ledger(device: str, plan: PlanLike, load_report: LoadReportLike, memor
     share = next((s for s in plan.device_split if s.device == device), None) if len(plan.device_split) > 1 else None
     if share is None:
         budget, weights, overhead = plan.budget_bytes, plan.weights_bytes, plan.overhead_bytes
-        kv_cache = plan.kv_bytes_per_token * plan.kv_capacity_tokens
+        kv_cache = plan.kv_cache_bytes
         measured = load_report.measured_weights_bytes
     else:
         budget, weights, overhead = share.budget_bytes, share.weights_bytes, share.overhead_bytes
-        kv_cache = share.kv_bytes_per_token * share.kv_capacity_tokens
+        kv_cache = share.kv_cache_bytes
         measured = load_report.measured_weights_by_device.get(device, 0)
     return MemoryLedger(
         device=device,

@@ -67,5 +67,6 @@ class EngineConfig:
 
     @property
     def num_kv_blocks(self) -> int:
-        """Blocks of the paged KV cache: the one place this number is computed (scheduler and runner read it)."""
+        """Blocks the KV cache hands to sequences: the one place this number is computed (scheduler and runner read
+        it). The runner's cache allocates one more, the scratch block (counted by the plan too)."""
         return self.kv_capacity_tokens // self.block_size_tokens

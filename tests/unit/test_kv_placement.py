@@ -48,6 +48,30 @@ def test_cache_allocates_each_layer_on_its_device_as_the_plan_split_says() -> No
     assert [t.device.type for t in cache.k] == ["cpu"] * first.num_layers + ["meta"] * second.num_layers
 
 
+def test_one_device_cache_holds_exactly_the_planned_kv_bytes() -> None:
+    """The plan counts the cache's scratch block; the engine's cache is the pool's blocks plus that block."""
+    request = PlanRequest(model="/fake", memory_budget_bytes=5 * GIB + 12_345, max_num_seqs=256)  # budget-bound
+    plan = make_plan(request, probe=FakeProbe(), shape=SHAPE)
+    config = EngineConfig(
+        served_model_name="m",
+        max_model_len=plan.max_model_len,
+        kv_capacity_tokens=plan.kv_capacity_tokens,
+        block_size_tokens=plan.block_size_tokens,
+    )
+    cache = PagedKVCache(
+        SHAPE.num_layers,
+        config.num_kv_blocks,
+        config.block_size_tokens,
+        SHAPE.num_kv_heads,
+        SHAPE.head_dim,
+        torch.float32 if plan.kv_dtype == "float32" else torch.bfloat16,
+        "meta",  # shapes and dtypes without allocating
+    )
+    assert cache.nbytes == plan.kv_cache_bytes == (plan.kv_capacity_tokens + 16) * plan.kv_bytes_per_token
+    assert plan.total_bytes == plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes + cache.nbytes
+    assert plan.spare_bytes == plan.budget_bytes - plan.total_bytes < 16 * plan.kv_bytes_per_token
+
+
 def test_cache_refuses_a_device_list_of_the_wrong_length() -> None:
     with pytest.raises(ValueError, match="2 devices given for 3 layers"):
         PagedKVCache(3, 4, 16, 2, 8, torch.float32, ["cpu", "cpu"])

@@ -15,16 +15,14 @@ class FakeShare:
     budget_bytes: int
     weights_bytes: int
     overhead_bytes: int
-    kv_bytes_per_token: int
-    kv_capacity_tokens: int
+    kv_cache_bytes: int
 
 
 @dataclass
 class FakePlan:
     budget_bytes: int = 4096 * MiB
     weights_bytes: int = 260 * MiB
-    kv_bytes_per_token: int = 92_160
-    kv_capacity_tokens: int = 8192
+    kv_cache_bytes: int = 92_160 * 8192
     overhead_bytes: int = 300 * MiB
     device_split: tuple[FakeShare, ...] = ()
 
@@ -104,10 +102,10 @@ def test_default_reader_on_cpu_reports_rss_and_no_torch_stats() -> None:
 
 def test_one_ledger_per_device_of_a_multi_gpu_split() -> None:
     shares = (
-        FakeShare("cuda:0", 10_000 * MiB, 3000 * MiB, 900 * MiB, 40_000, 65_536),
-        FakeShare("cuda:1", 6_000 * MiB, 2000 * MiB, 850 * MiB, 20_000, 65_536),
+        FakeShare("cuda:0", 10_000 * MiB, 3000 * MiB, 900 * MiB, 40_000 * 65_536),
+        FakeShare("cuda:1", 6_000 * MiB, 2000 * MiB, 850 * MiB, 20_000 * 65_536),
     )
-    plan = FakePlan(budget_bytes=16_000 * MiB, weights_bytes=5000 * MiB, kv_bytes_per_token=60_000, device_split=shares)
+    plan = FakePlan(budget_bytes=16_000 * MiB, weights_bytes=5000 * MiB, device_split=shares)
     report = FakeLoadReport(measured_weights_by_device={"cuda:0": 2990 * MiB, "cuda:1": 1995 * MiB})
     asked: list[str] = []
 
@@ -144,5 +142,7 @@ def test_single_device_predicts_the_block_aligned_cache_the_engine_holds() -> No
         spare_bytes=plan.spare_bytes,
     )
     (ledger,) = make_ledger_fn(plan, FakeLoadReport(), "cpu", read_memory=lambda _d: FakeMemory(1, 1))()
-    assert ledger.predicted_kv_cache_bytes == config.num_kv_blocks * config.block_size_tokens * plan.kv_bytes_per_token
+    # the engine's cache: the pool's blocks plus the scratch block (server/engine/kv_cache.py)
+    cache_blocks = config.num_kv_blocks + 1
+    assert ledger.predicted_kv_cache_bytes == cache_blocks * config.block_size_tokens * plan.kv_bytes_per_token
     assert ledger.predicted_total_bytes + plan.quant_state_bytes + plan.spare_bytes == plan.budget_bytes

@@ -53,6 +53,9 @@ def fake_shape(prequantized: Precision | None = None) -> ModelShape:
 SHAPE = fake_shape()
 
 
+SCRATCH_TOKENS = 16  # the KV cache's scratch block (one 16-token block no sequence owns)
+
+
 def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, max_model_len: int = 2048) -> int:
     """Minimum total bytes for one full-length sequence, computed independently of the planner: what serving
     needs, or on CPU the load's peak when that is more."""
@@ -65,7 +68,8 @@ def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, m
         max_model_len=max_model_len,
         n_cuda_devices=n_cuda,
     )
-    serving = est.weights_bytes + est.quant_state_bytes + est.overhead_bytes + est.kv_bytes_per_token * max_model_len
+    kv_slots = max_model_len + SCRATCH_TOKENS  # the engine's cache holds one scratch block beyond the capacity
+    serving = est.weights_bytes + est.quant_state_bytes + est.overhead_bytes + est.kv_bytes_per_token * kv_slots
     return max(serving, est.load_peak_bytes)
 
 
@@ -145,7 +149,8 @@ def test_kv_capacity_is_what_the_budget_leaves() -> None:
     plan = plan_for(budget, max_num_seqs=256)
     fixed = plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes
     assert plan.kv_bytes_per_token == 2 * 16 * 8 * 64 * 2
-    assert plan.kv_capacity_tokens == (budget - fixed) // plan.kv_bytes_per_token // 16 * 16  # whole blocks
+    slots = (budget - fixed) // plan.kv_bytes_per_token
+    assert plan.kv_capacity_tokens == (slots - SCRATCH_TOKENS) // 16 * 16  # whole blocks beside the scratch block
     assert plan.kv_capacity_blocks * plan.block_size_tokens == plan.kv_capacity_tokens
     assert plan.max_concurrent_seqs_full_context == plan.kv_capacity_tokens // 2048
     assert plan.max_concurrent_seqs_typical == plan.kv_capacity_tokens // 512
@@ -337,7 +342,7 @@ def test_capacity_is_whole_blocks_and_spare_is_the_rest(budget: int, seqs: int) 
     plan = plan_for(budget, max_num_seqs=seqs)
     assert plan.kv_capacity_tokens % plan.block_size_tokens == 0
     used = plan.weights_bytes + plan.quant_state_bytes + plan.overhead_bytes
-    assert plan.total_bytes == used + plan.kv_capacity_tokens * plan.kv_bytes_per_token
+    assert plan.total_bytes == used + (plan.kv_capacity_tokens + SCRATCH_TOKENS) * plan.kv_bytes_per_token
     assert plan.spare_bytes == budget - plan.total_bytes >= 0
     assert plan.spare_bytes < (plan.block_size_tokens + 1) * plan.kv_bytes_per_token  # at most a block unspent
     (share,) = plan.device_split
@@ -382,7 +387,8 @@ def test_multi_gpu_split_fits_every_device_and_maximises_kv(free0: int, free1: i
     # brute force, from the estimate: no split of the layers holds one more block on both devices
     layer = math.ceil(layer_weights_bytes(SHAPE, Precision.BF16, DType.BFLOAT16) / SHAPE.num_layers)
     head = plan.weights_bytes - layer * SHAPE.num_layers
-    per_layer = layer + plan.kv_bytes_per_token // SHAPE.num_layers * (plan.kv_capacity_tokens + 16)
+    one_more_block = plan.kv_capacity_tokens + 16 + SCRATCH_TOKENS
+    per_layer = layer + plan.kv_bytes_per_token // SHAPE.num_layers * one_more_block
     for k in range(SHAPE.num_layers + 1):
         fits0 = head + first.overhead_bytes + k * per_layer <= first.budget_bytes
         fits1 = second.overhead_bytes + (SHAPE.num_layers - k) * per_layer <= second.budget_bytes
@@ -401,7 +407,8 @@ def test_multi_gpu_kv_is_sized_per_device_not_from_the_sum() -> None:
     combined_left = plan.budget_bytes - plan.weights_bytes - plan.quant_state_bytes - plan.overhead_bytes
     assert plan.kv_capacity_tokens <= combined_left // plan.kv_bytes_per_token  # never more than the sum allows
     # the second GPU is the bottleneck: its layers' KV for one more block would not fit beside its weights
-    more = (second.kv_bytes_per_token * (plan.kv_capacity_tokens + 16)) + second.weights_bytes + second.overhead_bytes
+    one_more_block = plan.kv_capacity_tokens + 16 + SCRATCH_TOKENS
+    more = second.kv_bytes_per_token * one_more_block + second.weights_bytes + second.overhead_bytes
     assert more > second.budget_bytes or first.spare_bytes < first.kv_bytes_per_token * 16
 
 
