@@ -34,19 +34,23 @@ from fitserve.server.engine.kv_cache import BATCH_KWARG, DecodeGroup, PackedBatc
 logger = logging.getLogger(__name__)
 
 
-def resolve_mode(mode: CompileMode, device: torch.device) -> CompileMode:
-    """The concrete mode for `device`: AUTO is CUDA graphs on CUDA and OFF elsewhere.
+def resolve_mode(mode: CompileMode, device: torch.device, num_cache_devices: int = 1) -> CompileMode:
+    """The concrete mode for `device`: AUTO is CUDA graphs on one CUDA device and OFF elsewhere.
 
     On CPU there are no kernel launches to save, only Python dispatch: measured on the 2-core CPU
     (`benchmarks/decode_step.py`, docs/benchmarks.md) the eager fixed-shape step was 1.19x slower than the
     per-sequence path at batch 1, 0.90x at batch 4 and 1.06x at batch 16 (no consistent gain; `off` is exact), and
     inductor needed ~510 s to compile one bucket of the 30-layer default model. CUDA graphs on a non-CUDA device
-    is a configuration error.
+    is a configuration error, and so is capturing one graph over layers (and their KV caches) on
+    `num_cache_devices` > 1 GPUs: a graph is captured on one device's stream; AUTO keeps such a model on OFF.
     """
     if mode is CompileMode.AUTO:
-        return CompileMode.CUDA_GRAPHS if device.type == "cuda" else CompileMode.OFF
+        one_gpu = device.type == "cuda" and num_cache_devices == 1
+        return CompileMode.CUDA_GRAPHS if one_gpu else CompileMode.OFF
     if mode is CompileMode.CUDA_GRAPHS and device.type != "cuda":
         raise ValueError(f"compile mode {mode.value!r} needs a CUDA device, got {device}")
+    if mode is CompileMode.CUDA_GRAPHS and num_cache_devices > 1:
+        raise ValueError(f"compile mode {mode.value!r} captures one GPU; the model spans {num_cache_devices}")
     return mode
 
 

@@ -98,7 +98,8 @@ class ModelRunner:
             self.dtype,
             self.cache.nbytes / 2**20,
         )
-        self.compile_mode = resolve_mode(config.compile_mode, self.device)
+        num_cache_devices = len({t.device for t in self.cache.k})
+        self.compile_mode = resolve_mode(config.compile_mode, self.device, num_cache_devices)
         self.compiled_decode: CompiledDecode | None = None
         if self.compile_mode is not CompileMode.OFF:
             buckets = DecodeBuckets.build(

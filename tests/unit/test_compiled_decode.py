@@ -68,6 +68,11 @@ def test_mode_resolution_per_device() -> None:
     assert resolve_mode(CompileMode.INDUCTOR, torch.device("cpu")) is CompileMode.INDUCTOR
     assert resolve_mode(CompileMode.AUTO, torch.device("cuda:0")) is CompileMode.CUDA_GRAPHS
     assert resolve_mode(CompileMode.OFF, torch.device("cuda:0")) is CompileMode.OFF
+    # layers (and their KV) on two GPUs: one graph cannot capture both, AUTO stays off and an explicit request fails
+    assert resolve_mode(CompileMode.AUTO, torch.device("cuda:0"), num_cache_devices=2) is CompileMode.OFF
+    assert resolve_mode(CompileMode.EAGER, torch.device("cuda:0"), num_cache_devices=2) is CompileMode.EAGER
+    with pytest.raises(ValueError, match="spans 2"):
+        resolve_mode(CompileMode.CUDA_GRAPHS, torch.device("cuda:0"), num_cache_devices=2)
     with pytest.raises(ValueError, match="CUDA"):
         resolve_mode(CompileMode.CUDA_GRAPHS, torch.device("cpu"))
 
