@@ -51,11 +51,11 @@ def bench(model: Any, modes: list[str], batch: int, prompt_tokens: int, steps: i
         cfg = EngineConfig(
             served_model_name="bench",
             max_model_len=max(512, prompt_tokens + steps + 16),
-            kv_capacity_tokens=batch * (prompt_tokens + steps + 32) + 1024,
+            kv_capacity_tokens=-(-(batch * (prompt_tokens + steps + 32) + 1024) // 16) * 16,  # whole blocks
             max_batch_size=batch,
             max_prefill_tokens=max(512, prompt_tokens * batch),
             compile_mode=CompileMode(mode),
-            shared_weight_copy_bytes=1 << 30,
+            spare_bytes=1 << 30,  # room to prepack the tied lm_head, as `fitserve serve` with the default budget
             device=str(model.device),
         )
         runner = ModelRunner(model, cfg)
