@@ -188,7 +188,7 @@ class CompiledDecode:
         self._inputs: dict[tuple[int, int], StaticDecodeInputs] = {}
         self._runners: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
         self._compiled: Callable[[torch.nn.Module, PagedKVCache, StaticDecodeInputs], torch.Tensor] | None = None
-        self._graph_pool: object | None = None
+        self._graph_pool: torch.cuda._POOL_HANDLE | None = None  # one memory pool shared by every bucket's graph
 
     def bucket_for(self, rows: Sequence[DecodeRow]) -> tuple[int, int] | None:
         """The bucket these rows run in, or None when they exceed the largest one."""
