@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from fitserve.server.engine.bridge import Delivery, RequestBridge
+from fitserve.server.engine.heap import trim_free_heap
 from fitserve.server.engine.output import OutputProcessor
 from fitserve.server.engine.runner import ModelRunner, is_oom
 from fitserve.server.engine.scheduler import ScheduledBatch, ScheduledChunk, Scheduler, Sequence
@@ -57,6 +58,7 @@ class EngineCore:
         self.shutdown = False  # set from the event loop; the loop aborts what is left and exits
         self.dead: BaseException | None = None
         self.snapshot: EngineSnapshot = build_snapshot(scheduler, 0)
+        self._worked_since_trim = False  # a step ran since the heap was last trimmed
 
     def run_loop(self, on_death: Callable[[], None]) -> None:
         """Step until `shutdown`; if the loop itself dies, fail every request and call `on_death`."""
@@ -71,8 +73,12 @@ class EngineCore:
                 if not self.scheduler.has_work:
                     self.bridge.deliver(deliveries)
                     self._refresh_snapshot()
+                    if self._worked_since_trim:  # idle after work: hand the burst's freed heap back to the OS
+                        self._worked_since_trim = False
+                        trim_free_heap()
                     self.bridge.wait(self.idle_wait_s)
                     continue
+                self._worked_since_trim = True
                 deliveries += self._step()
                 self.bridge.deliver(deliveries)
         except BaseException as exc:
