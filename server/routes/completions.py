@@ -9,8 +9,9 @@ from starlette.responses import Response
 
 from fitserve.server.engine.types import EngineClient
 from fitserve.server.protocol.completions import CompletionRequest, CompletionResponse
-from fitserve.server.routes.deps import ServerState, get_engine, get_state
+from fitserve.server.routes.deps import ServerState, get_cpu_pool, get_engine, get_state
 from fitserve.server.serving.completions import CompletionServing
+from fitserve.server.serving.cpu_pool import CPUWorkPool
 
 router = APIRouter(tags=["completions"])
 
@@ -21,6 +22,7 @@ async def create_completion(
     request: Request,
     engine: Annotated[EngineClient, Depends(get_engine)],
     state: Annotated[ServerState, Depends(get_state)],
+    pool: Annotated[CPUWorkPool, Depends(get_cpu_pool)],
 ) -> Response:
     """OpenAI legacy completions (JSON, or SSE when `stream` is true)."""
-    return await CompletionServing(engine, state.settings.max_choices_per_request).create(body, request)
+    return await CompletionServing(engine, pool, state.settings.max_choices_per_request).create(body, request)

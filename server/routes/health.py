@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from fitserve.server.engine.types import EngineError
 from fitserve.server.protocol.errors import APIError
 from fitserve.server.routes.deps import ServerState, get_state, not_loaded_error
+from fitserve.server.serving.common import engine_error_to_api
 
 router = APIRouter(tags=["health"])
 
@@ -35,7 +36,7 @@ async def health(state: Annotated[ServerState, Depends(get_state)]) -> StatusRes
     try:
         await state.engine.check_health()
     except EngineError as error:
-        raise APIError.from_engine(error) from error
+        raise engine_error_to_api(error) from error
     return StatusResponse(status="ok")
 
 
