@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from fitserve.server.engine.types import EngineClient, EngineError
 from fitserve.server.middleware import RequestGuardMiddleware, error_response
+from fitserve.server.openapi import install_openapi
 from fitserve.server.protocol.common import UNSUPPORTED_PARAMETER
 from fitserve.server.protocol.errors import APIError
 from fitserve.server.request_id import REQUEST_ID_HEADER, current_request_id
@@ -91,6 +92,7 @@ def create_app(
 
     app = FastAPI(title="fitserve", version=package_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
+    install_openapi(app)
     for module in (completions, chat, models, tokenize, health, metrics_routes):
         app.include_router(module.router)
     _add_exception_handlers(app)

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from fitserve.server.engine.types import EngineError
+from fitserve.server.openapi import ERROR_RESPONSES
 from fitserve.server.protocol.errors import APIError
 from fitserve.server.routes.deps import ServerState, get_state, not_loaded_error
 from fitserve.server.serving.common import engine_error_to_api
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], responses=ERROR_RESPONSES)
 
 
 class StatusResponse(BaseModel):

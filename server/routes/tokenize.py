@@ -7,12 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from fitserve.server.engine.types import EngineClient
+from fitserve.server.openapi import ERROR_RESPONSES
 from fitserve.server.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from fitserve.server.routes.deps import get_cpu_pool, get_engine
 from fitserve.server.serving.cpu_pool import CPUWorkPool
 from fitserve.server.serving.tokenize import TokenizeServing
 
-router = APIRouter(tags=["tokenize"])
+router = APIRouter(tags=["tokenize"], responses=ERROR_RESPONSES)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
