@@ -92,7 +92,7 @@ def create_app(
 
     app = FastAPI(title="fitserve", version=package_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
-    install_openapi(app)
+    install_openapi(app, lambda: state.engine.model_name if state.engine is not None else None)
     for module in (completions, chat, models, tokenize, health, metrics_routes):
         app.include_router(module.router)
     _add_exception_handlers(app)

@@ -7,6 +7,8 @@ OpenAI's shape (see `server.app.validation_to_api_error`).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -36,8 +38,12 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Serve FastAPI's document without the framework's 422 responses and schemas."""
+def install_openapi(app: FastAPI, served_model: Callable[[], str | None]) -> None:
+    """Serve FastAPI's document without the framework's 422 responses and schemas.
+
+    Once a model is served, every request body's `model` property carries its name as the example, so clients
+    (and a fuzzer) can see a valid request.
+    """
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -49,6 +55,18 @@ def install_openapi(app: FastAPI) -> None:
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
             app.openapi_schema = schema
-        return app.openapi_schema
+        return _with_model_examples(app.openapi_schema, served_model())
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _with_model_examples(schema: dict[str, Any], model: str | None) -> dict[str, Any]:
+    """A copy of `schema` whose request bodies show `model` as the example model name."""
+    if model is None:
+        return schema
+    document = copy.deepcopy(schema)
+    for component in document.get("components", {}).get("schemas", {}).values():
+        model_property = component.get("properties", {}).get("model")
+        if component.get("title", "").endswith("Request") and model_property is not None:
+            model_property["examples"] = [model]
+    return document

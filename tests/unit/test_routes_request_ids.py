@@ -28,6 +28,11 @@ class LeakyEngine(FakeEngine):
         raise EngineUnavailableError(f"The engine loop died: RuntimeError('{SECRET}')")
 
 
+def logged_with_id(caplog: pytest.LogCaptureFixture, detail: str, request_id: str) -> bool:
+    """Whether one log line carries both the hidden detail and the request id."""
+    return any(detail in record.getMessage() and request_id in record.getMessage() for record in caplog.records)
+
+
 def test_every_response_carries_a_request_id_and_errors_repeat_it() -> None:
     client = make_client()
     ok = client.get("/health")
@@ -60,7 +65,9 @@ def test_tokenizer_failures_do_not_leak(
         response = client.post(path, json=body)
     error = assert_openai_error(response, status)
     assert SECRET not in response.text
-    assert any(SECRET in record.getMessage() and error["request_id"] in record.getMessage() for record in caplog.records)
+    assert any(
+        SECRET in record.getMessage() and error["request_id"] in record.getMessage() for record in caplog.records
+    )
 
 
 def test_a_dead_engine_does_not_leak_through_health(caplog: pytest.LogCaptureFixture) -> None:
@@ -69,7 +76,9 @@ def test_a_dead_engine_does_not_leak_through_health(caplog: pytest.LogCaptureFix
         response = client.get("/health")
     error = assert_openai_error(response, 503, "engine_unavailable")
     assert SECRET not in response.text
-    assert any(SECRET in record.getMessage() and error["request_id"] in record.getMessage() for record in caplog.records)
+    assert any(
+        SECRET in record.getMessage() and error["request_id"] in record.getMessage() for record in caplog.records
+    )
 
 
 class BrokenEngine(FakeEngine):
