@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -147,17 +148,18 @@ async def _watch_engine(state: ServerState, on_failure: FatalCallback | None) ->
 
 
 def _add_exception_handlers(app: FastAPI) -> None:
-    async def on_api_error(_: Request, error: APIError) -> Response:
-        return error_response(error)
+    # Starlette calls each handler only with the exception class it is registered for.
+    async def on_api_error(_: Request, error: Exception) -> Response:
+        return error_response(cast(APIError, error))
 
-    async def on_engine_error(_: Request, error: EngineError) -> Response:
-        return error_response(engine_error_to_api(error))
+    async def on_engine_error(_: Request, error: Exception) -> Response:
+        return error_response(engine_error_to_api(cast(EngineError, error)))
 
-    async def on_validation_error(_: Request, error: RequestValidationError) -> Response:
-        return error_response(validation_to_api_error(error))
+    async def on_validation_error(_: Request, error: Exception) -> Response:
+        return error_response(validation_to_api_error(cast(RequestValidationError, error)))
 
-    async def on_http_error(_: Request, error: StarletteHTTPException) -> Response:
-        return error_response(http_to_api_error(error))
+    async def on_http_error(_: Request, error: Exception) -> Response:
+        return error_response(http_to_api_error(cast(StarletteHTTPException, error)))
 
     async def on_disconnect(_: Request, __: Exception) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import uvicorn
 
@@ -188,7 +189,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
     """Build metrics and the engine around a loaded model, start the engine loop."""
     from fitserve.quant.load import release_free_heap
     from fitserve.server.engine.engine import Engine
-    from fitserve.server.ledger import ModelInfo, make_ledger_fn
+    from fitserve.server.ledger import LoadReportLike, ModelInfo, PlanLike, make_ledger_fn
     from fitserve.server.metrics import ServerMetrics
 
     plan, loaded = serving.planned.plan, serving.loaded
@@ -211,7 +212,9 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
     await engine.start()
     metrics.attach_snapshot(engine.snapshot)
     try:
-        metrics.attach_ledger(make_ledger_fn(plan, loaded.report, plan.device))
+        # the ledger's protocols declare settable attributes; the frozen Plan and LoadReport only read them
+        ledger_plan, ledger_report = cast("PlanLike", plan), cast("LoadReportLike", loaded.report)
+        metrics.attach_ledger(make_ledger_fn(ledger_plan, ledger_report, plan.device))
     except Exception:
         logger.warning("memory ledger unavailable", exc_info=True)
 
@@ -270,7 +273,7 @@ def run(settings: Settings) -> int:
         port=settings.port,
         log_config=None,  # keep the CLI's logging configuration
         access_log=logging.getLogger().isEnabledFor(logging.DEBUG),
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # uvicorn's type says int
         lifespan="on",
     )
     server = _DrainingServer(config, app.state.server)
