@@ -18,39 +18,36 @@ from tests.live_server import REPO_ROOT, free_port, read_log_tail, stop_server
 pytestmark = pytest.mark.integration
 
 
-def test_sigterm_finishes_running_stream_then_exits(default_model_dir: Path, tmp_path: Path) -> None:
+def start_serve(args: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m fitserve serve *args` on a free port (not via live_server: these tests signal it themselves)."""
     port = free_port()
-    log_path = tmp_path / "serve.log"
-    command = [
-        sys.executable,
-        "-m",
-        "fitserve",
-        "serve",
-        "--model",
-        str(default_model_dir),
-        "--served-model-name",
-        "smol",
-        "--max-model-len",
-        "512",
-        "--max-kv-tokens",
-        "4096",
-        "--port",
-        str(port),
-        "--shutdown-timeout",
-        "120",
-    ]
+    command = [sys.executable, "-m", "fitserve", "serve", *args, "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path, timeout_s: float = 300) -> None:
+    """Until /ready is 200 (bounded); fails with the log tail if the process exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, read_log_tail(log_path)
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"not ready after {timeout_s} s\n{read_log_tail(log_path)}")
+
+
+def test_sigterm_finishes_running_stream_then_exits(default_model_dir: Path, tmp_path: Path) -> None:
+    log_path = tmp_path / "serve.log"
+    args = ["--model", str(default_model_dir), "--served-model-name", "smol", "--max-model-len", "512"]
+    args += ["--max-kv-tokens", "4096", "--shutdown-timeout", "120"]
+    process, base_url = start_serve(args, log_path)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert process.poll() is None, read_log_tail(log_path)
-            try:
-                if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.25)
+        wait_ready(process, base_url, log_path)
         lines: list[str] = []
         first_chunk = threading.Event()
 
@@ -99,38 +96,15 @@ def refuse_new_work(base_url: str) -> str:
     return f"503 {response.json()['error']['code']}"
 
 
-def test_engine_death_fails_health_and_exits_non_zero(default_model_dir: Path, tmp_path: Path) -> None:
+def test_engine_death_fails_health_and_exits_non_zero(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The fault-injection hook kills the engine loop at step 3: /health turns 503, the process exits 1."""
-    port = free_port()
     log_path = tmp_path / "serve.log"
-    command = [
-        sys.executable,
-        "-m",
-        "fitserve",
-        "serve",
-        "--model",
-        str(default_model_dir),
-        "--max-model-len",
-        "256",
-        "--port",
-        str(port),
-        "--crash-inject-step",
-        "3",
-        "--shutdown-timeout",
-        "20",
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
+    args = ["--model", str(tiny_model_dir), "--max-model-len", "256"]
+    args += ["--crash-inject-step", "3", "--shutdown-timeout", "20"]
+    process, base_url = start_serve(args, log_path)
     try:
+        wait_ready(process, base_url, log_path)
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert process.poll() is None, read_log_tail(log_path)
-            try:
-                if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.25)
         assert httpx.get(f"{base_url}/health", timeout=5).status_code == 200
         model = httpx.get(f"{base_url}/v1/models", timeout=5).json()["data"][0]["id"]
         body = {"model": model, "prompt": "Hello", "max_tokens": 16, "ignore_eos": True}
