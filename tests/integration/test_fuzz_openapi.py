@@ -28,7 +28,7 @@ TIME_BOX_S = 240  # the hard stop, server start-up not included
 MIN_CASES = 300
 
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny_model_dir: Path) -> None:
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny_model_dir: Path, tmp_path: Path) -> None:
     args = ["--model", str(tiny_model_dir), "--max-model-len", "128", "--max-batch-size", "4"]
     with live_server(args) as base_url:
         run = subprocess.run(
@@ -53,6 +53,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tiny_model_d
             capture_output=True,
             text=True,
             timeout=TIME_BOX_S,
+            cwd=tmp_path,  # schemathesis keeps a cache folder in its working directory
         )
         report = run.stdout[-8000:] + run.stderr[-2000:]
         assert run.returncode == 0, report
