@@ -55,7 +55,7 @@ def test_sigterm_finishes_running_stream_then_exits(default_model_dir: Path, tmp
             body = {
                 "model": "smol",
                 "prompt": "Tell me a story:",
-                "max_tokens": 160,
+                "max_tokens": 64,
                 "stream": True,
                 "temperature": 0,
                 "ignore_eos": True,
