@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live_server import REPO_ROOT, free_port, read_log_tail, stop_server
+from tests.live_server import REPO_ROOT, free_port, read_log_tail, stop_server, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -27,27 +27,13 @@ def start_serve(args: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes
     return process, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path, timeout_s: float = 300) -> None:
-    """Until /ready is 200 (bounded); fails with the log tail if the process exits first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, read_log_tail(log_path)
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"not ready after {timeout_s} s\n{read_log_tail(log_path)}")
-
-
 def test_sigterm_finishes_running_stream_then_exits(default_model_dir: Path, tmp_path: Path) -> None:
     log_path = tmp_path / "serve.log"
     args = ["--model", str(default_model_dir), "--served-model-name", "smol", "--max-model-len", "512"]
     args += ["--max-kv-tokens", "4096", "--shutdown-timeout", "120"]
     process, base_url = start_serve(args, log_path)
     try:
-        wait_ready(process, base_url, log_path)
+        wait_ready(process, base_url, log_path, timeout_s=300)
         lines: list[str] = []
         first_chunk = threading.Event()
 
@@ -103,7 +89,7 @@ def test_engine_death_fails_health_and_exits_non_zero(tiny_model_dir: Path, tmp_
     args += ["--crash-inject-step", "3", "--shutdown-timeout", "20"]
     process, base_url = start_serve(args, log_path)
     try:
-        wait_ready(process, base_url, log_path)
+        wait_ready(process, base_url, log_path, timeout_s=300)
         deadline = time.monotonic() + 300
         assert httpx.get(f"{base_url}/health", timeout=5).status_code == 200
         model = httpx.get(f"{base_url}/v1/models", timeout=5).json()["data"][0]["id"]
