@@ -17,7 +17,7 @@ import logging
 import math
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from fitserve.quant.plan import Plan
     from fitserve.quant.schemes import Precision
     from fitserve.server.engine.config import EngineConfig
+    from fitserve.server.engine.engine import Engine
+    from fitserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,19 @@ class LoadedServing:
 
     planned: PlannedServing
     loaded: LoadedModel
+
+
+@dataclass
+class StartedEngine:
+    """A running engine, its metrics and how to stop it (what `fitserve serve` and a Ray replica start)."""
+
+    engine: Engine
+    metrics: ServerMetrics
+    close: Callable[[], Awaitable[None]]
+
+    def for_app(self) -> BuiltEngine:
+        """The same, as the app's engine factory hands it over."""
+        return BuiltEngine(engine=self.engine, metrics=self.metrics, close=self.close)
 
 
 async def run_in_short_lived_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -185,7 +200,7 @@ def engine_config(serving: LoadedServing, settings: Settings) -> EngineConfig:
     )
 
 
-async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngine:
+async def start_engine(serving: LoadedServing, settings: Settings) -> StartedEngine:
     """Build metrics and the engine around a loaded model, start the engine loop."""
     from fitserve.quant.load import release_free_heap
     from fitserve.server.engine.engine import Engine
@@ -232,7 +247,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         config.max_waiting,
         config.enable_prefix_caching,
     )
-    return BuiltEngine(engine=engine, metrics=metrics, close=stop)
+    return StartedEngine(engine=engine, metrics=metrics, close=stop)
 
 
 def _quant_method(precision: Precision) -> str:
@@ -258,7 +273,7 @@ def run(settings: Settings) -> int:
 
     async def factory(app_settings: Settings) -> BuiltEngine:
         loaded = await run_in_short_lived_thread(load_serving, planned, app_settings)
-        return await start_engine(loaded, app_settings)
+        return (await start_engine(loaded, app_settings)).for_app()
 
     failures: list[BaseException] = []
 
