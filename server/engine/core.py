@@ -48,6 +48,7 @@ class EngineCore:
         stats: StatsReporter,
         bridge: RequestBridge,
         idle_wait_s: float,
+        crash_inject_step: int | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
@@ -55,6 +56,7 @@ class EngineCore:
         self.stats = stats
         self.bridge = bridge
         self.idle_wait_s = idle_wait_s
+        self.crash_inject_step = crash_inject_step  # fault injection (tests): the step at which the loop dies
         self.shutdown = False  # set from the event loop; the loop aborts what is left and exits
         self.dead: BaseException | None = None
         self.snapshot: EngineSnapshot = build_snapshot(scheduler, 0)
@@ -121,6 +123,8 @@ class EngineCore:
         if batch.is_empty:
             self.bridge.wait(self.idle_wait_s)
             return []
+        if batch.step == self.crash_inject_step:
+            raise RuntimeError(f"injected engine crash at step {batch.step} (EngineConfig.crash_inject_step)")
         t0 = time.perf_counter()
         try:
             results = self.runner.run(batch)
