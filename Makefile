@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fitserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test test-unit test-gpu test-gptq test-ray check-manifests lint typecheck wheel-check clean
+.PHONY: install model serve test test-unit test-gpu test-gptq test-ray fuzz check-manifests lint typecheck wheel-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test-unit: model
 
 test-gpu: model
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+# schemathesis against the live server's /openapi.json (fixed seed, time-boxed): zero 5xx, zero schema violations.
+fuzz: model
+	$(BIN)/python -m pytest tests/integration/test_fuzz_openapi.py $(PYTEST_ARGS)
 
 # GPTQ through GPTQModel (the `gptq` extra) pins numpy 2.2.6, so its tests get a venv of their own.
 GPTQ_VENV ?= .venv-gptq

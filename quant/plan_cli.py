@@ -11,40 +11,19 @@ import logging
 import sys
 from typing import Any
 
+from fitserve.quant.plan_flags import add_plan_flags
+
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_NOTHING_FITS = 3
-_PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "gptq")
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """The plan options (shared by `fitserve plan` and `python -m fitserve.quant`)."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="local model directory, .gguf file (converted once into the cache) or hub id (default: the default)",
-    )
-    parser.add_argument(
-        "--memory-budget",
-        default=None,
-        help="memory budget, e.g. 24GiB, 24GB, 512MiB, 0.5GiB or bytes (default: detected)",
-    )
-    parser.add_argument("--max-model-len", type=int, default=2048, help="context length in tokens (default 2048)")
-    parser.add_argument(
-        "--min-concurrency",
-        type=int,
-        default=1,
-        help="full-length sequences the KV cache must hold at least (default 1)",
-    )
-    parser.add_argument(
-        "--precision",
-        default="auto",
-        choices=_PRECISION_CHOICES,
-        help="force a precision (default: auto, the best that fits)",
-    )
-    parser.add_argument("--force", action="store_true", help="with --precision: plan it even if it does not fit")
+    """The plan options (shared by `fitserve plan` and `python -m fitserve.quant`); the planning flags that
+    `fitserve serve` takes too come from `quant.plan_flags`."""
+    add_plan_flags(parser, with_defaults=True)
     parser.add_argument(
         "--max-batch-tokens",
         type=int,
@@ -58,16 +37,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         help="sequences in one step (serve's --max-batch-size): sizes the logits buffer and caps "
         "the useful KV capacity (default 8, as serve)",
     )
-    parser.add_argument("--max-kv-tokens", type=int, default=None, help="cap the KV cache capacity")
     parser.add_argument("--device", default=None, help="cpu, cuda:N or cuda (all GPUs); default: GPUs if present")
     parser.add_argument("--double-quant", action="store_true", help="NF4 with double quantization")
-    parser.add_argument(
-        "--prefer-fp32-on-cpu",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="on CPUs without native bf16 (AVX2 only), try fp32 first: faster there, twice the "
-        "memory (default: on; see docs/memory-model.md)",
-    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -112,6 +83,7 @@ def run_plan(args: argparse.Namespace) -> int:
             device=args.device,
             double_quant=args.double_quant,
             prefer_fp32_on_cpu=args.prefer_fp32_on_cpu,
+            trust_remote_code=args.trust_remote_code,
         )
         plan = make_plan(request)
     except NothingFitsError as error:

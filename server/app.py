@@ -1,8 +1,10 @@
-"""`create_app`: the FastAPI application around an `EngineClient`.
+"""`create_app`: the FastAPI application around an `EngineClient` it is given (or a factory that builds one).
 
-The app never imports torch or transformers. When no engine is given, the lifespan builds one in the
-background (default: `server.serve.build_engine`, plan -> load -> Engine) and stops it on shutdown. Every error
-leaves as an OpenAI-shaped body: `{"error": {"message", "type", "param", "code"}}`.
+The app never imports torch or transformers, and nothing here knows how an engine is built: `server.serve`
+(start-up) passes a factory, tests pass a fake engine. While the factory runs the server already answers. A
+watchdog checks the engine loop every `engine_health_interval_s`; a dead loop makes /health fail and calls
+`on_fatal_error` (start-up uses it to drain and exit non-zero). Every error leaves as an OpenAI-shaped body:
+`{"error": {"message", "type", "param", "code", "request_id"}}`, with no exception text in it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,10 +24,16 @@ from starlette.responses import JSONResponse, Response
 
 from fitserve.server.engine.types import EngineClient, EngineError
 from fitserve.server.middleware import RequestGuardMiddleware, error_response
+from fitserve.server.openapi import install_openapi
+from fitserve.server.protocol.common import UNSUPPORTED_PARAMETER
 from fitserve.server.protocol.errors import APIError
+from fitserve.server.request_id import REQUEST_ID_HEADER, current_request_id
 from fitserve.server.routes import chat, completions, health, models, tokenize
 from fitserve.server.routes import metrics as metrics_routes
-from fitserve.server.routes.deps import ServerState
+from fitserve.server.routes.deps import MetricsRenderer, ServerState
+from fitserve.server.routes.health import package_version
+from fitserve.server.serving.common import engine_error_to_api
+from fitserve.server.serving.cpu_pool import CPUWorkPool
 from fitserve.server.serving.transport import ClientDisconnectedError
 from fitserve.server.settings import Settings
 
@@ -36,58 +44,65 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "client went away"; nobody rec
 
 @dataclass
 class BuiltEngine:
-    """What an engine factory returns: a started-able engine and its metrics (either may be reused)."""
+    """What an engine factory returns: a started engine, its metrics and how to stop it."""
 
-    engine: Any
-    metrics: Any = None
+    engine: EngineClient
+    metrics: MetricsRenderer | None = None
     close: Callable[[], Awaitable[None]] | None = None
 
 
 EngineFactory = Callable[[Settings], Awaitable[BuiltEngine]]
-
-
 FatalCallback = Callable[[BaseException], None]
 
 
 def create_app(
     settings: Settings,
     engine: EngineClient | None = None,
-    metrics: Any = None,
+    metrics: MetricsRenderer | None = None,
     engine_factory: EngineFactory | None = None,
-    on_load_failure: FatalCallback | None = None,
+    on_fatal_error: FatalCallback | None = None,
 ) -> FastAPI:
-    """Build the app around `engine`; with `engine=None` the model loads in the background after start-up.
+    """Build the app around `engine`, or around what `engine_factory` builds in the background after start-up.
 
-    While it loads the server already answers: /health and /ready say 503 "loading", /v1 routes 503. The engine
-    the factory built is stopped on shutdown. If loading fails, /health reports why and `on_load_failure` is
-    called (the serve wiring uses it to exit with an error).
+    While the factory runs, /health and /ready say 503 "loading" and the API 503. The engine the factory built
+    is stopped on shutdown. `on_fatal_error` is called once if loading fails or the engine loop dies.
     """
-    state = ServerState(settings=settings, engine=engine, metrics=metrics)
+    if engine is None and engine_factory is None:
+        raise ValueError("create_app needs an engine or an engine_factory")
+    pool = CPUWorkPool(settings.tokenizer_workers, settings.tokenizer_max_queued)
+    state = ServerState(settings=settings, cpu_pool=pool, engine=engine, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         closers: list[Callable[[], Awaitable[None]]] = []
-        loading: asyncio.Task[None] | None = None
-        if state.engine is None:
-            factory = engine_factory or _default_factory()
-            loading = asyncio.create_task(_load_engine(state, factory, closers, on_load_failure))
+        tasks: list[asyncio.Task[None]] = []
+        if state.engine is None and engine_factory is not None:
+            tasks.append(asyncio.create_task(_load_engine(state, engine_factory, closers, on_fatal_error)))
+        tasks.append(asyncio.create_task(_watch_engine(state, on_fatal_error)))
         try:
             yield
         finally:
             state.draining = True
-            if loading is not None and not loading.done():
-                loading.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await loading
+                    await task
             for close in closers:
                 await close()
+            pool.close()
 
-    app = FastAPI(title="fitserve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="fitserve", version=package_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
+    install_openapi(app, lambda: state.engine.model_name if state.engine is not None else None)
     for module in (completions, chat, models, tokenize, health, metrics_routes):
         app.include_router(module.router)
     _add_exception_handlers(app)
-    app.add_middleware(RequestGuardMiddleware, api_key=settings.api_key_value(), max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestGuardMiddleware,
+        api_key=settings.api_key_value(),
+        max_body_bytes=settings.max_body_bytes,
+        metrics_require_key=settings.metrics_require_key,
+    )
     return app
 
 
@@ -104,7 +119,7 @@ async def _load_engine(
         raise
     except Exception as error:
         logger.exception("loading the model failed")
-        state.load_error = f"{type(error).__name__}: {error}"
+        state.load_failed = True
         if on_failure is not None:
             on_failure(error)
         return
@@ -116,40 +131,46 @@ async def _load_engine(
     logger.info("model loaded; ready to serve")
 
 
-def _default_factory() -> EngineFactory:
-    from fitserve.server.serve import build_engine  # lazy: pulls in quant, torch and transformers
-
-    return build_engine
-
-
-def _version() -> str:
-    from fitserve.server.routes.health import package_version
-
-    return package_version()
+async def _watch_engine(state: ServerState, on_failure: FatalCallback | None) -> None:
+    """Stop admitting work and report once the engine loop is found dead (it never comes back)."""
+    while not state.draining:
+        await asyncio.sleep(state.settings.engine_health_interval_s)
+        if state.engine is None or state.draining:
+            continue
+        try:
+            await state.engine.check_health()
+        except EngineError as error:
+            logger.error("the engine loop is dead (%s); draining and stopping the server", error)
+            state.draining = True
+            if on_failure is not None:
+                on_failure(error)
+            return
 
 
 def _add_exception_handlers(app: FastAPI) -> None:
-    async def on_api_error(_: Request, error: APIError) -> Response:
-        return error_response(error)
+    # Starlette calls each handler only with the exception class it is registered for.
+    async def on_api_error(_: Request, error: Exception) -> Response:
+        return error_response(cast(APIError, error))
 
-    async def on_engine_error(_: Request, error: EngineError) -> Response:
-        return error_response(APIError.from_engine(error))
+    async def on_engine_error(_: Request, error: Exception) -> Response:
+        return error_response(engine_error_to_api(cast(EngineError, error)))
 
-    async def on_validation_error(_: Request, error: RequestValidationError) -> Response:
-        return error_response(validation_to_api_error(error))
+    async def on_validation_error(_: Request, error: Exception) -> Response:
+        return error_response(validation_to_api_error(cast(RequestValidationError, error)))
 
-    async def on_http_error(_: Request, error: StarletteHTTPException) -> Response:
-        return error_response(http_to_api_error(error))
+    async def on_http_error(_: Request, error: Exception) -> Response:
+        return error_response(http_to_api_error(cast(StarletteHTTPException, error)))
 
     async def on_disconnect(_: Request, __: Exception) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     async def on_unexpected(request: Request, error: Exception) -> Response:
-        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-        return JSONResponse(
-            APIError(500, "Internal server error.", code="internal_error").to_response().model_dump(mode="json"),
-            status_code=500,
+        request_id = current_request_id()
+        logger.error(
+            "unhandled error on %s %s (request %s)", request.method, request.url.path, request_id, exc_info=error
         )
+        body = APIError(500, "Internal server error.", code="internal_error").to_response().model_dump(mode="json")
+        return JSONResponse(body, status_code=500, headers={REQUEST_ID_HEADER: request_id or ""})
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(EngineError, on_engine_error)
@@ -165,11 +186,14 @@ def validation_to_api_error(error: RequestValidationError) -> APIError:
     if not errors:
         return APIError.invalid("invalid request")
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_union_tag(part)]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return APIError.invalid(f"The request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
-    param = ".".join(loc) or None
+    context = first.get("ctx") or {}
+    param = ".".join(loc) or context.get("param")
+    if first.get("type") == UNSUPPORTED_PARAMETER:
+        return APIError.invalid(str(first.get("msg")), param=param, code=UNSUPPORTED_PARAMETER)
     if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
         return APIError.invalid("The request body must be a JSON object sent as Content-Type: application/json.")
     message = str(first.get("msg", "invalid value"))
@@ -183,6 +207,14 @@ def validation_to_api_error(error: RequestValidationError) -> APIError:
     if more:
         message += f" (and {more} more error{'s' if more > 1 else ''})"
     return APIError.invalid(message, param=param)
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _is_union_tag(part: str | int) -> bool:
+    """pydantic's name for a union member in an error location (`constrained-str`, `list[int]`), not a field."""
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or "-" in part)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}

@@ -1,20 +1,27 @@
-"""Pure-ASGI guard in front of every route: API-key check on /v1 and the request-body size limit.
+"""Pure-ASGI guard in front of every route: request id, API-key check and the request-body size limit.
 
 It runs before FastAPI parses anything, so an unauthenticated or oversized request is refused (401/413,
 OpenAI-shaped) without its body being decoded. Bodies are buffered up to the limit and replayed to the app;
 both a too-large `Content-Length` and a streamed (chunked) body that grows past the limit get 413.
+
+With an API key set, every route needs it except the probes (`/health`, `/ready`, `/version`) and, unless
+`metrics_require_key`, `/metrics`: the API, `/tokenize`, `/detokenize` and the OpenAPI document are protected,
+and so is any unknown path (401 before 404, so a scan learns nothing). Every response carries `X-Request-Id`.
 """
 
 from __future__ import annotations
 
 import secrets
 
+from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fitserve.server.protocol.errors import APIError, ErrorType
+from fitserve.server.request_id import REQUEST_ID_HEADER, new_request_id, set_request_id
 
-PROTECTED_PREFIX = "/v1"
+OPEN_PATHS = frozenset({"/health", "/ready", "/version"})
+METRICS_PATH = "/metrics"
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -25,17 +32,23 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 class RequestGuardMiddleware:
-    """401 for /v1 requests without the right bearer token; 413 for bodies over `max_body_bytes`."""
+    """Request ids; 401 without the right bearer token (see the module doc); 413 for bodies over the limit."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str | None, max_body_bytes: int, metrics_require_key: bool = False
+    ) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.open_paths = OPEN_PATHS if metrics_require_key else OPEN_PATHS | {METRICS_PATH}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        request_id = new_request_id(_header(scope, REQUEST_ID_HEADER.encode()))
+        set_request_id(request_id)
+        send = _with_request_id(send, request_id)
         error = self._check_auth(scope) or self._check_content_length(scope)
         if error is not None:
             await error_response(error)(scope, receive, send)
@@ -47,7 +60,7 @@ class RequestGuardMiddleware:
         await self.app(scope, _replay(body_messages, receive), send)
 
     def _check_auth(self, scope: Scope) -> APIError | None:
-        if self.api_key is None or not scope["path"].startswith(PROTECTED_PREFIX):
+        if self.api_key is None or scope["path"] in self.open_paths:
             return None
         header = _header(scope, b"authorization")
         scheme, _, token = (header or "").partition(" ")
@@ -102,6 +115,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def _with_request_id(send: Send, request_id: str) -> Send:
+    """A send callable that adds `X-Request-Id` to the response headers."""
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+        await send(message)
+
+    return send_with_id
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

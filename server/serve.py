@@ -1,11 +1,11 @@
-"""`fitserve serve` wiring: settings -> plan -> load -> Engine -> ServerMetrics -> app -> uvicorn.
+"""`fitserve serve` start-up: settings -> plan -> load -> engine -> threads -> malloc trim -> app -> uvicorn.
 
-The only module of `server/` that imports `quant` and `server.engine.engine`, lazily, at start-up. Planning
-runs before uvicorn starts, so a model that does not fit (or does not exist) ends the command with a clear
-message and exit status 2. Loading then runs in the background while the server already answers (/ready 503
-until the engine runs); a load failure stops the server with exit status 1. SIGTERM/SIGINT: the app stops
-admitting work (503, /ready 503), uvicorn waits up to `shutdown_timeout_s` for running requests, then the
-engine stops and the process exits 0.
+The top of `server/`: nothing imports this module but the CLI, and it is the only one that imports `quant` and
+`server.engine.engine` (lazily, at start-up). Planning runs before uvicorn starts, so a model that does not fit
+(or does not exist) ends the command with a clear message and exit status 2. Loading then runs in the background
+while the server already answers (/ready 503 until the engine runs). SIGTERM/SIGINT: the app stops admitting
+work (503, /ready 503), uvicorn waits up to `shutdown_timeout_s` for running requests, then the engine stops and
+the process exits 0. A load failure, or an engine loop found dead, drains the same way and exits 1.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import uvicorn
 
@@ -27,7 +29,19 @@ from fitserve.server.app import BuiltEngine, create_app
 from fitserve.server.routes.deps import ServerState
 from fitserve.server.settings import Settings
 
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from fitserve.quant.load import LoadedModel
+    from fitserve.quant.plan import Plan
+    from fitserve.quant.schemes import Precision
+    from fitserve.server.engine.config import EngineConfig
+    from fitserve.server.engine.engine import Engine
+    from fitserve.server.metrics import ServerMetrics
+
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_RUNTIME_ERROR = 1
@@ -41,17 +55,31 @@ class PlannedServing:
 
     model_dir: Path
     served_model_name: str
-    plan: Any  # fitserve.quant.plan.Plan
+    plan: Plan
 
 
 @dataclass
-class LoadedServing(PlannedServing):
+class LoadedServing:
     """A planned model, loaded."""
 
-    loaded: Any = None  # fitserve.quant.load.LoadedModel
+    planned: PlannedServing
+    loaded: LoadedModel
 
 
-async def run_in_short_lived_thread(fn: Callable[..., Any], *args: Any) -> Any:
+@dataclass
+class StartedEngine:
+    """A running engine, its metrics and how to stop it (what `fitserve serve` and a Ray replica start)."""
+
+    engine: Engine
+    metrics: ServerMetrics
+    close: Callable[[], Awaitable[None]]
+
+    def for_app(self) -> BuiltEngine:
+        """The same, as the app's engine factory hands it over."""
+        return BuiltEngine(engine=self.engine, metrics=self.metrics, close=self.close)
+
+
+async def run_in_short_lived_thread(fn: Callable[..., T], *args: Any) -> T:
     """`await fn(*args)` run in a new thread that ends when `fn` returns (not a pooled executor thread).
 
     Why not `asyncio.to_thread`: GNU OpenMP keeps a team of worker threads for every thread that ran a parallel
@@ -61,15 +89,15 @@ async def run_in_short_lived_thread(fn: Callable[..., Any], *args: Any) -> Any:
     exits releases its team, and the engine thread stays the only one running torch.
     """
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
+    future: asyncio.Future[T] = loop.create_future()
 
-    def settle(result: Any, error: BaseException | None) -> None:
+    def settle(result: T | None, error: BaseException | None) -> None:
         if future.cancelled():
             return
         if error is not None:
             future.set_exception(error)
         else:
-            future.set_result(result)
+            future.set_result(result)  # type: ignore[arg-type]  # None only alongside an error
 
     def target() -> None:
         try:
@@ -106,7 +134,7 @@ def plan_serving(settings: Settings) -> PlannedServing:
         plan = make_plan(PlanRequest(model=model_dir, **options))
     except (ModelNotFoundError, FetchError, NothingFitsError, ValueError) as error:
         raise StartupError(str(error)) from error
-    logger.info("memory plan for %s:\n%s", model_dir, format_plan(plan))
+    logger.info("memory plan for %s:\n%s", model_dir, render_table(plan.to_table()))
     name = settings.served_model_name or Path(model_dir).name
     return PlannedServing(model_dir=Path(model_dir), served_model_name=name, plan=plan)
 
@@ -115,14 +143,9 @@ def load_serving(planned: PlannedServing, settings: Settings) -> LoadedServing:
     """Load the planned model (blocking; seconds to minutes)."""
     from fitserve.quant.load import load_model
 
-    loaded = _load(load_model, planned.plan, settings)
-    logger.info("load report:\n%s", render_table(loaded.report))
-    return LoadedServing(planned.model_dir, planned.served_model_name, planned.plan, loaded)
-
-
-def plan_and_load(settings: Settings) -> LoadedServing:
-    """Plan, then load (blocking)."""
-    return load_serving(plan_serving(settings), settings)
+    loaded = load_model(planned.plan, trust_remote_code=settings.trust_remote_code)
+    logger.info("load report:\n%s", render_table(loaded.report.to_table()))
+    return LoadedServing(planned, loaded)
 
 
 def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]:
@@ -146,100 +169,72 @@ def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]
     return options
 
 
-def _load(load_model: Callable[..., Any], plan: Any, settings: Settings) -> Any:
-    """Call quant's loader with the user's trust_remote_code choice."""
-    return load_model(plan, trust_remote_code=settings.trust_remote_code)
-
-
-def render_table(obj: Any) -> str:
-    """Text of `obj.to_table()` (a rich table) when it has one, else `str(obj)`."""
-    to_table = getattr(obj, "to_table", None)
-    if not callable(to_table):
-        return str(obj)
+def render_table(table: RenderableType) -> str:
+    """The text of a rich table, for the log."""
     from rich.console import Console
 
-    console = Console(file=io.StringIO(), width=120, color_system=None)
-    console.print(to_table())
-    return console.file.getvalue().rstrip()  # type: ignore[attr-defined]
+    buffer = io.StringIO()
+    Console(file=buffer, width=120, color_system=None).print(table)
+    return buffer.getvalue().rstrip()
 
 
-def format_plan(plan: Any) -> str:
-    """The plan as a small table: the decision, then one line per candidate precision."""
-    if callable(getattr(plan, "to_table", None)):
-        return render_table(plan)
-    rows = [
-        ("precision", _value(getattr(plan, "precision", "?"))),
-        ("device", getattr(plan, "device", "?")),
-        ("budget_bytes", getattr(plan, "budget_bytes", "?")),
-        ("weights_bytes", getattr(plan, "weights_bytes", "?")),
-        ("overhead_bytes", getattr(plan, "overhead_bytes", "?")),
-        ("kv_bytes_per_token", getattr(plan, "kv_bytes_per_token", "?")),
-        ("kv_capacity_tokens", getattr(plan, "kv_capacity_tokens", "?")),
-        ("max_model_len", getattr(plan, "max_model_len", "?")),
-        ("reason", getattr(plan, "reason", "")),
-    ]
-    width = max(len(key) for key, _ in rows)
-    lines = [f"  {key.ljust(width)}  {value}" for key, value in rows]
-    for candidate in getattr(plan, "candidates", None) or ():
-        lines.append(
-            f"  candidate {_value(getattr(candidate, 'precision', '?')):>5}: "
-            f"total {getattr(candidate, 'total_bytes', '?')} bytes, fits={getattr(candidate, 'fits', '?')}, "
-            f"kv_capacity_tokens={getattr(candidate, 'kv_capacity_tokens', '?')}"
-        )
-    return "\n".join(lines)
-
-
-def _value(obj: Any) -> Any:
-    return getattr(obj, "value", obj)
-
-
-async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngine:
-    """Build metrics and the engine around a loaded model, start the engine loop."""
-    from fitserve.quant.load import release_free_heap
+def engine_config(serving: LoadedServing, settings: Settings) -> EngineConfig:
+    """The engine's configuration from the plan (block-aligned KV capacity, spare bytes) and the settings."""
     from fitserve.server.engine.config import EngineConfig
-    from fitserve.server.engine.engine import Engine
-    from fitserve.server.ledger import ModelInfo, make_ledger_fn
-    from fitserve.server.metrics import ServerMetrics
 
-    plan, loaded = serving.plan, serving.loaded
-    device = str(getattr(plan, "device", "cpu"))
-    report = loaded.report
-    metrics = ServerMetrics(
-        model_info=ModelInfo(
-            model=serving.served_model_name,
-            precision=str(getattr(plan.precision, "value", plan.precision)),
-            quant_method=_quant_method(plan.precision),
-            dtype=str(getattr(plan, "kv_dtype", "unknown")).removeprefix("torch."),
-            device=device,
-        )
-    )
+    plan = serving.planned.plan
     config_kwargs: dict[str, Any] = {}
     if settings.max_prefill_tokens is not None:
         config_kwargs["max_prefill_tokens"] = settings.max_prefill_tokens
-    use_compile_cache()
-    config = EngineConfig(
-        served_model_name=serving.served_model_name,
-        max_model_len=int(plan.max_model_len),
-        kv_capacity_tokens=int(plan.kv_capacity_tokens),
-        block_size_tokens=int(plan.block_size_tokens),
-        spare_bytes=int(plan.spare_bytes),  # may hold a prepacked copy of a tied lm_head on CPU
+    return EngineConfig(
+        served_model_name=serving.planned.served_model_name,
+        max_model_len=plan.max_model_len,
+        kv_capacity_tokens=plan.kv_capacity_tokens,
+        block_size_tokens=plan.block_size_tokens,
+        spare_bytes=plan.spare_bytes,  # may hold a prepacked copy of a tied lm_head on CPU
         max_batch_size=settings.max_batch_size
-        or default_max_batch_size(int(plan.kv_capacity_tokens), int(plan.block_size_tokens)),
+        or default_max_batch_size(plan.kv_capacity_tokens, plan.block_size_tokens),
         max_waiting=settings.max_waiting,
         compile_mode=settings.compile_mode,
         enable_prefix_caching=settings.enable_prefix_caching,
         oom_inject_steps=settings.oom_inject_steps,
-        device=device,
+        crash_inject_step=settings.crash_inject_step,
+        device=plan.device,
         **config_kwargs,
     )
+
+
+async def start_engine(serving: LoadedServing, settings: Settings) -> StartedEngine:
+    """Build metrics and the engine around a loaded model, start the engine loop."""
+    from fitserve.quant.load import release_free_heap
+    from fitserve.server.engine.engine import Engine
+    from fitserve.server.ledger import LoadReportLike, ModelInfo, PlanLike, make_ledger_fn
+    from fitserve.server.metrics import ServerMetrics
+
+    plan, loaded = serving.planned.plan, serving.loaded
+    if plan.precision is None:  # only a NothingFitsError's plan has none, and that never gets here
+        raise StartupError("the plan chose no precision")
+    metrics = ServerMetrics(
+        model_info=ModelInfo(
+            model=serving.planned.served_model_name,
+            precision=plan.precision.value,
+            quant_method=_quant_method(plan.precision),
+            dtype=plan.kv_dtype.removeprefix("torch."),
+            device=plan.device,
+        )
+    )
+    config = engine_config(serving, settings)
+    use_compile_cache()
     # built off the event loop's thread (the KV cache allocation and weight prepacking are parallel torch ops)
     engine = await run_in_short_lived_thread(lambda: Engine(loaded.model, loaded.tokenizer, config, stats_sink=metrics))
-    if device == "cpu":  # the weights prepacking replaced sit in malloc's free lists; give them back to the OS
+    if plan.device == "cpu":  # the weights prepacking replaced sit in malloc's free lists; give them back to the OS
         release_free_heap()
     await engine.start()
     metrics.attach_snapshot(engine.snapshot)
     try:
-        metrics.attach_ledger(make_ledger_fn(plan, report, device))
+        # the ledger's protocols declare settable attributes; the frozen Plan and LoadReport only read them
+        ledger_plan, ledger_report = cast("PlanLike", plan), cast("LoadReportLike", loaded.report)
+        metrics.attach_ledger(make_ledger_fn(ledger_plan, ledger_report, plan.device))
     except Exception:
         logger.warning("memory ledger unavailable", exc_info=True)
 
@@ -250,7 +245,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
     logger.info(
         "engine started: model=%s max_model_len=%d kv_capacity_tokens=%d max_batch_size=%s max_waiting=%d "
         "prefix_caching=%s compile_mode=%s (decode step: %s)",
-        serving.served_model_name,
+        config.served_model_name,
         config.max_model_len,
         config.kv_capacity_tokens,
         config.max_batch_size,
@@ -259,7 +254,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> BuiltEngin
         config.compile_mode.value,
         engine.runner.compile_mode.value,
     )
-    return BuiltEngine(engine=engine, metrics=metrics, close=stop)
+    return StartedEngine(engine=engine, metrics=metrics, close=stop)
 
 
 def use_compile_cache(environ: dict[str, str] | None = None) -> Path:
@@ -279,22 +274,19 @@ def default_max_batch_size(kv_capacity_tokens: int, block_size_tokens: int) -> i
     return max(1, min(MAX_DEFAULT_BATCH_SIZE, kv_capacity_tokens // block_size_tokens))
 
 
-def _quant_method(precision: Any) -> str:
+def _quant_method(precision: Precision) -> str:
     """The `quant_method` label for a precision."""
-    name = str(_value(precision))
-    if name in ("int8", "nf4"):
+    if precision.value in ("int8", "nf4"):
         return "bitsandbytes"
-    return "gptq" if name == "gptq" else "none"
-
-
-async def build_engine(settings: Settings) -> BuiltEngine:
-    """Plan, load (in a worker thread) and start: the app's default engine factory."""
-    serving = await run_in_short_lived_thread(plan_and_load, settings)
-    return await start_engine(serving, settings)
+    return "gptq" if precision.value == "gptq" else "none"
 
 
 def run(settings: Settings) -> int:
-    """Plan, then serve until SIGTERM/SIGINT while the model loads in the background; returns the exit status."""
+    """Plan, then serve until SIGTERM/SIGINT while the model loads in the background; returns the exit status.
+
+    0 after a requested shutdown, 1 when loading failed or the engine loop died (after draining), 2 when the
+    model cannot be planned.
+    """
     if settings.log_level is not None:
         logging.getLogger().setLevel(settings.log_level.value)
     try:
@@ -305,22 +297,22 @@ def run(settings: Settings) -> int:
 
     async def factory(app_settings: Settings) -> BuiltEngine:
         loaded = await run_in_short_lived_thread(load_serving, planned, app_settings)
-        return await start_engine(loaded, app_settings)
+        return (await start_engine(loaded, app_settings)).for_app()
 
     failures: list[BaseException] = []
 
-    def on_load_failure(error: BaseException) -> None:
+    def on_fatal_error(error: BaseException) -> None:
         failures.append(error)
-        server.should_exit = True
+        server.should_exit = True  # uvicorn drains for up to shutdown_timeout_s, then the lifespan stops the engine
 
-    app = create_app(settings, engine_factory=factory, on_load_failure=on_load_failure)
+    app = create_app(settings, engine_factory=factory, on_fatal_error=on_fatal_error)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep the CLI's logging configuration
         access_log=logging.getLogger().isEnabledFor(logging.DEBUG),
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # uvicorn's type says int
         lifespan="on",
     )
     server = _DrainingServer(config, app.state.server)
@@ -329,7 +321,7 @@ def run(settings: Settings) -> int:
     )
     server.run()
     if failures:
-        logger.error("stopped: the model failed to load (%s)", failures[0])
+        logger.error("stopped after a fatal error: %s", failures[0])
         return EXIT_RUNTIME_ERROR
     if not server.started:
         return EXIT_RUNTIME_ERROR
@@ -361,7 +353,7 @@ class _DrainingServer(uvicorn.Server):
             for sig, handler in originals.items():
                 signal.signal(sig, handler)
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Stop admitting new requests, then let uvicorn drain the running ones."""
         if not self._state.draining:
             logger.info("shutdown signal %s: no longer admitting requests", sig)

@@ -8,6 +8,7 @@ import logging
 
 from pydantic import ValidationError
 
+from fitserve.quant.plan_flags import add_plan_flags
 from fitserve.server.engine.compile_mode import CompileMode
 from fitserve.server.settings import Settings
 
@@ -27,22 +28,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         description="Plan the precision that fits the memory budget, load the model and serve it.",
         argument_default=argparse.SUPPRESS,
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", help="model directory or hub id (default: the cached SmolLM2-135M-Instruct)")
-    model.add_argument("--served-model-name", help="name clients send as `model` (default: the model dir name)")
-    model.add_argument("--trust-remote-code", action="store_true", help="allow the model repo to run its own code")
-    plan = parser.add_argument_group("memory plan")
-    plan.add_argument("--memory-budget", help="memory budget, e.g. 2GiB (default: what the device has free)")
-    plan.add_argument("--max-model-len", type=int, help="context length cap in tokens")
-    plan.add_argument("--min-concurrency", type=int, help="full-length sequences the KV cache must hold")
-    plan.add_argument("--max-kv-tokens", type=int, help="cap the KV cache (default: all the budget leaves)")
-    plan.add_argument("--precision", help="weight precision (default: auto, the best that fits)")
-    plan.add_argument("--force", action="store_true", help="load even when the plan says it does not fit")
-    plan.add_argument(
-        "--prefer-fp32-on-cpu",
-        action=argparse.BooleanOptionalAction,
-        help="on CPUs without native bf16 (AVX2 only) try fp32 first: faster there, twice the memory (default: on)",
-    )
+    plan = parser.add_argument_group("model and memory plan (as `fitserve plan`)")
+    add_plan_flags(plan, with_defaults=False)
+    plan.add_argument("--served-model-name", help="name clients send as `model` (default: the model dir name)")
     engine = parser.add_argument_group("engine")
     engine.add_argument(
         "--max-batch-size",
@@ -76,17 +64,31 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     engine.add_argument(
         "--oom-inject-steps", help="fault injection: comma-separated engine steps that raise OOM (off by default)"
     )
+    engine.add_argument(
+        "--crash-inject-step", type=int, help="fault injection: the engine step at which the engine loop dies"
+    )
+    engine.add_argument(
+        "--tokenizer-workers", type=int, help="threads that tokenize and detokenize requests off the event loop (2)"
+    )
+    engine.add_argument(
+        "--tokenizer-max-queued", type=int, help="requests waiting for a tokenizer thread beyond which new get 429 (64)"
+    )
     http = parser.add_argument_group("http")
     http.add_argument("--host", help="bind address (default 127.0.0.1)")
     http.add_argument("--port", type=int, help="port (default 8000)")
-    http.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1 routes")
+    http.add_argument(
+        "--api-key", help="require 'Authorization: Bearer <key>' on every route but /health, /ready, /version, /metrics"
+    )
+    http.add_argument(
+        "--metrics-require-key", action="store_true", help="with --api-key: /metrics needs the key too (default: open)"
+    )
     http.add_argument("--max-body-bytes", type=int, help="request bodies above this get 413 (default 1 MiB)")
     http.add_argument(
         "--shutdown-timeout",
         dest="shutdown_timeout_s",
         type=float,
         metavar="SECONDS",
-        help="seconds to drain requests on SIGTERM",
+        help="seconds to drain requests on SIGTERM or after the engine died (default 30)",
     )
     http.add_argument("--log-level", dest="serve_log_level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ...")
     scale = parser.add_argument_group("scale-out (Ray Serve; needs the `ray` extra)")

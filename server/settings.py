@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="name clients must send as `model`; default: dir name")
     host: str = Field("127.0.0.1", description="bind address; loopback unless set explicitly")
     port: int = Field(8000, ge=0, le=65535)
-    api_key: SecretStr | None = Field(None, description="require `Authorization: Bearer <key>` on /v1 routes")
+    api_key: SecretStr | None = Field(
+        None, description="require `Authorization: Bearer <key>` on every route but /health, /ready, /version"
+    )
+    metrics_require_key: bool = Field(False, description="with an API key: /metrics needs it too")
     memory_budget: str | None = Field(None, description="e.g. '2GiB'; None: detect from the device")
     max_model_len: int | None = Field(None, ge=1, description="context length cap; None: the model's own")
     min_concurrency: int = Field(1, ge=1, description="full-length sequences the KV cache must hold")
@@ -61,10 +64,22 @@ class Settings(BaseSettings):
     max_prefill_tokens: int | None = Field(None, ge=1, description="prefill token budget per step")
     enable_prefix_caching: bool = Field(True, description="reuse cached KV blocks of prompts' shared prefixes")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="request bodies above this get 413")
-    shutdown_timeout_s: float = Field(30.0, ge=0, description="grace period for running requests on SIGTERM")
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="grace period for running requests on SIGTERM or after the engine died"
+    )
+    tokenizer_workers: int = Field(2, ge=1, description="threads that tokenize, template and detokenize requests")
+    tokenizer_max_queued: int = Field(
+        64, ge=0, description="requests waiting for a tokenizer thread beyond which new ones get 429"
+    )
+    engine_health_interval_s: float = Field(
+        1.0, gt=0, description="how often the server checks the engine loop; a dead one stops the server"
+    )
     trust_remote_code: bool = Field(False, description="allow model repositories to run their own code")
     oom_inject_steps: Annotated[tuple[int, ...], NoDecode] = Field(
         (), description="fault injection: engine steps that raise OOM"
+    )
+    crash_inject_step: int | None = Field(
+        None, ge=1, description="fault injection: the engine step at which the engine loop dies"
     )
     log_level: LogLevel | None = Field(None, description="None keeps the level the CLI configured")
 

@@ -60,7 +60,7 @@ def live_server(
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(process, base_url, log_path, ready_timeout_s, api_key)
+        wait_ready(process, base_url, log_path, ready_timeout_s, api_key)
         try:
             yield base_url
         except BaseException:
@@ -92,9 +92,10 @@ def stop_server(process: subprocess.Popen[bytes], timeout_s: float) -> int | Non
     return process.returncode
 
 
-def _wait_ready(
-    process: subprocess.Popen[bytes], base_url: str, log_path: Path, timeout_s: float, api_key: str | None
+def wait_ready(
+    process: subprocess.Popen[bytes], base_url: str, log_path: Path, timeout_s: float, api_key: str | None = None
 ) -> None:
+    """Poll /ready until 200 (bounded by `timeout_s`); `LiveServerError` with the log tail otherwise."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=5.0, headers=headers) as client:

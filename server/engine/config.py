@@ -23,6 +23,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # prompt tokens computed per step (chunked prefill budget)
     oom_inject_steps: tuple[int, ...] = ()  # fault injection: steps (1-based) whose forward raises OOM
     sampling_fault_request_ids: tuple[str, ...] = ()  # fault injection: requests whose sampling raises (tests)
+    crash_inject_step: int | None = None  # fault injection: the step (1-based) at which the loop itself dies
     device: str = "cpu"
     block_size_tokens: int = 16  # KV cache page size
     oom_recovery_steps: int | None = 256  # OOM-free steps after which a lowered batch cap doubles; None: never

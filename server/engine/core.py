@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from fitserve.server.engine.bridge import Delivery, RequestBridge
+from fitserve.server.engine.heap import trim_free_heap
 from fitserve.server.engine.output import OutputProcessor
 from fitserve.server.engine.runner import ModelRunner, is_oom
 from fitserve.server.engine.scheduler import ScheduledBatch, ScheduledChunk, Scheduler, Sequence
@@ -47,6 +48,7 @@ class EngineCore:
         stats: StatsReporter,
         bridge: RequestBridge,
         idle_wait_s: float,
+        crash_inject_step: int | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
@@ -54,9 +56,11 @@ class EngineCore:
         self.stats = stats
         self.bridge = bridge
         self.idle_wait_s = idle_wait_s
+        self.crash_inject_step = crash_inject_step  # fault injection (tests): the step at which the loop dies
         self.shutdown = False  # set from the event loop; the loop aborts what is left and exits
         self.dead: BaseException | None = None
         self.snapshot: EngineSnapshot = build_snapshot(scheduler, 0)
+        self._worked_since_trim = False  # a step ran since the heap was last trimmed
 
     def run_loop(self, on_death: Callable[[], None]) -> None:
         """Step until `shutdown`; if the loop itself dies, fail every request and call `on_death`."""
@@ -71,8 +75,12 @@ class EngineCore:
                 if not self.scheduler.has_work:
                     self.bridge.deliver(deliveries)
                     self._refresh_snapshot()
+                    if self._worked_since_trim:  # idle after work: hand the burst's freed heap back to the OS
+                        self._worked_since_trim = False
+                        trim_free_heap()
                     self.bridge.wait(self.idle_wait_s)
                     continue
+                self._worked_since_trim = True
                 deliveries += self._step()
                 self.bridge.deliver(deliveries)
         except BaseException as exc:
@@ -115,6 +123,8 @@ class EngineCore:
         if batch.is_empty:
             self.bridge.wait(self.idle_wait_s)
             return []
+        if batch.step == self.crash_inject_step:
+            raise RuntimeError(f"injected engine crash at step {batch.step} (EngineConfig.crash_inject_step)")
         t0 = time.perf_counter()
         try:
             results = self.runner.run(batch)

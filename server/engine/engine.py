@@ -67,6 +67,7 @@ class Engine:
             self._stats,
             self._bridge,
             config.idle_wait_s,
+            config.crash_inject_step,
         )
         self._thread: threading.Thread | None = None
         self._accepting = False

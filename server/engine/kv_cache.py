@@ -200,7 +200,9 @@ def paged_attention_forward(
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
-    layer = module.layer_idx
+    layer = module.layer_idx  # transformers' attention modules number their layer
+    if not isinstance(layer, int):
+        raise TypeError(f"{type(module).__name__} has no integer layer_idx; paged attention needs one")
     k_cache, v_cache = batch.cache.k[layer], batch.cache.v[layer]
     new_k = key[0].transpose(0, 1)  # [T, KVH, D]
     new_v = value[0].transpose(0, 1)

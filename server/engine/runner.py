@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from fitserve.server.engine.kv_cache import (
 from fitserve.server.engine.sampling import sample_sequences
 from fitserve.server.engine.scheduler import ScheduledBatch, Sequence
 from fitserve.server.engine.types import SampleResult
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class KVCacheShape:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config: object) -> KVCacheShape:
+    def from_config(cls, config: PretrainedConfig) -> KVCacheShape:
         """Read layer/head sizes from a transformers config (text part for multimodal configs)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
@@ -59,18 +63,25 @@ class KVCacheShape:
         return cls(text.num_hidden_layers, kv_heads, head_dim)
 
 
+def kv_dtype(model: PreTrainedModel) -> torch.dtype:
+    """The KV cache's dtype: the input embeddings' when floating point, else the config's dtype, else fp16."""
+    weight = model.get_input_embeddings().weight
+    if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point:
+        return weight.dtype
+    configured = getattr(model.config, "dtype", None)
+    return configured if isinstance(configured, torch.dtype) else torch.float16
+
+
 class ModelRunner:
     """Owns the model, the KV cache and sampling state; turns a `ScheduledBatch` into sampled tokens."""
 
-    def __init__(self, model: torch.nn.Module, config: EngineConfig) -> None:
+    def __init__(self, model: PreTrainedModel, config: EngineConfig) -> None:
         self.config = config
         self.model = model.eval()
         self.device = torch.device(config.device)
         self.model.set_attn_implementation(register_attention())
         self.shape = KVCacheShape.from_config(model.config)
-        self.dtype = model.get_input_embeddings().weight.dtype
-        if not self.dtype.is_floating_point:
-            self.dtype = getattr(model.config, "dtype", None) or torch.float16
+        self.dtype = kv_dtype(model)
         self.block_size = config.block_size_tokens
         num_blocks = config.num_kv_blocks
         self.cache = PagedKVCache(

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from fitserve.server.protocol.common import MAX_LOGPROBS, FinishReasonName, SamplingRequest, Usage
+from fitserve.server.protocol.common import (
+    MAX_LOGPROBS,
+    FinishReasonName,
+    SamplingRequest,
+    StrictRequest,
+    Usage,
+    reject_unless,
+)
 
 
 class Role(enum.StrEnum):
@@ -20,19 +27,17 @@ class Role(enum.StrEnum):
     ASSISTANT = "assistant"
 
 
-class TextPart(BaseModel):
+class TextPart(StrictRequest):
     """A text content part (`{"type": "text", "text": ...}`); other part types are not supported."""
 
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(StrictRequest):
     """One conversation turn."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    role: Role
+    role: Role = Field(strict=False)  # the enum from its JSON string
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -64,15 +69,54 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict] | None = None
+    # Parameters that would change the answer and are not implemented: refused by name unless they are no-ops.
+    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'} is supported")
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported (only an empty list)")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' is supported")
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = Field(None, description="not supported (only an empty list)")
+    function_call: str | dict[str, Any] | None = Field(None, description="only 'none' is supported")
+    modalities: list[str] | None = Field(None, description="only ['text'] is supported")
+    audio: dict[str, Any] | None = Field(None, description="not supported")
+    prediction: dict[str, Any] | None = Field(None, description="not supported")
+    web_search_options: dict[str, Any] | None = Field(None, description="not supported")
+    reasoning_effort: str | None = Field(None, description="not supported")
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Structured output (json_object, json_schema) is not implemented."""
+        return reject_unless("response_format", value, ({"type": "text"},), "only type 'text'")
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]] | None, info: Any) -> list[dict[str, Any]] | None:
+        """Tool and function calling are not implemented."""
+        return reject_unless(info.field_name, value, ([],))
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: str | dict[str, Any] | None, info: Any) -> str | dict[str, Any] | None:
+        """Only 'none' (no tool call) is possible."""
+        return reject_unless(info.field_name, value, ("none",), "only 'none'")
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        """The model writes text."""
+        return reject_unless("modalities", value, (["text"],), "only ['text']")
+
+    @field_validator("audio", "prediction", "web_search_options", "reasoning_effort")
+    @classmethod
+    def _not_implemented(cls, value: Any, info: Any) -> Any:
+        """Refused whenever given."""
+        return reject_unless(info.field_name, value, ())
 
     @model_validator(mode="after")
     def _check_options(self) -> ChatCompletionRequest:
-        """top_logprobs needs logprobs; tools are not implemented."""
+        """top_logprobs needs logprobs."""
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
         return self
 
     def requested_max_tokens(self) -> int | None:

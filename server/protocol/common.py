@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from fitserve.server.engine.types import FinishReason, SamplingParams
 
 MAX_N = 16
-MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; vLLM-style clients send more, and matching 16 short strings is cheap
+MAX_STOP_CHARS = 1024  # per stop string: stop matching scans the tail of the text for each of them
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024  # bounds the per-step work one request can ask of the sampler
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI: each bias is in [-100, 100]
@@ -19,8 +21,35 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed integer
 
 FinishReasonName = Literal["stop", "length"]
 
+StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+UNSUPPORTED_PARAMETER = "unsupported_parameter"
 
-class StreamOptions(BaseModel):
+
+class StrictRequest(BaseModel):
+    """Base of every request body: JSON types as OpenAI checks them.
+
+    `"stream": "yes"`, `"n": "2"` or `"max_tokens": 3.0` are 400s, not quietly converted; an integer is still a
+    valid number (`"temperature": 1`). NaN and infinities are refused. Unknown fields are ignored, as
+    OpenAI-compatible servers do; known fields this server does not implement are refused by name.
+    """
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+def unsupported(field: str, detail: str = "") -> PydanticCustomError:
+    """The validation error for a parameter that would change the answer but is not implemented."""
+    message = f"'{field}' is not supported by this server" + (f": {detail}" if detail else "")
+    return PydanticCustomError(UNSUPPORTED_PARAMETER, message, {"param": field})  # no braces in `detail`
+
+
+def reject_unless(field: str, value: Any, accepted: tuple[Any, ...], detail: str = "") -> Any:
+    """`value` when it is unset (None) or one of the no-op values in `accepted`; otherwise `unsupported`."""
+    if value is None or value in accepted:
+        return value
+    raise unsupported(field, detail)
+
+
+class StreamOptions(StrictRequest):
     """`stream_options`: only `include_usage` is meaningful."""
 
     include_usage: bool = False
@@ -43,10 +72,8 @@ class Usage(BaseModel):
         )
 
 
-class SamplingRequest(BaseModel):
-    """Fields every generation request shares; unknown fields are ignored, as OpenAI-compatible servers do."""
-
-    model_config = ConfigDict(extra="ignore")
+class SamplingRequest(StrictRequest):
+    """Fields every generation request shares."""
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -56,7 +83,9 @@ class SamplingRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
+        None, description=f"up to {MAX_STOP_SEQUENCES} strings of at most {MAX_STOP_CHARS} characters each"
+    )
     stop_token_ids: list[int] | None = Field(None, description="vLLM extension")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="a 64-bit signed integer")
     logit_bias: dict[str, float] | None = Field(
@@ -67,12 +96,15 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = Field(False, description="vLLM extension")
     user: str | None = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        """At most MAX_STOP_SEQUENCES non-empty stop strings."""
-        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {len(value)}")
+    def _check_stop_size(cls, value: object) -> object:
+        """Clear messages for the stop caps (the schema states them too)."""
+        stops = value if isinstance(value, list) else [value]
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {len(stops)}")
+        if any(isinstance(stop, str) and len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"stop sequences are limited to {MAX_STOP_CHARS} characters each")
         return value
 
     @field_validator("logit_bias")

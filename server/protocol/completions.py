@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from fitserve.server.protocol.common import MAX_LOGPROBS, FinishReasonName, SamplingRequest, Usage
+from fitserve.server.protocol.common import MAX_LOGPROBS, FinishReasonName, SamplingRequest, Usage, unsupported
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 
@@ -19,8 +19,8 @@ class CompletionRequest(SamplingRequest):
     prompt: Prompt
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    suffix: str | None = None
-    best_of: int | None = None
+    suffix: str | None = Field(None, description="not supported (only empty)")
+    best_of: int | None = Field(None, ge=1, description="only equal to n")
 
     @field_validator("prompt")
     @classmethod
@@ -39,9 +39,9 @@ class CompletionRequest(SamplingRequest):
     def _check_unsupported(self) -> CompletionRequest:
         """Options this server does not implement are rejected rather than silently ignored."""
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise unsupported("suffix")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is not supported (use n)")
+            raise unsupported("best_of", "only best_of equal to n (use n)")
         if self.echo and self.logprobs is not None:
             raise ValueError("echo together with logprobs is not supported (prompt logprobs are not computed)")
         return self

@@ -1,6 +1,6 @@
 """OpenAI-shaped errors: the schema every non-2xx body follows, and the exception that carries one.
 
-Every error the server returns is `{"error": {"message", "type", "param", "code"}}`; handlers in
+Every error the server returns is `{"error": {"message", "type", "param", "code", "request_id"}}`; handlers in
 `server.app` turn `APIError` (and framework/engine errors) into that body.
 """
 
@@ -20,6 +20,7 @@ from fitserve.server.engine.types import (
     QueueFullError,
     RequestFailedError,
 )
+from fitserve.server.request_id import current_request_id
 
 
 class ErrorType(enum.StrEnum):
@@ -40,6 +41,7 @@ class ErrorDetail(BaseModel):
     type: ErrorType
     param: str | None = None
     code: str | None = None
+    request_id: str | None = None  # also in the X-Request-Id header; the server log carries the details
 
 
 class ErrorResponse(BaseModel):
@@ -116,9 +118,15 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def to_response(self) -> ErrorResponse:
-        """The OpenAI error body."""
+        """The OpenAI error body, with the current request's id."""
         return ErrorResponse(
-            error=ErrorDetail(message=self.message, type=self.error_type, param=self.param, code=self.code)
+            error=ErrorDetail(
+                message=self.message,
+                type=self.error_type,
+                param=self.param,
+                code=self.code,
+                request_id=current_request_id(),
+            )
         )
 
     @classmethod

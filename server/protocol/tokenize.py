@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from fitserve.server.protocol.chat import ChatMessage
+from fitserve.server.protocol.common import StrictRequest
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(StrictRequest):
     """Either a `prompt` (text) or `messages` (rendered through the chat template)."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     prompt: str | None = None
@@ -34,10 +33,8 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(StrictRequest):
     """Token ids to turn back into text."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     tokens: list[int] = Field(description="token ids")

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from fastapi import Request
 
 from fitserve.server.engine.types import EngineClient
 from fitserve.server.protocol.errors import APIError
+from fitserve.server.serving.cpu_pool import CPUWorkPool
 from fitserve.server.settings import Settings
+
+
+class MetricsRenderer(Protocol):
+    """What /metrics serves: the exposition body and its content type."""
+
+    def render(self) -> tuple[bytes, str]:
+        """The metrics in Prometheus text format."""
+        ...
 
 
 @dataclass
@@ -17,10 +26,11 @@ class ServerState:
     """Per-app state, stored on `app.state.server`; `draining` is set when shutdown begins."""
 
     settings: Settings
+    cpu_pool: CPUWorkPool
     engine: EngineClient | None = None
-    metrics: Any = None  # anything with render() -> (body bytes, content type)
+    metrics: MetricsRenderer | None = None
     draining: bool = False
-    load_error: str | None = None  # why the model failed to load, if it did
+    load_failed: bool = False  # the model failed to load (the log says why)
 
 
 def get_state(request: Request) -> ServerState:
@@ -38,8 +48,13 @@ def get_engine(request: Request) -> EngineClient:
     return state.engine
 
 
+def get_cpu_pool(request: Request) -> CPUWorkPool:
+    """The bounded pool that tokenises and detokenises off the event loop."""
+    return get_state(request).cpu_pool
+
+
 def not_loaded_error(state: ServerState) -> APIError:
     """503 while the model loads, or after it failed to load."""
-    if state.load_error is not None:
-        return APIError(503, f"The model failed to load: {state.load_error}", code="engine_unavailable")
+    if state.load_failed:
+        return APIError(503, "The model failed to load; the server log says why.", code="engine_unavailable")
     return APIError(503, "The model is still loading.", code="engine_unavailable")

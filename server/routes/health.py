@@ -9,10 +9,12 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from fitserve.server.engine.types import EngineError
+from fitserve.server.openapi import ERROR_RESPONSES
 from fitserve.server.protocol.errors import APIError
 from fitserve.server.routes.deps import ServerState, get_state, not_loaded_error
+from fitserve.server.serving.common import engine_error_to_api
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], responses=ERROR_RESPONSES)
 
 
 class StatusResponse(BaseModel):
@@ -35,7 +37,7 @@ async def health(state: Annotated[ServerState, Depends(get_state)]) -> StatusRes
     try:
         await state.engine.check_health()
     except EngineError as error:
-        raise APIError.from_engine(error) from error
+        raise engine_error_to_api(error) from error
     return StatusResponse(status="ok")
 
 

@@ -7,12 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from fitserve.server.engine.types import EngineClient
+from fitserve.server.openapi import ERROR_RESPONSES
 from fitserve.server.protocol.common import now_s
 from fitserve.server.protocol.errors import APIError
 from fitserve.server.protocol.models import ModelCard, ModelList
 from fitserve.server.routes.deps import get_engine
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=ERROR_RESPONSES)
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -40,10 +40,10 @@ class EngineReplica:
         settings = base.model_copy(update={"memory_budget": budget})
         planned = plan_serving(settings)
         loaded = await run_in_short_lived_thread(load_serving, planned, settings)
-        built = await start_engine(loaded, settings)
-        self._engine = built.engine
-        self._metrics = built.metrics
-        self._close = built.close
+        started = await start_engine(loaded, settings)
+        self._engine = started.engine
+        self._metrics = started.metrics
+        self._close = started.close
         self.replica_name = serve.get_replica_context().replica_id.unique_id
         self._directory_name = app_config.directory_name
         self._metrics_address = self._serve_metrics()

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fitserve.server.engine.types import EngineClient, FinishReason, RequestOutput, TokenLogprob
+from jinja2 import TemplateError
+
+from fitserve.server.engine.types import (
+    EngineClient,
+    EngineError,
+    EngineUnavailableError,
+    FinishReason,
+    RequestOutput,
+    TokenLogprob,
+)
 from fitserve.server.protocol.common import SamplingRequest
-from fitserve.server.protocol.errors import APIError
+from fitserve.server.protocol.errors import APIError, http_mapping_for
+from fitserve.server.request_id import current_request_id
+
+logger = logging.getLogger(__name__)
+
+
+def engine_error_to_api(error: EngineError, prompt_param: str | None = None) -> APIError:
+    """The client's view of an engine error: a dead or stopped engine says so without its internals.
+
+    The engine's own message for an unavailable loop may carry the exception that killed it; that goes to the
+    log with the request id, and the client gets a stable message plus the id.
+    """
+    if isinstance(error, EngineUnavailableError):
+        logger.warning("request %s: engine unavailable: %s", current_request_id(), error)
+        return APIError(503, "The engine is not available; retry later.", code=http_mapping_for(error).code)
+    return APIError.from_engine(error, prompt_param=prompt_param)
 
 
 def check_model(engine: EngineClient, requested: str | None) -> None:
@@ -47,19 +72,39 @@ def check_logit_bias(engine: EngineClient, request: SamplingRequest) -> None:
 
 
 def tokenize_text(engine: EngineClient, text: str, add_special_tokens: bool = True) -> list[int]:
-    """Tokenize with the engine's tokenizer; tokenizer failures are the input's fault (400)."""
+    """Tokenize with the engine's tokenizer (blocking: run it in the CPU pool); failures are a 400."""
     try:
         return engine.tokenize(text, add_special_tokens=add_special_tokens)
     except Exception as error:
-        raise APIError.invalid(f"could not tokenize the input: {error}", param="prompt") from error
+        raise _input_error("could not tokenize the input", "prompt", error) from error
 
 
 def render_chat(engine: EngineClient, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-    """Apply the chat template; template errors (e.g. roles that must alternate) become 400."""
+    """Apply the chat template (blocking: run it in the CPU pool); template errors become 400.
+
+    A template's own `raise_exception` message (e.g. roles that must alternate) is meant for the user and is
+    passed on; any other failure gets a stable message and the detail goes to the log.
+    """
     try:
         return engine.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    except Exception as error:
+    except TemplateError as error:
         raise APIError.invalid(f"could not apply the chat template: {error}", param="messages") from error
+    except Exception as error:
+        raise _input_error("could not apply the chat template", "messages", error) from error
+
+
+def detokenize_ids(engine: EngineClient, token_ids: Sequence[int], param: str) -> str:
+    """Token ids to text (blocking: run it in the CPU pool); failures are a 400."""
+    try:
+        return engine.detokenize(token_ids)
+    except Exception as error:
+        raise _input_error("could not detokenize the token ids", param, error) from error
+
+
+def _input_error(message: str, param: str, error: Exception) -> APIError:
+    """A 400 with a stable message; the exception goes to the log under the request id."""
+    logger.info("request %s: %s (param %s): %r", current_request_id(), message, param, error)
+    return APIError.invalid(f"{message}.", param=param)
 
 
 @dataclass

@@ -22,8 +22,10 @@ from fitserve.server.serving.common import (
     check_logit_bias,
     check_model,
     check_token_ids,
+    detokenize_ids,
     tokenize_text,
 )
+from fitserve.server.serving.cpu_pool import CPUWorkPool
 from fitserve.server.serving.generation import ChoiceGeneration, ChoiceRequest
 from fitserve.server.serving.logprobs import to_completion_logprobs
 from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_disconnect, sse_data, sse_error
@@ -32,8 +34,9 @@ from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_d
 class CompletionServing:
     """Serves the legacy completions endpoint against an `EngineClient`."""
 
-    def __init__(self, engine: EngineClient, max_choices_per_request: int) -> None:
+    def __init__(self, engine: EngineClient, pool: CPUWorkPool, max_choices_per_request: int) -> None:
         self._engine = engine
+        self._pool = pool
         self._max_choices = max_choices_per_request
 
     async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
@@ -41,8 +44,7 @@ class CompletionServing:
         check_model(self._engine, request.model)
         check_choices(len(request.prompts()), request.n, self._max_choices)
         check_logit_bias(self._engine, request)
-        prompt_ids = self._prompt_token_ids(request)
-        echo_texts = [self._engine.detokenize(ids) if request.echo else "" for ids in prompt_ids]
+        prompt_ids, echo_texts = await self._pool.run(self._prepare_prompts, request)
         response_id = new_id("cmpl")
         choices = [
             ChoiceRequest(
@@ -64,6 +66,12 @@ class CompletionServing:
             raw_request, self._collect(request, generation, response_id, prompt_tokens, echo_by_choice)
         )
         return JSONResponse(body.model_dump(mode="json"))
+
+    def _prepare_prompts(self, request: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        """Prompt token ids and, with `echo`, their texts (blocking: runs in the CPU pool)."""
+        prompt_ids = self._prompt_token_ids(request)
+        echo_texts = [detokenize_ids(self._engine, ids, "prompt") if request.echo else "" for ids in prompt_ids]
+        return prompt_ids, echo_texts
 
     def _prompt_token_ids(self, request: CompletionRequest) -> list[list[int]]:
         prompts: list[list[int]] = []

@@ -24,6 +24,8 @@ from fitserve.server.engine.types import (
     SamplingParams,
 )
 from fitserve.server.protocol.errors import APIError
+from fitserve.server.request_id import current_request_id
+from fitserve.server.serving.common import engine_error_to_api
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +151,8 @@ class ChoiceGeneration:
         if isinstance(error, APIError):
             return error
         if isinstance(error, EngineError):
-            return APIError.from_engine(error, prompt_param=self._prompt_param)
-        logger.error("engine request failed", exc_info=error)
+            return engine_error_to_api(error, prompt_param=self._prompt_param)
+        logger.error("engine request failed (request %s)", current_request_id(), exc_info=error)
         return APIError(500, "internal error while generating", code="internal_error")
 
 

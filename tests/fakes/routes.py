@@ -39,8 +39,9 @@ def assert_openai_error(response: Any, status: int, code: str | None = None) -> 
     body = response.json()
     assert set(body) == {"error"}, body
     error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
+    assert set(error) == {"message", "type", "param", "code", "request_id"}, error
     assert isinstance(error["message"], str) and error["message"]
+    assert error["request_id"] and error["request_id"] == response.headers["x-request-id"], error
     if code is not None:
         assert error["code"] == code, error
     return error

@@ -39,10 +39,13 @@ def test_plan_json_cold_then_warm(default_model_dir: Path, tmp_path: Path) -> No
             "--model", str(default_model_dir), "--memory-budget", "8GiB", "--json", "--no-prefer-fp32-on-cpu", env=env
         )
         assert json.loads(sixteen.stdout)["chosen"] == "bf16"
+    # the cold run built the meta-device skeleton once and cached the shape; the warm run reads it (no rebuild)
+    (shape_file,) = (tmp_path / "shapes").glob("*.json")
+    cached = shape_file.stat().st_mtime_ns
     warm, warm_s = run_cli("--model", str(default_model_dir), "--memory-budget", "8GiB", "--json", env=env)
     assert warm.returncode == 0 and json.loads(warm.stdout) == json.loads(cold.stdout)
-    print(f"fitserve plan: cold {cold_s:.2f}s, warm {warm_s:.2f}s")
-    assert warm_s < 5.0
+    assert shape_file.stat().st_mtime_ns == cached and list((tmp_path / "shapes").glob("*.json")) == [shape_file]
+    print(f"fitserve plan: cold {cold_s:.2f}s, warm {warm_s:.2f}s (informational; timing is not asserted)")
 
 
 def test_default_model_and_exit_3(default_model_dir: Path) -> None:

@@ -33,8 +33,10 @@ def test_injected_oom_keeps_serving(default_model_dir: Path) -> None:
         "3",
     ]
     with live_server(args) as base_url, httpx.Client(base_url=base_url, timeout=120) as http:
+        assert oom_events(http) == 0
         body = {"model": SERVED, "messages": CHAT, "max_tokens": 8, "temperature": 0}
         first = http.post("/v1/chat/completions", json=body)
+        assert oom_events(http) == 1  # the injected OOM really happened (and was caught)
         # The OOM at step 3 hits this request; the engine retries it or fails it with an OpenAI-shaped 503.
         assert first.status_code in (200, 503), first.text
         if first.status_code == 503:
@@ -45,6 +47,15 @@ def test_injected_oom_keeps_serving(default_model_dir: Path) -> None:
             assert reply.status_code == 200, reply.text
             assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
         assert http.get("/health").status_code == 200
+        assert oom_events(http) == 1
+
+
+def oom_events(http: httpx.Client) -> float:
+    """`fitserve_oom_events_total` as the server reports it."""
+    text = http.get("/metrics").text
+    samples = [line.split()[-1] for line in text.splitlines() if line.startswith("fitserve_oom_events_total")]
+    assert len(samples) == 1, samples
+    return float(samples[0])
 
 
 async def _one_stream(client: httpx.AsyncClient, index: int) -> tuple[str, object]:

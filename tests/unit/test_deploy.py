@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -49,7 +50,7 @@ def test_fitserve_service_builds_the_dockerfile_and_reserves_a_gpu() -> None:
     assert (context / fitserve["build"]["dockerfile"]).is_file()
     devices = fitserve["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
-    assert "8000:8000" in fitserve["ports"]
+    assert any(port.endswith(":8000:8000") for port in fitserve["ports"])
     assert fitserve["environment"]["FITSERVE_HOME"] == "/models"
     assert any(v.split(":")[1] == "/models" for v in fitserve["volumes"])
 
@@ -87,3 +88,38 @@ def test_grafana_provisioning_finds_the_datasource_and_dashboard() -> None:
     assert in_dir, f"nothing is mounted into the provisioned dashboard path {dashboard_dir}"
     assert mounts[in_dir[0]] == DEPLOY / "grafana" / "fitserve.json"
     assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == in_dir[0]
+
+
+# ${NAME:-default} and ${NAME:?error} as compose interpolates them
+_WITH_DEFAULT = re.compile(r"\$\{(\w+):-([^}]*)\}")
+_REQUIRED = re.compile(r"\$\{(\w+):\?[^}]+\}")
+
+
+def default_value(text: str) -> str:
+    """`text` with every ${NAME:-default} replaced by its default (what compose uses without deploy/.env)."""
+    return _WITH_DEFAULT.sub(lambda match: match.group(2), text)
+
+
+def test_every_port_is_published_on_loopback_by_default() -> None:
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            host_ip, host_port, container_port = default_value(port).split(":")
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond this machine by default"
+            assert host_port == container_port
+
+
+def test_the_api_key_and_grafana_password_come_from_the_env_file_and_are_required() -> None:
+    services = compose()["services"]
+    api_key = services["fitserve"]["environment"]["FITSERVE_API_KEY"]
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert _REQUIRED.fullmatch(api_key) and _REQUIRED.fullmatch(password), (api_key, password)
+    assert "admin" not in password
+
+
+def test_env_example_documents_every_variable_compose_reads() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    used = {m.group(1) for m in _WITH_DEFAULT.finditer(text)} | {m.group(1) for m in _REQUIRED.finditer(text)}
+    example = (DEPLOY / ".env.example").read_text()
+    documented = {line.split("=", 1)[0] for line in example.splitlines() if "=" in line and not line.startswith("#")}
+    assert used == documented
+    assert "deploy/.env" in (ROOT / ".gitignore").read_text().split()

@@ -338,3 +338,34 @@ def test_logit_bias_forces_and_bans_tokens(tiny) -> None:  # type: ignore[no-unt
     plain, banned, forced, sampled = asyncio.run(main())
     assert not set(banned) & set(plain)
     assert forced == [1234] * 6 and sampled == [777] * 6
+
+
+def test_engine_trims_the_heap_once_when_it_goes_idle_after_work(tiny, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from fitserve.server.engine import core
+
+    trims: list[int] = []
+    monkeypatch.setattr(core, "trim_free_heap", lambda: trims.append(1) or True)
+
+    async def main() -> None:
+        engine = make_engine(tiny)
+        await engine.start()
+        await asyncio.sleep(0.2)  # idle without work: nothing to give back
+        assert trims == []
+        await collect(engine.generate([5, 6, 7], greedy(4), "a"))
+        for _ in range(100):  # the loop goes idle right after delivering the last output
+            if trims:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # and stays idle: no second trim
+        await engine.stop(timeout_s=5)
+
+    asyncio.run(main())
+    assert trims == [1]
+
+
+def test_trim_free_heap_runs_on_glibc() -> None:
+    import platform
+
+    from fitserve.server.engine.heap import trim_free_heap
+
+    assert trim_free_heap() is (platform.libc_ver()[0] == "glibc")

@@ -68,7 +68,7 @@ def test_failures_are_classified() -> None:
                 return await c.send(WORKLOAD.item(0))
 
         r = asyncio.run(slow())
-    assert not r.ok and r.failure_key == "timeout" and r.e2e_s < 1.5
+    assert not r.ok and r.failure_key == "timeout" and r.chunks == 0  # gave up before the 2 s first token
 
 
 def test_connection_refused() -> None:

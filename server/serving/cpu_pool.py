@@ -1,0 +1,63 @@
+"""`CPUWorkPool`: request CPU work (tokenising, chat templates, detokenising) off the event loop, bounded.
+
+A 1 MiB prompt takes seconds to tokenise; on the event loop it would stall every stream the server is sending.
+The pool runs such work on a few threads (the tokenizers release the GIL while they work) and admits at most
+`workers + max_queued` jobs at once: beyond that a request gets 429 with `Retry-After` instead of queueing
+without bound. Jobs are counted until their thread finishes them, so a client that disconnects does not free
+its slot before the work it queued is really gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+from fitserve.server.protocol.errors import APIError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+RETRY_AFTER_S = 1
+
+
+class CPUWorkPool:
+    """A thread pool with a bounded backlog; `run` is awaited from the event loop only."""
+
+    def __init__(self, workers: int, max_queued: int) -> None:
+        if workers < 1 or max_queued < 0:
+            raise ValueError(f"need workers >= 1 and max_queued >= 0, got {workers} and {max_queued}")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fitserve-cpu")
+        self.capacity = workers + max_queued
+        self.in_flight = 0  # changed on the event loop's thread only
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`fn(*args, **kwargs)` on a pool thread in the caller's context; 429 `server_busy` if the backlog is full."""
+        if self.in_flight >= self.capacity:
+            raise APIError(
+                429,
+                "The server is busy preparing other requests; retry shortly.",
+                code="server_busy",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        loop = asyncio.get_running_loop()
+        self.in_flight += 1
+        context = contextvars.copy_context()  # the request id follows the work into the thread
+        job: Future[T] = self._executor.submit(context.run, functools.partial(fn, *args, **kwargs))
+        job.add_done_callback(lambda _: self._release_from_any_thread(loop))
+        return await asyncio.wrap_future(job)
+
+    def _release_from_any_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop already closed: nobody counts any more
+            loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+
+    def close(self) -> None:
+        """Drop queued jobs and let the threads end once their current job returns (never blocks)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

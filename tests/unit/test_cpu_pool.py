@@ -1,0 +1,102 @@
+"""Tokenising, templating and detokenising run on the bounded CPU pool, not on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from fitserve.server.protocol.errors import APIError
+from fitserve.server.serving.cpu_pool import CPUWorkPool
+from tests.fakes import FakeEngine
+from tests.fakes.routes import MODEL, assert_openai_error, make_client
+
+
+class ThreadRecordingEngine(FakeEngine):
+    """Records the thread each tokenizer call ran on."""
+
+    def __init__(self) -> None:
+        super().__init__(model_name=MODEL)
+        self.threads: list[str] = []
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.threads.append(threading.current_thread().name)
+        return super().tokenize(text, add_special_tokens)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        self.threads.append(threading.current_thread().name)
+        return super().detokenize(token_ids)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        self.threads.append(threading.current_thread().name)
+        return super().apply_chat_template(messages, add_generation_prompt)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "calls"),
+    [
+        ("/tokenize", {"model": MODEL, "prompt": "hi"}, 1),
+        ("/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, 1),
+        ("/detokenize", {"model": MODEL, "tokens": [104, 105]}, 1),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True, "max_tokens": 1}, 2),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}, 1),
+    ],
+)
+def test_tokenizer_work_runs_on_the_pool_threads(path: str, body: dict[str, object], calls: int) -> None:
+    engine = ThreadRecordingEngine()
+    response = make_client(engine).post(path, json=body)
+    assert response.status_code == 200, response.text
+    assert len(engine.threads) >= calls  # the fake's chat template tokenizes too
+    assert all(name.startswith("fitserve-cpu") for name in engine.threads), engine.threads
+
+
+def test_a_full_backlog_is_429_with_retry_after_and_frees_up() -> None:
+    async def scenario() -> None:
+        pool = CPUWorkPool(workers=1, max_queued=1)
+        release = threading.Event()
+        running = [asyncio.ensure_future(pool.run(release.wait, 10)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert pool.in_flight == 2
+        with pytest.raises(APIError) as refused:
+            await pool.run(len, "x")
+        assert refused.value.status_code == 429 and refused.value.headers["Retry-After"] == "1"
+        release.set()
+        assert await asyncio.gather(*running) == [True, True]
+        await asyncio.sleep(0.05)
+        assert pool.in_flight == 0
+        assert await pool.run(len, "abc") == 3
+        pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_caller_keeps_its_slot_until_the_thread_is_done() -> None:
+    async def scenario() -> None:
+        pool = CPUWorkPool(workers=1, max_queued=0)
+        release = threading.Event()
+        caller = asyncio.ensure_future(pool.run(release.wait, 10))
+        await asyncio.sleep(0.05)
+        caller.cancel()  # the client went away; the thread still works on it
+        await asyncio.sleep(0.05)
+        with pytest.raises(APIError):
+            await pool.run(len, "x")
+        release.set()
+        for _ in range(100):
+            if pool.in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert await pool.run(len, "ab") == 2
+        pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_http_answer_when_the_pool_is_full() -> None:
+    client = make_client(tokenizer_workers=1, tokenizer_max_queued=0)
+    pool = client.app.state.server.cpu_pool  # type: ignore[attr-defined]
+    pool.in_flight = pool.capacity  # as if one huge /tokenize were running
+    response = client.post("/tokenize", json={"model": MODEL, "prompt": "hi"})
+    assert_openai_error(response, 429, "server_busy")
+    assert response.headers["retry-after"] == "1"
