@@ -112,7 +112,8 @@ def test_int4_follows_the_bf16_paris_answer_except_at_near_ties(default_model_di
     answer = greedy_answer(reference)
     assert "Paris" in answer, answer
     tok = reference.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    messages = [{"role": "user", "content": QUESTION}]
+    prompt = list(tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
     answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt + answer_ids])
     with torch.inference_mode():
