@@ -152,6 +152,11 @@ class GptqParams:
     sym: bool = True
 
 
+def _bias_bytes(linear: LinearShape, dense_dtype: DType) -> int:
+    """A converted Linear's bias stays dense."""
+    return linear.out_features * dense_dtype.bytes if linear.has_bias else 0
+
+
 class SchemeHandler:
     """Base handler: a 16/32-bit dense scheme (no Linear is converted)."""
 
@@ -220,7 +225,7 @@ class TorchInt8Handler(TorchWeightOnlyHandler):
     buffers, so inside the footprint); `_weight_int8pack_mm` dequantizes in registers, no per-matmul copy."""
 
     def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
-        bias = linear.out_features * dense_dtype.bytes if linear.has_bias else 0
+        bias = _bias_bytes(linear, dense_dtype)
         return linear.numel + linear.out_features * dense_dtype.bytes + bias
 
     def convert_loaded(self, model: Any, should_convert: Callable[[str], bool], compute_dtype: DType) -> str | None:
@@ -241,7 +246,7 @@ class TorchInt4Handler(TorchWeightOnlyHandler):
     def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
         if not int4_fits(linear.out_features, linear.in_features, self.group_size):
             return super().linear_footprint_bytes(linear, dense_dtype)
-        bias = linear.out_features * dense_dtype.bytes if linear.has_bias else 0
+        bias = _bias_bytes(linear, dense_dtype)
         groups = linear.in_features // self.group_size
         return linear.numel // 2 + groups * linear.out_features * 2 * dense_dtype.bytes + bias
 
@@ -264,7 +269,7 @@ class Int8Handler(SchemeHandler):
         return True
 
     def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
-        bias = linear.out_features * dense_dtype.bytes if linear.has_bias else 0
+        bias = _bias_bytes(linear, dense_dtype)
         return linear.numel + bias
 
     def linear_side_bytes(self, linear: LinearShape) -> int:
@@ -298,7 +303,7 @@ class Nf4Handler(SchemeHandler):
         return True
 
     def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
-        bias = linear.out_features * dense_dtype.bytes if linear.has_bias else 0
+        bias = _bias_bytes(linear, dense_dtype)
         return math.ceil(linear.numel / 2) + bias
 
     def linear_side_bytes(self, linear: LinearShape) -> int:

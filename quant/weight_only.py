@@ -97,7 +97,7 @@ class _WeightOnlyLinear(torch.nn.Module):
         """`x @ W.T + b` with the dequantized weight, in `x`'s leading shape and this module's dtype."""
         lead = x.shape[:-1]
         out = self._matmul(x.reshape(-1, self.in_features).to(self.dtype))
-        if self.bias is not None:
+        if isinstance(self.bias, torch.Tensor):
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
 
