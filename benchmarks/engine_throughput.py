@@ -100,7 +100,7 @@ def bench_engine(
         max_prefill_tokens=max(512, prompt_tokens * batch),
         batched_decode_attention=batched_decode,
         prepack_cpu_linears=prepack,
-        shared_weight_copy_bytes=2**40 if pack_shared else 0,
+        spare_bytes=2**40 if pack_shared else 0,
         device=str(model.device),
     )
     prompts = [[100 + (7 * i + j) % 20000 for j in range(prompt_tokens)] for i in range(batch)]
