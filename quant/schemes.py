@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fitserve.quant.int4_layout import DEFAULT_INT4_GROUP_SIZE, int4_fits
+
 
 class Precision(enum.StrEnum):
     """How the model's weights are stored once loaded."""
@@ -115,17 +117,6 @@ NF4_BLOCK_SIZE = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NF4_NESTED_BLOCK_SIZE = 256  # double quantization: absmax quantized to 8 bits in blocks of 256
 NF4_QUANT_MAP_BYTES = 16 * 4  # the 16-entry fp32 code book per weight
 NF4_NESTED_QUANT_MAP_BYTES = 256 * 4  # the 256-entry fp32 code book of the nested quantization
-INT4_GROUP_SIZES = (32, 64, 128)  # what torch's int4 CPU kernel accepts
-# one scale and zero per 32 weights: on the default model the most accurate of the three and, measured on this
-# CPU, the fastest (docs/memory-model.md); 128 does not divide its 576-wide rows anyway
-DEFAULT_INT4_GROUP_SIZE = 32
-INT4_ROW_MULTIPLE = 16  # `_convert_weight_to_int4pack_for_cpu` packs rows in blocks of 16
-
-
-def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
-    """True when torch's int4 kernel takes an out x in Linear in groups of `group_size` (rows in multiples of
-    16, groups that tile each row); other Linears stay dense under INT4."""
-    return group_size in INT4_GROUP_SIZES and in_features % group_size == 0 and out_features % INT4_ROW_MULTIPLE == 0
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fitserve.quant.schemes import DEFAULT_INT4_GROUP_SIZE, int4_fits
+from fitserve.quant.int4_layout import DEFAULT_INT4_GROUP_SIZE, int4_fits
 
 INT4_INNER_K_TILES = 1  # the CPU packing's innerKTiles argument (only the CUDA layout uses other values)
 INT4_MID = 8  # q - 8 centres the 0..15 codes
