@@ -12,11 +12,20 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fitserve.quant.schemes import DType, GptqParams, LinearShape, Precision, dense_dtype_for, handler_for
+from fitserve.quant.schemes import (
+    DType,
+    GptqParams,
+    KernelBackend,
+    LinearShape,
+    Precision,
+    dense_dtype_for,
+    handler_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +108,7 @@ class PrecisionEstimate:
     overhead: Overhead = field(repr=False)
     layer_weights_bytes: int = 0  # the part of weights + quant state inside the decoder layers
     load_peak_bytes: int = 0  # CPU: the process's peak while loading (runtime + residue + weights + transient)
+    backend: KernelBackend | None = None  # the kernels a quantized precision runs on
 
     @property
     def overhead_bytes(self) -> int:
@@ -163,6 +173,13 @@ def _should_convert(name: str, patterns: list[str]) -> bool:
         return bool(should_convert_module(name, patterns))
     except ImportError:  # pragma: no cover
         return not any(name == p or name.startswith(p + ".") or name.endswith(p) for p in patterns)
+
+
+def linear_conversion_rule(model: Any, qdict: dict[str, Any] | None = None) -> Callable[[str], bool]:
+    """`rule(name)`: whether the `nn.Linear` called `name` in `model` is one a scheme converts (transformers'
+    rule: not the output embedding, tied weights or the modules the config keeps dense)."""
+    patterns = _skip_patterns(model, qdict or {})
+    return lambda name: bool(name) and _should_convert(name, patterns)
 
 
 SHAPE_CACHE_VERSION = 2  # 2: layers_module
@@ -249,11 +266,11 @@ def build_shape(model: str | Path, trust_remote_code: bool = False) -> ModelShap
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     skeleton.tie_weights()  # tied embeddings must share one parameter to be counted once
-    patterns = _skip_patterns(skeleton, qdict)
+    converts = linear_conversion_rule(skeleton, qdict)
     linears: list[LinearShape] = []
     converted_ids: set[int] = set()
     for name, module in skeleton.named_modules():
-        if type(module) is torch.nn.Linear and name and _should_convert(name, patterns):
+        if type(module) is torch.nn.Linear and converts(name):
             linears.append(LinearShape(module.out_features, module.in_features, module.bias is not None))
             converted_ids.update(id(p) for p in module.parameters(recurse=False))
     params = list(skeleton.parameters())  # unique: tied parameters appear once
@@ -304,15 +321,20 @@ def kv_bytes_per_token(shape: ModelShape, kv_dtype: DType) -> int:
 
 
 def weights_bytes(
-    shape: ModelShape, precision: Precision, compute_dtype: DType, double_quant: bool = False
+    shape: ModelShape,
+    precision: Precision,
+    compute_dtype: DType,
+    double_quant: bool = False,
+    backend: KernelBackend | None = None,
 ) -> tuple[int, int]:
     """(footprint bytes, quant-state bytes) of the weights in `precision`.
 
     footprint = dense params x dense dtype bytes + buffers + sum over converted Linears of the scheme's
     per-layer bytes (16/32-bit schemes convert nothing, so every parameter is dense). quant-state = the
     scheme's scales kept outside parameters (INT8 per-row fp32 SCB; NF4 absmax), not in the footprint.
+    `backend` is the quantized precision's kernel backend (torch's kernels keep their scales as buffers).
     """
-    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
+    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq, backend=backend)
     dense_dtype = dense_dtype_for(precision, compute_dtype)
     if not handler.converts_linears():
         return shape.total_params * dense_dtype.bytes + shape.buffer_bytes, 0
@@ -323,10 +345,14 @@ def weights_bytes(
 
 
 def layer_weights_bytes(
-    shape: ModelShape, precision: Precision, compute_dtype: DType, double_quant: bool = False
+    shape: ModelShape,
+    precision: Precision,
+    compute_dtype: DType,
+    double_quant: bool = False,
+    backend: KernelBackend | None = None,
 ) -> int:
     """Bytes of the Linear layers inside the decoder layers (footprint + quant state): what moves with a layer."""
-    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
+    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq, backend=backend)
     dense_dtype = dense_dtype_for(precision, compute_dtype)
     if not handler.converts_linears():
         return sum(lin.numel + (lin.out_features if lin.has_bias else 0) for lin in shape.linears) * dense_dtype.bytes
@@ -346,6 +372,7 @@ def overhead(
     n_cuda_devices: int = 0,
     double_quant: bool = False,
     cpu_runtime_bytes: int | None = None,
+    backend: KernelBackend | None = None,
 ) -> Overhead:
     """Runtime overhead of serving, in bytes (a = activation dtype bytes, T = max_batch_tokens):
 
@@ -356,7 +383,8 @@ def overhead(
       kernel materialises it (the math path does; flash kernels do not: an upper bound).
     - logits: min(max_num_seqs, T) x vocab x 4 x 2 (fp32 logits of the last token of each sequence, and the
       probabilities sampling derives from them).
-    - dequant: the largest converted weight dequantized to the compute dtype for one matmul (INT8/NF4/GPTQ).
+    - dequant: the largest converted weight dequantized to the compute dtype for one matmul (bitsandbytes
+      INT8/NF4, GPTQ; torch's weight-only kernels dequantize in registers: 0).
     - CUDA context: a fixed amount per GPU (its device memory is what a GPU budget covers).
     - CPU runtime: on CPU, where the budget is the process's memory, what the process holds before loading
       (`cpu_runtime_bytes`, measured by `fitserve serve` at start; None: the `CPU_RUNTIME_BYTES` estimate),
@@ -369,7 +397,7 @@ def overhead(
     attention = shape.num_attention_heads * max_batch_tokens * max_model_len * 4
     rows = min(max_num_seqs, max_batch_tokens)
     logits = rows * shape.vocab_size * 4 * SAMPLING_COPIES
-    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq)
+    handler = handler_for(precision, double_quant=double_quant, gptq=shape.gptq, backend=backend)
     dequant = handler.largest_dequant_bytes(list(shape.linears), compute_dtype) if handler.converts_linears() else 0
     runtime = 0 if n_cuda_devices else (CPU_RUNTIME_BYTES if cpu_runtime_bytes is None else cpu_runtime_bytes)
     residue = 0 if n_cuda_devices else handler.cpu_residue_bytes()
@@ -389,7 +417,7 @@ def cpu_load_peak_bytes(shape: ModelShape, est: PrecisionEstimate, double_quant:
     Loading happens before the KV cache and the serving buffers exist, so they are not part of it.
     """
     over = est.overhead
-    handler = handler_for(est.precision, double_quant=double_quant, gptq=shape.gptq)
+    handler = handler_for(est.precision, double_quant=double_quant, gptq=shape.gptq, backend=est.backend)
     converts = shape.prequantized is None and shape.config_dtype != dense_dtype_for(est.precision, est.compute_dtype)
     transient = 0 if shape.prequantized else handler.cpu_load_transient_bytes(checkpoint_bytes(shape), converts)
     weights = est.weights_bytes + est.quant_state_bytes
@@ -407,10 +435,11 @@ def estimate_precision(
     n_cuda_devices: int = 0,
     double_quant: bool = False,
     cpu_runtime_bytes: int | None = None,
+    backend: KernelBackend | None = None,
 ) -> PrecisionEstimate:
-    """All the bytes one precision needs."""
+    """All the bytes one precision needs (on `backend`, for a quantized precision)."""
     dense_dtype = dense_dtype_for(precision, compute_dtype)
-    footprint, side = weights_bytes(shape, precision, dense_dtype, double_quant)
+    footprint, side = weights_bytes(shape, precision, dense_dtype, double_quant, backend)
     over = overhead(
         shape,
         precision,
@@ -421,10 +450,11 @@ def estimate_precision(
         n_cuda_devices=n_cuda_devices,
         double_quant=double_quant,
         cpu_runtime_bytes=cpu_runtime_bytes,
+        backend=backend,
     )
-    layers = layer_weights_bytes(shape, precision, dense_dtype, double_quant)
+    layers = layer_weights_bytes(shape, precision, dense_dtype, double_quant, backend)
     kv = kv_bytes_per_token(shape, dense_dtype)
-    est = PrecisionEstimate(precision, dense_dtype, footprint, side, kv, over, layers)
+    est = PrecisionEstimate(precision, dense_dtype, footprint, side, kv, over, layers, backend=backend)
     if n_cuda_devices:
         return est
     return replace(est, load_peak_bytes=cpu_load_peak_bytes(shape, est, double_quant))
@@ -438,6 +468,7 @@ __all__ = [
     "inspect_model",
     "kv_bytes_per_token",
     "layer_weights_bytes",
+    "linear_conversion_rule",
     "overhead",
     "weights_bytes",
 ]

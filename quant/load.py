@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from fitserve.quant.budget import DeviceMemory, format_bytes, read_device_memory
+from fitserve.quant.estimate import linear_conversion_rule
 from fitserve.quant.plan import Plan
-from fitserve.quant.schemes import Precision, handler_for
+from fitserve.quant.schemes import KernelBackend, Precision, SchemeHandler, handler_for
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +161,12 @@ def measure_weights_by_device(model: Any) -> dict[str, int]:
     return out
 
 
+def _handler(plan: Plan) -> SchemeHandler:
+    return handler_for(plan.precision or Precision.BF16, double_quant=plan.double_quant, backend=plan.quant_backend)
+
+
 def _load_kwargs(plan: Plan) -> dict[str, Any]:
-    handler = handler_for(plan.precision or Precision.BF16, double_quant=plan.double_quant)
-    kwargs = handler.load_kwargs(plan.compute_dtype)
+    kwargs = _handler(plan).load_kwargs(plan.compute_dtype)
     if plan.prequantized:
         kwargs.pop("quantization_config", None)  # the checkpoint's own config drives the load
     kwargs["device_map"] = plan.device_map or plan.device
@@ -274,12 +278,15 @@ def load_model(plan: Plan, trust_remote_code: bool = False) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = _load_kwargs(plan)
-    if plan.precision is Precision.INT8:
+    if plan.precision is Precision.INT8 and plan.quant_backend is not KernelBackend.TORCH:
         _quiet_int8_cast_warning()
     before = read_device_memory(plan.device)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(plan.model_path, trust_remote_code=trust_remote_code, **kwargs)
     model.eval()
+    converted = _handler(plan).convert_loaded(model, linear_conversion_rule(model), plan.compute_dtype)
+    if converted:
+        logger.info("%s", converted)
     tokenizer = AutoTokenizer.from_pretrained(plan.model_path, trust_remote_code=trust_remote_code)
     elapsed = time.perf_counter() - start
     if plan.device == "cpu":

@@ -24,7 +24,15 @@ from fitserve.quant.placement import (
     layer_costs,
     split_layers,
 )
-from fitserve.quant.schemes import DType, Precision, parse_precision
+from fitserve.quant.schemes import (
+    DType,
+    KernelBackend,
+    Precision,
+    backend_for,
+    four_bit_precision,
+    kernel_note,
+    parse_precision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +68,9 @@ class PlanRequest(BaseModel):
     # CPU: what this process holds before loading, measured by `fitserve serve` at start (None: an estimate)
     cpu_runtime_bytes: int | None = Field(default=None, ge=0)
     trust_remote_code: bool = False  # let the model repository's own code run (config/skeleton); off by default
+    # kernels for INT8 (and with it the 4-bit rung): auto = torch's weight-only kernels on CPU (INT8, INT4),
+    # bitsandbytes on CUDA (INT8, NF4); "bitsandbytes" keeps LLM.int8/NF4 on CPU too
+    quant_backend: KernelBackend | Literal["auto"] = "auto"
 
     @field_validator("max_num_seqs", "max_batch_tokens", "max_model_len", "min_concurrency", mode="before")
     @classmethod
@@ -90,6 +101,7 @@ class Candidate:
     shortfall_bytes: int  # 0 when it fits
     device_split: tuple[DeviceShare, ...] = ()  # per device: layers, weights, overhead, KV (empty: does not fit)
     load_peak_bytes: int = 0  # CPU: the process's peak while loading (0 on GPU)
+    backend: KernelBackend | None = None  # the kernels a quantized precision runs on
 
     def max_seqs(self, tokens_per_seq: int) -> int:
         """Concurrent sequences of `tokens_per_seq` tokens the KV capacity holds."""
@@ -101,6 +113,7 @@ class Candidate:
         out.pop("device_split")
         out["precision"] = self.precision.value
         out["dtype"] = self.dtype.value
+        out["backend"] = self.backend.value if self.backend else None
         out["max_concurrent_seqs_full_context"] = self.max_seqs(max_model_len)
         out[f"max_concurrent_seqs_{TYPICAL_REQUEST_TOKENS}"] = self.max_seqs(TYPICAL_REQUEST_TOKENS)
         return out
@@ -133,6 +146,7 @@ class Plan:
     block_size_tokens: int = 16
     spare_bytes: int = 0  # budget left after weights, quant state, overhead and the whole KV cache
     device_split: tuple[DeviceShare, ...] = ()  # per device: layers, weights, overhead and KV cache
+    quant_backend: KernelBackend | None = None  # kernels of a quantized precision (torch / bitsandbytes)
 
     @property
     def kv_capacity_blocks(self) -> int:
@@ -213,6 +227,7 @@ class Plan:
             "budget_source": self.budget_source,
             "chosen": self.precision.value if self.precision else None,
             "precision": self.precision.value if self.precision else None,
+            "quant_backend": self.quant_backend.value if self.quant_backend else None,
             "reason": self.reason,
             "weights_bytes": self.weights_bytes,
             "quant_state_bytes": self.quant_state_bytes,
@@ -269,6 +284,14 @@ def _ladder(
         )
     if forced is Precision.BF16 and budget.is_cuda and half is DType.FLOAT16:
         logger.warning("bf16 asked for on a GPU without native bf16; it will be slow")
+    requested = request.quant_backend if isinstance(request.quant_backend, KernelBackend) else None
+    try:
+        int8_backend = backend_for(Precision.INT8, on_cuda=budget.is_cuda, requested=requested)
+        if forced is not None:
+            backend_for(forced, on_cuda=budget.is_cuda, requested=requested)
+    except ValueError as error:
+        raise PlanInputError(str(error)) from None
+    four_bit = four_bit_precision(int8_backend)
     if forced is not None:
         compute = {Precision.FP32: DType.FLOAT32, Precision.FP16: DType.FLOAT16, Precision.BF16: DType.BFLOAT16}
         return [(forced, compute.get(forced, half))], f"{forced.value} forced by --precision"
@@ -279,14 +302,14 @@ def _ladder(
                 (Precision.FP32, DType.FLOAT32),
                 (Precision.BF16, DType.BFLOAT16),
                 (Precision.INT8, DType.BFLOAT16),
-                (Precision.NF4, DType.BFLOAT16),
+                (four_bit, DType.BFLOAT16),
             ],
             "CPU without native bf16 (no AVX512-BF16/AMX): fp32 compute is faster here, so fp32 goes first "
             "when it fits (--no-prefer-fp32-on-cpu keeps bf16)",
         )
     sixteen = Precision.BF16 if half is DType.BFLOAT16 else Precision.FP16
     note = "bf16" if half is DType.BFLOAT16 else "fp16 (this GPU has no native bf16)"
-    return [(sixteen, half), (Precision.INT8, half), (Precision.NF4, half)], f"ladder {note} -> int8 -> nf4"
+    return [(sixteen, half), (Precision.INT8, half), (four_bit, half)], f"ladder {note} -> int8 -> {four_bit.value}"
 
 
 def seq_tokens(request: PlanRequest) -> int:
@@ -364,6 +387,7 @@ def _evaluate(est: PrecisionEstimate, budget: Budget, request: PlanRequest, num_
         max(total - budget.budget_bytes, 0),
         shares if fits else (),
         est.load_peak_bytes,
+        est.backend,
     )
 
 
@@ -375,6 +399,7 @@ def _estimate(
     n_cuda: int,
     max_model_len: int | None = None,
 ) -> PrecisionEstimate:
+    requested = request.quant_backend if isinstance(request.quant_backend, KernelBackend) else None
     return estimate_precision(
         shape,
         precision,
@@ -385,6 +410,7 @@ def _estimate(
         n_cuda_devices=n_cuda,
         double_quant=request.double_quant,
         cpu_runtime_bytes=request.cpu_runtime_bytes,
+        backend=backend_for(precision, on_cuda=n_cuda > 0, requested=requested),
     )
 
 
@@ -547,6 +573,9 @@ def _build_plan(
     device_map, max_memory = _device_map(budget, chosen.device_split, shape.layers_module)
     kv_cache = kv_cache_tokens(capacity, request.block_size_tokens) * chosen.kv_bytes_per_token
     total = chosen.weights_bytes + chosen.quant_state_bytes + chosen.overhead_bytes + kv_cache
+    kernels = kernel_note(chosen.precision, chosen.backend)
+    if kernels:
+        reason = f"{reason}; {kernels}"
     plan = Plan(
         model_path=shape.model_path,
         precision=chosen.precision,
@@ -571,6 +600,7 @@ def _build_plan(
         block_size_tokens=request.block_size_tokens,
         spare_bytes=max(budget.budget_bytes - total, 0),
         device_split=chosen.device_split,
+        quant_backend=chosen.backend,
     )
     logger.info("plan: %s", reason)
     return plan

@@ -84,6 +84,7 @@ def run_plan(args: argparse.Namespace) -> int:
             double_quant=args.double_quant,
             prefer_fp32_on_cpu=args.prefer_fp32_on_cpu,
             trust_remote_code=args.trust_remote_code,
+            quant_backend=args.quant_backend,
         )
         plan = make_plan(request)
     except NothingFitsError as error:

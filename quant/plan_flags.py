@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8", "nf4", "gptq")
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8", "int4", "nf4", "gptq")
+QUANT_BACKEND_CHOICES = ("auto", "torch", "bitsandbytes")
 
 PLAN_FLAG_DEFAULTS: dict[str, Any] = {
     "model": None,
@@ -19,6 +20,7 @@ PLAN_FLAG_DEFAULTS: dict[str, Any] = {
     "max_kv_tokens": None,
     "precision": "auto",
     "force": False,
+    "quant_backend": "auto",
     "prefer_fp32_on_cpu": True,
     "trust_remote_code": False,
 }
@@ -63,6 +65,13 @@ def add_plan_flags(parser: argparse._ActionsContainer, *, with_defaults: bool) -
     )
     parser.add_argument(
         "--force", action="store_true", help="with --precision: use it even if it does not fit", **default("force")
+    )
+    parser.add_argument(
+        "--quant-backend",
+        choices=QUANT_BACKEND_CHOICES,
+        help="kernels for int8 and the 4-bit rung: auto = torch's weight-only kernels on CPU (int8, int4), "
+        "bitsandbytes on GPU (int8, nf4); bitsandbytes keeps LLM.int8/nf4 on CPU too",
+        **default("quant_backend"),
     )
     parser.add_argument(
         "--prefer-fp32-on-cpu",

@@ -5,15 +5,24 @@ Each handler answers three questions with no torch at import time:
   (parameters and buffers),
 - how many bytes of side tensors the scheme keeps *outside* parameters and buffers (bitsandbytes' per-row
   INT8 scales, NF4 per-block absmax), which are real memory but invisible to `get_memory_footprint()`,
-- which keyword arguments `from_pretrained` needs to load the model that way.
+- which keyword arguments `from_pretrained` needs to load the model that way,
+and, for the schemes fitserve quantizes itself (torch's weight-only CPU kernels, `quant/weight_only.py`), converts
+the loaded 16-bit model.
+
+A quantized precision's kernel backend is a detail of its handler (`backend_for`): on CPU, INT8 runs through
+torch's `_weight_int8pack_mm` and the 4-bit rung is INT4 through `_weight_int4pack_mm_for_cpu`; on CUDA, INT8 is
+bitsandbytes' LLM.int8 and the 4-bit rung NF4. `--quant-backend bitsandbytes` keeps bitsandbytes on CPU too.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from fitserve.quant.int4_layout import DEFAULT_INT4_GROUP_SIZE, int4_fits
 
 
 class Precision(enum.StrEnum):
@@ -22,14 +31,58 @@ class Precision(enum.StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
-    INT8 = "int8"  # bitsandbytes LLM.int8
+    INT8 = "int8"  # int8 weights: torch per-channel weight-only on CPU, bitsandbytes LLM.int8 on CUDA
+    INT4 = "int4"  # torch groupwise asymmetric int4 (CPU only; not NF4)
     NF4 = "nf4"  # bitsandbytes 4-bit NormalFloat
     GPTQ = "gptq"  # a pre-quantized GPTQ checkpoint, loaded as it is
 
     @property
     def is_quantized(self) -> bool:
         """True for schemes that convert Linear weights to fewer than 16 bits."""
-        return self in (Precision.INT8, Precision.NF4, Precision.GPTQ)
+        return self in (Precision.INT8, Precision.INT4, Precision.NF4, Precision.GPTQ)
+
+
+class KernelBackend(enum.StrEnum):
+    """The library whose kernels run a quantized precision's matmuls."""
+
+    TORCH = "torch"  # torch's weight-only CPU ops (quant/weight_only.py): INT8, INT4
+    BITSANDBYTES = "bitsandbytes"  # LLM.int8 and NF4 (CUDA; on CPU only when asked, slow there)
+
+
+def backend_for(precision: Precision, *, on_cuda: bool, requested: KernelBackend | None = None) -> KernelBackend | None:
+    """The kernel backend a precision runs on: None for dense and GPTQ, bitsandbytes for NF4, torch for INT4;
+    INT8 follows `requested`, else torch on CPU and bitsandbytes on CUDA. Raises ValueError for a combination
+    fitserve does not run (torch's weight-only kernels on CUDA)."""
+    if precision is Precision.NF4:
+        return KernelBackend.BITSANDBYTES
+    if precision is Precision.INT4:
+        if on_cuda:
+            raise ValueError("int4 runs on torch's CPU kernel only; on a GPU use nf4 (bitsandbytes)")
+        return KernelBackend.TORCH
+    if precision is not Precision.INT8:
+        return None
+    backend = requested or (KernelBackend.BITSANDBYTES if on_cuda else KernelBackend.TORCH)
+    if on_cuda and backend is KernelBackend.TORCH:
+        raise ValueError("the torch weight-only int8 kernel is used on CPU only; on a GPU int8 is bitsandbytes")
+    return backend
+
+
+def kernel_note(precision: Precision, backend: KernelBackend | None) -> str | None:
+    """One phrase for the plan's reason: which kernels and which format a quantized precision runs on."""
+    if backend is KernelBackend.TORCH and precision is Precision.INT8:
+        return "int8 on torch's weight-only kernel (per-channel symmetric int8 weights, 16-bit activations)"
+    if backend is KernelBackend.TORCH and precision is Precision.INT4:
+        return (
+            f"int4 on torch's weight-only kernel (groupwise asymmetric int4, group {DEFAULT_INT4_GROUP_SIZE}; not NF4)"
+        )
+    if backend is KernelBackend.BITSANDBYTES:
+        return f"{precision.value} on bitsandbytes ({'LLM.int8' if precision is Precision.INT8 else '4-bit NF4'})"
+    return None
+
+
+def four_bit_precision(backend: KernelBackend | None) -> Precision:
+    """The ladder's 4-bit rung for a quantization backend: INT4 with torch's kernels, NF4 with bitsandbytes."""
+    return Precision.INT4 if backend is KernelBackend.TORCH else Precision.NF4
 
 
 class DType(enum.StrEnum):
@@ -57,6 +110,8 @@ MIB = 1 << 20
 # 5.25, bitsandbytes 0.50), with the checkpoint's pages released after the load (docs/memory-model.md).
 DENSE_CPU_RESIDUE_BYTES = 128 * MIB
 BNB_CPU_RESIDUE_BYTES = 180 * MIB
+# torch's weight-only kernels import nothing beyond torch: measured 120-127 MiB (INT8 and INT4), as dense
+TORCH_WEIGHT_ONLY_CPU_RESIDUE_BYTES = DENSE_CPU_RESIDUE_BYTES
 
 NF4_BLOCK_SIZE = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NF4_NESTED_BLOCK_SIZE = 256  # double quantization: absmax quantized to 8 bits in blocks of 256
@@ -86,6 +141,11 @@ class GptqParams:
     group_size: int = 128  # -1 in the config means one group per input row (we store in_features)
     desc_act: bool = False
     sym: bool = True
+
+
+def _bias_bytes(linear: LinearShape, dense_dtype: DType) -> int:
+    """A converted Linear's bias stays dense."""
+    return linear.out_features * dense_dtype.bytes if linear.has_bias else 0
 
 
 class SchemeHandler:
@@ -127,6 +187,71 @@ class SchemeHandler:
         checkpoint on the development VM, 1.28 x on CI (1.5 x used)."""
         return checkpoint_bytes * 3 // 2 if converts_dtype else 0
 
+    def convert_loaded(self, model: Any, should_convert: Callable[[str], bool], compute_dtype: DType) -> str | None:
+        """Quantize a model `from_pretrained` loaded in `compute_dtype`, in place, where the scheme is fitserve's
+        own (torch kernels); returns a line for the log, or None when there was nothing to do."""
+        return None
+
+
+class TorchWeightOnlyHandler(SchemeHandler):
+    """Common to torch's weight-only CPU schemes: the model is loaded in 16-bit, then quantized Linear by Linear
+    (`quant/weight_only.py`); what that load costs the process on CPU."""
+
+    def converts_linears(self) -> bool:
+        return True
+
+    def cpu_residue_bytes(self) -> int:
+        return TORCH_WEIGHT_ONLY_CPU_RESIDUE_BYTES
+
+    def cpu_load_transient_bytes(self, checkpoint_bytes: int, converts_dtype: bool) -> int:
+        """The checkpoint's pages: the 16-bit weights are views of the mapped file, every page is touched as its
+        Linear is quantized, and the mapping is dropped only after the last one (plus the quantizer's fp32
+        temporaries in the heap). Measured in a served process on the default model (peak RSS - runtime - residue -
+        weights): 0.91-1.48 x the checkpoint (INT8, 3 runs), 0.92-1.11 x (INT4, 3 runs); 1.75 x used."""
+        return checkpoint_bytes * 7 // 4
+
+
+class TorchInt8Handler(TorchWeightOnlyHandler):
+    """torch weight-only INT8 on CPU: int8 weight (1 byte) + one scale per output row in the compute dtype (both
+    buffers, so inside the footprint); `_weight_int8pack_mm` dequantizes in registers, no per-matmul copy."""
+
+    def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
+        bias = _bias_bytes(linear, dense_dtype)
+        return linear.numel + linear.out_features * dense_dtype.bytes + bias
+
+    def convert_loaded(self, model: Any, should_convert: Callable[[str], bool], compute_dtype: DType) -> str | None:
+        from fitserve.quant.weight_only import WeightOnlyScheme, quantize_linears
+
+        done = quantize_linears(model, WeightOnlyScheme.INT8, should_convert, dtype=compute_dtype.to_torch())
+        return f"int8 weight-only (torch _weight_int8pack_mm, per-channel symmetric): {done.converted} Linears"
+
+
+class TorchInt4Handler(TorchWeightOnlyHandler):
+    """torch weight-only INT4 on CPU: two weights per byte + a scale and a zero per `group_size` weights of a row
+    in the compute dtype (buffers); Linears the kernel cannot take (`int4_fits`) stay dense."""
+
+    def __init__(self, precision: Precision, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> None:
+        super().__init__(precision)
+        self.group_size = group_size
+
+    def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
+        if not int4_fits(linear.out_features, linear.in_features, self.group_size):
+            return super().linear_footprint_bytes(linear, dense_dtype)
+        bias = _bias_bytes(linear, dense_dtype)
+        groups = linear.in_features // self.group_size
+        return linear.numel // 2 + groups * linear.out_features * 2 * dense_dtype.bytes + bias
+
+    def convert_loaded(self, model: Any, should_convert: Callable[[str], bool], compute_dtype: DType) -> str | None:
+        from fitserve.quant.weight_only import WeightOnlyScheme, quantize_linears
+
+        done = quantize_linears(
+            model, WeightOnlyScheme.INT4, should_convert, dtype=compute_dtype.to_torch(), group_size=self.group_size
+        )
+        return (
+            f"int4 weight-only (torch _weight_int4pack_mm_for_cpu, groupwise asymmetric, group "
+            f"{self.group_size}; not NF4): {done.converted} Linears, {done.kept_dense} kept dense"
+        )
+
 
 class Int8Handler(SchemeHandler):
     """bitsandbytes LLM.int8: int8 weight (1 byte) + one fp32 scale per output row (`SCB`, outside params)."""
@@ -135,7 +260,7 @@ class Int8Handler(SchemeHandler):
         return True
 
     def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
-        bias = linear.out_features * dense_dtype.bytes if linear.has_bias else 0
+        bias = _bias_bytes(linear, dense_dtype)
         return linear.numel + bias
 
     def linear_side_bytes(self, linear: LinearShape) -> int:
@@ -169,7 +294,7 @@ class Nf4Handler(SchemeHandler):
         return True
 
     def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
-        bias = linear.out_features * dense_dtype.bytes if linear.has_bias else 0
+        bias = _bias_bytes(linear, dense_dtype)
         return math.ceil(linear.numel / 2) + bias
 
     def linear_side_bytes(self, linear: LinearShape) -> int:
@@ -236,10 +361,19 @@ class GptqHandler(SchemeHandler):
         return {"dtype": compute_dtype.to_torch()}
 
 
-def handler_for(precision: Precision, *, double_quant: bool = False, gptq: GptqParams | None = None) -> SchemeHandler:
-    """The one factory: the handler for a precision."""
+def handler_for(
+    precision: Precision,
+    *,
+    double_quant: bool = False,
+    gptq: GptqParams | None = None,
+    backend: KernelBackend | None = None,
+    int4_group_size: int = DEFAULT_INT4_GROUP_SIZE,
+) -> SchemeHandler:
+    """The one factory: the handler for a precision on its kernel backend (INT8 without one: bitsandbytes)."""
     if precision is Precision.INT8:
-        return Int8Handler(precision)
+        return TorchInt8Handler(precision) if backend is KernelBackend.TORCH else Int8Handler(precision)
+    if precision is Precision.INT4:
+        return TorchInt4Handler(precision, int4_group_size)
     if precision is Precision.NF4:
         return Nf4Handler(precision, double_quant=double_quant)
     if precision is Precision.GPTQ:

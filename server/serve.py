@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from fitserve.quant.load import LoadedModel
     from fitserve.quant.plan import Plan
-    from fitserve.quant.schemes import Precision
+    from fitserve.quant.schemes import KernelBackend, Precision
     from fitserve.server.engine.config import EngineConfig
     from fitserve.server.engine.engine import Engine
     from fitserve.server.metrics import ServerMetrics
@@ -156,6 +156,7 @@ def plan_options(settings: Settings, budget_bytes: int | None) -> dict[str, Any]
         "precision": settings.precision,
         "force": settings.force,
         "prefer_fp32_on_cpu": settings.prefer_fp32_on_cpu,
+        "quant_backend": settings.quant_backend,
         "trust_remote_code": settings.trust_remote_code,
     }
     if settings.max_batch_size is not None:  # else the planner sizes the KV cache for its default sequence count
@@ -218,7 +219,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> StartedEng
         model_info=ModelInfo(
             model=serving.planned.served_model_name,
             precision=plan.precision.value,
-            quant_method=_quant_method(plan.precision),
+            quant_method=_quant_method(plan.precision, plan.quant_backend),
             dtype=plan.kv_dtype.removeprefix("torch."),
             device=plan.device,
         )
@@ -274,10 +275,10 @@ def default_max_batch_size(kv_capacity_tokens: int, block_size_tokens: int) -> i
     return max(1, min(MAX_DEFAULT_BATCH_SIZE, kv_capacity_tokens // block_size_tokens))
 
 
-def _quant_method(precision: Precision) -> str:
-    """The `quant_method` label for a precision."""
-    if precision.value in ("int8", "nf4"):
-        return "bitsandbytes"
+def _quant_method(precision: Precision, backend: KernelBackend | None) -> str:
+    """The `quant_method` label for a precision: its kernel backend (torch, bitsandbytes), gptq or none."""
+    if precision.value in ("int8", "int4", "nf4"):
+        return backend.value if backend is not None else "bitsandbytes"
     return "gptq" if precision.value == "gptq" else "none"
 
 

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     max_kv_tokens: int | None = Field(None, ge=1, description="cap on KV cache tokens; None: all the budget allows")
     precision: str = Field("auto", description="weight precision for the planner, or 'auto'")
     force: bool = Field(False, description="load even if the plan says it does not fit")
+    quant_backend: str = Field("auto", description="int8/4-bit kernels: auto, torch (CPU) or bitsandbytes")
     prefer_fp32_on_cpu: bool = Field(True, description="fp32 first on CPUs without native bf16, when it fits")
     max_batch_size: int | None = Field(
         None,

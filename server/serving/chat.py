@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from fitserve.server.engine.types import EngineClient
 from fitserve.server.protocol.chat import (
     AssistantMessage,
     ChatChoice,
@@ -19,26 +18,18 @@ from fitserve.server.protocol.chat import (
 )
 from fitserve.server.protocol.common import Usage, finish_reason_name, new_id, now_s
 from fitserve.server.protocol.errors import APIError
-from fitserve.server.serving.common import ChoiceAccumulator, check_choices, check_logit_bias, check_model, render_chat
-from fitserve.server.serving.cpu_pool import CPUWorkPool
+from fitserve.server.serving.common import ChoiceAccumulator, GenerationServing, render_chat
 from fitserve.server.serving.generation import ChoiceGeneration, ChoiceRequest
 from fitserve.server.serving.logprobs import to_chat_logprobs
 from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_disconnect, sse_data, sse_error
 
 
-class ChatServing:
+class ChatServing(GenerationServing):
     """Serves the chat completions endpoint against an `EngineClient`."""
-
-    def __init__(self, engine: EngineClient, pool: CPUWorkPool, max_choices_per_request: int) -> None:
-        self._engine = engine
-        self._pool = pool
-        self._max_choices = max_choices_per_request
 
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         """Handle one request: JSON body, or an SSE stream when `stream` is true."""
-        check_model(self._engine, request.model)
-        check_choices(1, request.n, self._max_choices)
-        check_logit_bias(self._engine, request)
+        self.check_request(request, num_prompts=1)
         prompt_ids = await self._pool.run(render_chat, self._engine, request.template_messages())
         if not prompt_ids:
             raise APIError.invalid("the chat template produced an empty prompt", param="messages")

@@ -19,6 +19,7 @@ from fitserve.server.engine.types import (
 from fitserve.server.protocol.common import SamplingRequest
 from fitserve.server.protocol.errors import APIError, http_mapping_for
 from fitserve.server.request_id import current_request_id
+from fitserve.server.serving.cpu_pool import CPUWorkPool
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,21 @@ def check_choices(num_prompts: int, n: int, max_choices: int) -> None:
 def check_logit_bias(engine: EngineClient, request: SamplingRequest) -> None:
     """400 naming `logit_bias` if one of its token ids is outside the vocabulary."""
     check_token_ids(engine, [token for token, _ in request.logit_bias_pairs()], param="logit_bias")
+
+
+class GenerationServing:
+    """What the serving class of every generation endpoint holds, and the checks it runs before any work."""
+
+    def __init__(self, engine: EngineClient, pool: CPUWorkPool, max_choices_per_request: int) -> None:
+        self._engine = engine
+        self._pool = pool  # tokenising and templating run here, off the event loop
+        self._max_choices = max_choices_per_request
+
+    def check_request(self, request: SamplingRequest, num_prompts: int) -> None:
+        """404 for another model, 400 for too many choices (prompts x n) or an out-of-vocabulary logit bias."""
+        check_model(self._engine, request.model)
+        check_choices(num_prompts, request.n, self._max_choices)
+        check_logit_bias(self._engine, request)
 
 
 def tokenize_text(engine: EngineClient, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from fitserve.server.engine.types import EngineClient
 from fitserve.server.protocol.common import Usage, finish_reason_name, new_id, now_s
 from fitserve.server.protocol.completions import (
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -18,32 +17,22 @@ from fitserve.server.protocol.completions import (
 from fitserve.server.protocol.errors import APIError
 from fitserve.server.serving.common import (
     ChoiceAccumulator,
-    check_choices,
-    check_logit_bias,
-    check_model,
+    GenerationServing,
     check_token_ids,
     detokenize_ids,
     tokenize_text,
 )
-from fitserve.server.serving.cpu_pool import CPUWorkPool
 from fitserve.server.serving.generation import ChoiceGeneration, ChoiceRequest
 from fitserve.server.serving.logprobs import to_completion_logprobs
 from fitserve.server.serving.transport import SSE_DONE, SSEResponse, run_until_disconnect, sse_data, sse_error
 
 
-class CompletionServing:
+class CompletionServing(GenerationServing):
     """Serves the legacy completions endpoint against an `EngineClient`."""
-
-    def __init__(self, engine: EngineClient, pool: CPUWorkPool, max_choices_per_request: int) -> None:
-        self._engine = engine
-        self._pool = pool
-        self._max_choices = max_choices_per_request
 
     async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
         """Handle one request: JSON body, or an SSE stream when `stream` is true."""
-        check_model(self._engine, request.model)
-        check_choices(len(request.prompts()), request.n, self._max_choices)
-        check_logit_bias(self._engine, request)
+        self.check_request(request, num_prompts=len(request.prompts()))
         prompt_ids, echo_texts = await self._pool.run(self._prepare_prompts, request)
         response_id = new_id("cmpl")
         choices = [

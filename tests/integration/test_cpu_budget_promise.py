@@ -33,9 +33,10 @@ COMMON = ["--max-batch-size", str(BATCH_CAP), "--max-model-len", "512", "--log-l
 REPORT: dict[str, dict[str, float]] = {}
 
 
-def serve_minimum_bytes(precision: str) -> int:
-    """What `fitserve serve` says this precision needs, asked with a budget far too small."""
-    command = [sys.executable, "-m", "fitserve", "serve", "--precision", precision, "--memory-budget", "1MiB"]
+def serve_minimum_bytes(precision: str, backend: str) -> int:
+    """What `fitserve serve` says this precision on this kernel backend needs, asked with a budget far too small."""
+    forced = ["--precision", precision, "--quant-backend", backend]
+    command = [sys.executable, "-m", "fitserve", "serve", *forced, "--memory-budget", "1MiB"]
     result = subprocess.run([*command, *COMMON], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     match = re.search(rf"forced precision {precision} needs [\d.]+ \w+ \((\d+) bytes", result.stderr)
@@ -101,11 +102,24 @@ def headroom_bytes(base: str) -> float:
     return float(match.group(1))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "nf4"])
-def test_served_rss_stays_within_the_budget(precision: str, default_model_dir: Path, tmp_path: Path) -> None:
-    minimum = serve_minimum_bytes(precision)
+# (precision, --quant-backend): on CPU "auto" runs int8/int4 on torch's weight-only kernels and nf4 on bitsandbytes
+CASES = [
+    ("fp32", "auto"),
+    ("bf16", "auto"),
+    ("int8", "torch"),
+    ("int4", "torch"),
+    ("int8", "bitsandbytes"),
+    ("nf4", "bitsandbytes"),
+]
+
+
+@pytest.mark.parametrize(("precision", "backend"), CASES, ids=[f"{p}-{b}" for p, b in CASES])
+def test_served_rss_stays_within_the_budget(
+    precision: str, backend: str, default_model_dir: Path, tmp_path: Path
+) -> None:
+    minimum = serve_minimum_bytes(precision, backend)
     budget = int(minimum * 1.05)
-    args = ["--precision", precision, "--memory-budget", str(budget), *COMMON]
+    args = ["--precision", precision, "--quant-backend", backend, "--memory-budget", str(budget), *COMMON]
     headrooms: list[float] = []
     with sampled_server(args, tmp_path / "serve.log") as (base, sampler):
         load_peak = sampler.peak_bytes
@@ -131,7 +145,7 @@ def test_served_rss_stays_within_the_budget(precision: str, default_model_dir: P
             thread.join()
         headrooms.append(headroom_bytes(base))
         peak = sampler.stop()
-    REPORT[precision] = {
+    REPORT[f"{precision}-{backend}"] = {
         "minimum_mib": minimum / MIB,
         "budget_mib": budget / MIB,
         "load_peak_rss_mib": load_peak / MIB,

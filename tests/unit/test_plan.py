@@ -10,7 +10,7 @@ import pytest
 from fitserve.quant.budget import GIB, MIB, BudgetError
 from fitserve.quant.estimate import ModelShape, estimate_precision, layer_weights_bytes
 from fitserve.quant.plan import NothingFitsError, Plan, PlanInputError, PlanRequest, make_plan
-from fitserve.quant.schemes import DType, GptqParams, LinearShape, Precision
+from fitserve.quant.schemes import DType, GptqParams, KernelBackend, LinearShape, Precision, backend_for
 from tests.unit.test_budget import FakeProbe
 
 
@@ -56,9 +56,17 @@ SHAPE = fake_shape()
 SCRATCH_TOKENS = 16  # the KV cache's scratch block (one 16-token block no sequence owns)
 
 
-def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, max_model_len: int = 2048) -> int:
+def need(
+    precision: Precision,
+    dtype: DType = DType.BFLOAT16,
+    n_cuda: int = 0,
+    max_model_len: int = 2048,
+    backend: KernelBackend | None = None,
+) -> int:
     """Minimum total bytes for one full-length sequence, computed independently of the planner: what serving
-    needs, or on CPU the load's peak when that is more."""
+    needs, or on CPU the load's peak when that is more (on the precision's default kernels for the device unless
+    `backend` is given)."""
+    backend = backend or backend_for(precision, on_cuda=n_cuda > 0)
     est = estimate_precision(
         SHAPE,
         precision,
@@ -67,6 +75,7 @@ def need(precision: Precision, dtype: DType = DType.BFLOAT16, n_cuda: int = 0, m
         max_num_seqs=8,
         max_model_len=max_model_len,
         n_cuda_devices=n_cuda,
+        backend=backend,
     )
     kv_slots = max_model_len + SCRATCH_TOKENS  # the engine's cache holds one scratch block beyond the capacity
     serving = est.weights_bytes + est.quant_state_bytes + est.overhead_bytes + est.kv_bytes_per_token * kv_slots
@@ -92,14 +101,17 @@ def gpu_plan_for(budget_bytes: int, **kwargs: object) -> Plan:
 
 def test_needs_are_ordered_like_the_ladder() -> None:
     assert gpu_need(Precision.BF16) > gpu_need(Precision.INT8) > gpu_need(Precision.NF4)
-    # on CPU bitsandbytes' load (16-bit copies quantized in place) makes the quantized rungs the costliest
-    assert need(Precision.BF16) < need(Precision.INT8) < need(Precision.NF4)
+    # on CPU a quantized load holds the checkpoint's pages while it quantizes: at one sequence of the default
+    # context the quantized rungs cost more than bf16 (bitsandbytes' 16-bit copies most of all)
+    bnb = KernelBackend.BITSANDBYTES
+    assert need(Precision.BF16) < need(Precision.INT4) < need(Precision.INT8)
+    assert need(Precision.INT8) < need(Precision.INT8, backend=bnb) < need(Precision.NF4, backend=bnb)
 
 
 def test_big_budget_chooses_16_bit() -> None:
     plan = plan_for(64 * GIB)
     assert plan.precision is Precision.BF16 and plan.kv_dtype == "bfloat16"
-    assert [c.precision for c in plan.candidates] == [Precision.BF16, Precision.INT8, Precision.NF4]
+    assert [c.precision for c in plan.candidates] == [Precision.BF16, Precision.INT8, Precision.INT4]
     assert all(c.fits for c in plan.candidates)
 
 
@@ -123,18 +135,23 @@ def test_exactly_the_need_fits() -> None:
     assert cpu.precision is Precision.BF16 and cpu.kv_capacity_tokens == 2048
 
 
-def test_on_cpu_a_quantized_load_peak_is_part_of_its_minimum() -> None:
-    """bitsandbytes quantizes on the CPU from 16-bit copies: loading INT8/NF4 peaks above what they serve in."""
-    plan = plan_for(64 * GIB)
+@pytest.mark.parametrize("backend", ["torch", "bitsandbytes"])
+def test_on_cpu_a_quantized_load_peak_is_part_of_its_minimum(backend: str) -> None:
+    """A CPU load quantizes from the checkpoint's pages (bitsandbytes from 16-bit copies too): loading INT8 and
+    the 4-bit rung peaks above what they serve in."""
+    plan = plan_for(64 * GIB, quant_backend=backend)
+    four_bit = Precision.INT4 if backend == "torch" else Precision.NF4
     for cand in plan.candidates:
         serving = cand.weights_bytes + cand.quant_state_bytes + cand.overhead_bytes + cand.min_kv_bytes
         assert cand.total_bytes == max(serving, cand.load_peak_bytes)
     by_precision = {c.precision: c for c in plan.candidates}
     assert by_precision[Precision.BF16].load_peak_bytes < by_precision[Precision.BF16].total_bytes  # mapped file
-    assert by_precision[Precision.NF4].load_peak_bytes == by_precision[Precision.NF4].total_bytes
+    assert by_precision[four_bit].load_peak_bytes == by_precision[four_bit].total_bytes
+    assert by_precision[Precision.INT8].load_peak_bytes == by_precision[Precision.INT8].total_bytes
+    four = need(four_bit, backend=KernelBackend(backend))
     with pytest.raises(NothingFitsError, match="Loading it peaks at"):
-        plan_for(need(Precision.NF4) - 1, precision="nf4")
-    assert plan_for(need(Precision.NF4), precision="nf4").precision is Precision.NF4
+        plan_for(four - 1, precision=four_bit.value, quant_backend=backend)
+    assert plan_for(four, precision=four_bit.value, quant_backend=backend).precision is four_bit
     assert all(c.load_peak_bytes == 0 for c in gpu_plan_for(64 * GIB).candidates)  # a GPU loads in its own memory
 
 
@@ -176,9 +193,9 @@ def test_nothing_fits_names_need_budget_shortfall_and_remedies() -> None:
     with pytest.raises(NothingFitsError) as info:
         plan_for(budget)
     message = str(info.value)
-    nf4 = need(Precision.NF4)
-    assert "nf4" in message and str(nf4) in message and str(budget) in message
-    assert str(nf4 - budget) in message
+    int4 = need(Precision.INT4)
+    assert "int4" in message and str(int4) in message and str(budget) in message
+    assert str(int4 - budget) in message
     assert "--max-model-len" in message and "--memory-budget" in message and "GPU" in message
     plan = info.value.plan
     assert plan.precision is None and plan.to_json()["chosen"] is None
@@ -247,7 +264,7 @@ def test_multi_gpu_device_map_and_max_memory() -> None:
 def test_fp32_first_by_default_on_cpu_without_native_bf16() -> None:
     plan = plan_for(64 * GIB, probe=FakeProbe(native_bf16=False))
     assert plan.precision is Precision.FP32 and "fp32 compute is faster" in plan.reason
-    assert [c.precision for c in plan.candidates] == [Precision.FP32, Precision.BF16, Precision.INT8, Precision.NF4]
+    assert [c.precision for c in plan.candidates] == [Precision.FP32, Precision.BF16, Precision.INT8, Precision.INT4]
     assert plan.kv_bytes_per_token == 2 * SHAPE.num_layers * SHAPE.num_kv_heads * SHAPE.head_dim * 4  # fp32 KV
     tight = plan_for(need(Precision.BF16), probe=FakeProbe(native_bf16=False))
     assert tight.precision is Precision.BF16  # fp32 does not fit: the ladder goes on
@@ -333,7 +350,7 @@ def test_table_and_verdict_render() -> None:
     console = Console(width=200, record=True)
     console.print(plan.to_table())
     text = console.export_text()
-    assert "bf16" in text and "int8" in text and "nf4" in text and "yes" in text
+    assert "bf16" in text and "int8" in text and "int4" in text and "yes" in text
     assert plan.verdict().startswith("BF16 on cpu")
 
 
@@ -423,3 +440,57 @@ def test_multi_gpu_without_a_known_layer_list_uses_auto_with_planned_shares() ->
     assert plan.device_map == "auto" and plan.max_memory is not None
     for share in plan.device_split:
         assert plan.max_memory[int(share.device[-1])] >= share.weights_bytes
+
+
+def _long_context_plan(budget_bytes: int, **kwargs: object) -> Plan:
+    """A CPU plan whose minimum holds 32 full sequences of 4096 tokens: the KV cache, not the load, dominates."""
+    return plan_for(budget_bytes, max_model_len=4096, min_concurrency=32, max_num_seqs=32, **kwargs)
+
+
+def test_cpu_ladder_follows_the_numbers_to_torch_int8_and_says_so() -> None:
+    """Where bf16's serving need (weights + KV) is over the budget and torch INT8's load peak and serving need are
+    not, the CPU ladder takes INT8 on torch's kernel."""
+    wide = {c.precision: c for c in _long_context_plan(64 * GIB).candidates}
+    bf16, int8 = wide[Precision.BF16], wide[Precision.INT8]
+    assert int8.load_peak_bytes < int8.total_bytes < bf16.total_bytes  # serving, not loading, sets both minimums
+    plan = _long_context_plan((bf16.total_bytes + int8.total_bytes) // 2)
+    assert plan.precision is Precision.INT8 and plan.quant_backend is KernelBackend.TORCH
+    assert "torch's weight-only kernel" in plan.reason and plan.quant_state_bytes == 0
+    assert plan.to_json()["quant_backend"] == "torch"
+    assert [c.backend for c in plan.candidates] == [None, KernelBackend.TORCH, KernelBackend.TORCH]
+
+
+def test_forced_int4_runs_on_torch_and_says_it_is_not_nf4() -> None:
+    plan = plan_for(need(Precision.INT4), precision="int4")
+    assert plan.precision is Precision.INT4 and plan.quant_backend is KernelBackend.TORCH
+    assert "groupwise asymmetric int4" in plan.reason and "not NF4" in plan.reason
+
+
+def test_bitsandbytes_backend_on_cpu_keeps_the_nf4_ladder() -> None:
+    bnb = KernelBackend.BITSANDBYTES
+    plan = plan_for(64 * GIB, quant_backend="bitsandbytes")
+    assert [c.precision for c in plan.candidates] == [Precision.BF16, Precision.INT8, Precision.NF4]
+    assert [c.backend for c in plan.candidates] == [None, bnb, bnb]
+    nf4 = plan_for(need(Precision.NF4, backend=bnb), precision="nf4", quant_backend="bitsandbytes")
+    assert nf4.precision is Precision.NF4 and nf4.quant_backend is bnb and "bitsandbytes" in nf4.reason
+    int8 = plan_for(need(Precision.INT8, backend=bnb), precision="int8", quant_backend="bitsandbytes")
+    assert int8.precision is Precision.INT8 and int8.quant_backend is bnb and int8.quant_state_bytes > 0
+
+
+def test_old_nf4_spelling_still_loads_bitsandbytes_nf4_on_cpu() -> None:
+    plan = plan_for(64 * GIB, precision="nf4")
+    assert plan.precision is Precision.NF4 and plan.quant_backend is KernelBackend.BITSANDBYTES
+
+
+def test_gpu_ladder_stays_on_bitsandbytes() -> None:
+    probe = FakeProbe(gpus=[(16 * GIB, 16 * GIB)], bf16=True)
+    plan = make_plan(PlanRequest(model="/fake/model"), probe=probe, shape=SHAPE)
+    assert [c.precision for c in plan.candidates] == [Precision.BF16, Precision.INT8, Precision.NF4]
+    assert [c.backend for c in plan.candidates] == [None, KernelBackend.BITSANDBYTES, KernelBackend.BITSANDBYTES]
+
+
+@pytest.mark.parametrize("kwargs", [{"precision": "int4"}, {"precision": "int8", "quant_backend": "torch"}])
+def test_torch_kernels_are_refused_on_a_gpu(kwargs: dict[str, str]) -> None:
+    probe = FakeProbe(gpus=[(16 * GIB, 16 * GIB)], bf16=True)
+    with pytest.raises(PlanInputError, match="CPU"):
+        make_plan(PlanRequest(model="/fake/model", **kwargs), probe=probe, shape=SHAPE)

@@ -19,7 +19,8 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 # On a CPU without native bf16 the ladder starts with fp32 when it fits (issue 3 allows it; docs/memory-model.md
-# section 6); `--no-prefer-fp32-on-cpu` gives the plain 16-bit -> INT8 -> NF4 ladder the acceptance budgets name.
+# section 6); `--no-prefer-fp32-on-cpu` gives the plain 16-bit -> INT8 -> 4-bit ladder the acceptance budgets name.
+# On CPU the 4-bit rung is INT4 (torch's kernel); `--quant-backend bitsandbytes` gives bitsandbytes' NF4.
 NATIVE_BF16 = bool(read_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 TOP = "bf16" if NATIVE_BF16 else "fp32"
 SIXTEEN_BIT_LADDER = "--no-prefer-fp32-on-cpu"
@@ -44,7 +45,8 @@ def test_8gib_chooses_16_bit(default_model_dir: Path, capsys: pytest.CaptureFixt
     code, out = plan_json(default_model_dir, "8GiB", capsys, SIXTEEN_BIT_LADDER)
     assert code == EXIT_OK and out["chosen"] == "bf16" and out["device"] == "cpu"
     assert out["budget_bytes"] == 8 << 30 and out["reason"]
-    assert [c["precision"] for c in out["candidates"]] == ["bf16", "int8", "nf4"]
+    assert [c["precision"] for c in out["candidates"]] == ["bf16", "int8", "int4"]
+    assert [c["backend"] for c in out["candidates"]] == [None, "torch", "torch"]
     for cand in out["candidates"]:
         assert {
             "precision",
@@ -65,7 +67,7 @@ def test_8gib_by_default_chooses_fp32_on_a_cpu_without_native_bf16(
     assert code == EXIT_OK and out["chosen"] == TOP
     if not NATIVE_BF16:
         assert "fp32 compute is faster" in out["reason"]
-        assert [c["precision"] for c in out["candidates"]] == ["fp32", "bf16", "int8", "nf4"]
+        assert [c["precision"] for c in out["candidates"]] == ["fp32", "bf16", "int8", "int4"]
         fp32, bf16 = out["candidates"][:2]
         assert abs(fp32["weights_bytes"] - 2 * bf16["weights_bytes"]) < 1024  # twice the parameters (buffers once)
         assert fp32["kv_bytes_per_token"] == 2 * bf16["kv_bytes_per_token"]
@@ -74,23 +76,54 @@ def test_8gib_by_default_chooses_fp32_on_a_cpu_without_native_bf16(
 def test_on_cpu_the_quantized_rungs_need_more_than_16_bit(
     default_model_dir: Path, needs: dict[str, int], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """bitsandbytes quantizes on the CPU from 16-bit copies, so loading INT8/NF4 peaks above a bf16 server."""
-    assert needs["bf16"] < needs["int8"] < needs["nf4"]
-    code, out = plan_json(default_model_dir, str((needs["bf16"] + needs["int8"]) // 2), capsys, SIXTEEN_BIT_LADDER)
+    """A CPU load quantizes from the checkpoint's pages (bitsandbytes from 16-bit copies too), so at the default
+    context loading INT8/INT4 peaks above a bf16 server."""
+    assert needs["bf16"] < needs["int4"] < needs["int8"]
+    code, out = plan_json(default_model_dir, str((needs["bf16"] + needs["int4"]) // 2), capsys, SIXTEEN_BIT_LADDER)
     assert code == EXIT_OK and out["chosen"] == "bf16"
     for cand in out["candidates"]:
-        if cand["precision"] in ("int8", "nf4"):
+        if cand["precision"] in ("int8", "int4"):
             assert cand["total_bytes"] == cand["load_peak_bytes"] and not cand["fits"]
 
 
-@pytest.mark.parametrize("precision", ["int8", "nf4"])
-def test_a_forced_quantized_precision_fits_at_its_minimum(
-    default_model_dir: Path, needs: dict[str, int], capsys: pytest.CaptureFixture[str], precision: str
+LONG = ("--max-model-len", "8192", "--min-concurrency", "8", "--max-num-seqs", "8")
+
+
+def test_long_contexts_make_the_cpu_ladder_choose_torch_int8(
+    default_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out = plan_json(default_model_dir, str(needs[precision]), capsys, "--precision", precision)
+    """Where the KV cache, not the load, sets the minimum, the torch INT8 rung fits where bf16 does not."""
+    code, out = plan_json(default_model_dir, "8GiB", capsys, SIXTEEN_BIT_LADDER, *LONG)
+    wide = {c["precision"]: c for c in out["candidates"]}
+    assert wide["int8"]["load_peak_bytes"] < wide["int8"]["total_bytes"] < wide["bf16"]["total_bytes"]
+    budget = (wide["bf16"]["total_bytes"] + wide["int8"]["total_bytes"]) // 2
+    code, out = plan_json(default_model_dir, str(budget), capsys, SIXTEEN_BIT_LADDER, *LONG)
+    assert code == EXIT_OK and out["chosen"] == "int8" and out["quant_backend"] == "torch"
+    assert "torch's weight-only kernel" in out["reason"]
+
+
+@pytest.mark.parametrize(
+    ("precision", "backend"), [("int8", "torch"), ("int4", "torch"), ("int8", "bitsandbytes"), ("nf4", "bitsandbytes")]
+)
+def test_a_forced_quantized_precision_fits_at_its_minimum(
+    default_model_dir: Path, capsys: pytest.CaptureFixture[str], precision: str, backend: str
+) -> None:
+    forced = ("--precision", precision, "--quant-backend", backend)
+    code, out = plan_json(default_model_dir, "8GiB", capsys, *forced)
+    minimum = out["candidates"][0]["total_bytes"]
+    code, out = plan_json(default_model_dir, str(minimum), capsys, *forced)
     assert code == EXIT_OK and out["chosen"] == precision and out["kv_capacity_tokens"] >= 2048
-    code, out = plan_json(default_model_dir, str(needs[precision] - 1), capsys, "--precision", precision)
+    assert out["quant_backend"] == backend
+    code, out = plan_json(default_model_dir, str(minimum - 1), capsys, *forced)
     assert code == EXIT_NOTHING_FITS and out["chosen"] is None
+
+
+def test_bitsandbytes_backend_keeps_nf4_on_cpu(default_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = plan_json(default_model_dir, "8GiB", capsys, "--quant-backend", "bitsandbytes", SIXTEEN_BIT_LADDER)
+    assert code == EXIT_OK and [c["precision"] for c in out["candidates"]] == ["bf16", "int8", "nf4"]
+    assert [c["backend"] for c in out["candidates"]] == [None, "bitsandbytes", "bitsandbytes"]
+    code, out = plan_json(default_model_dir, "8GiB", capsys, "--precision", "nf4")  # the old spelling still works
+    assert code == EXIT_OK and out["chosen"] == "nf4" and out["quant_backend"] == "bitsandbytes"
 
 
 def test_40mib_exits_3_with_the_message(
@@ -99,8 +132,8 @@ def test_40mib_exits_3_with_the_message(
     args = parse("--model", str(default_model_dir), "--memory-budget", "40MiB")
     assert run_plan(args) == EXIT_NOTHING_FITS
     err = capsys.readouterr().err
-    assert "nothing fits" in err and "nf4" in err and str(needs["nf4"]) in err
-    assert str(40 * MIB) in err and "short by" in err and str(needs["nf4"] - 40 * MIB) in err
+    assert "nothing fits" in err and "int4" in err and str(needs["int4"]) in err
+    assert str(40 * MIB) in err and "short by" in err and str(needs["int4"] - 40 * MIB) in err
     assert "--max-model-len" in err and "--memory-budget" in err and "GPU" in err
 
 
@@ -136,7 +169,7 @@ def test_human_output_has_table_and_verdict(default_model_dir: Path, capsys: pyt
     args = parse("--model", str(default_model_dir), "--memory-budget", "8GiB")
     assert run_plan(args) == EXIT_OK
     out = capsys.readouterr().out
-    assert "memory plan" in out and "nf4" in out and f"{TOP.upper()} on cpu" in out
+    assert "memory plan" in out and "int4" in out and f"{TOP.upper()} on cpu" in out
 
 
 def test_plan_reads_no_weights(
@@ -146,11 +179,13 @@ def test_plan_reads_no_weights(
     import safetensors
     import safetensors.torch
     import torch
+    import transformers.modeling_utils  # imported first: it binds `safe_open` by name, patched below and restored
 
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("fitserve plan must not read weights")
 
     monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_open", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     code, out = plan_json(default_model_dir, "8GiB", capsys)

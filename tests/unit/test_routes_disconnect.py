@@ -46,6 +46,10 @@ async def _call_then_disconnect(
 
     task = asyncio.ensure_future(app(scope, receive, send))
     await asyncio.sleep(disconnect_after_s)
+    for _ in range(500):  # on a loaded machine the request may still be in the tokenizer pool: wait until it runs
+        if engine.submitted or task.done():
+            break
+        await asyncio.sleep(0.01)
     await inbox.put({"type": "http.disconnect"})
     await asyncio.wait_for(task, timeout=5)
     await asyncio.sleep(0.05)  # let detached abort calls run

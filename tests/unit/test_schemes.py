@@ -7,10 +7,14 @@ import pytest
 from fitserve.quant.schemes import (
     DType,
     GptqParams,
+    KernelBackend,
     LinearShape,
     Precision,
+    backend_for,
     dense_dtype_for,
+    four_bit_precision,
     handler_for,
+    int4_fits,
     parse_precision,
 )
 
@@ -18,7 +22,7 @@ Q_PROJ = LinearShape(out_features=576, in_features=576)  # one SmolLM2 q_proj: 3
 
 
 def test_precision_values_and_parsing() -> None:
-    assert [p.value for p in Precision] == ["fp32", "fp16", "bf16", "int8", "nf4", "gptq"]
+    assert [p.value for p in Precision] == ["fp32", "fp16", "bf16", "int8", "int4", "nf4", "gptq"]
     assert parse_precision("auto") is None
     assert parse_precision("NF4") is Precision.NF4
     assert parse_precision(Precision.INT8) is Precision.INT8
@@ -81,3 +85,35 @@ def test_load_kwargs_build_bitsandbytes_configs() -> None:
     assert cfg.bnb_4bit_compute_dtype == torch.bfloat16 and kwargs["dtype"] == torch.bfloat16
     assert handler_for(Precision.INT8).load_kwargs(DType.FLOAT16)["quantization_config"].load_in_8bit
     assert "quantization_config" not in handler_for(Precision.BF16).load_kwargs(DType.BFLOAT16)
+
+
+def test_torch_int8_keeps_row_scales_in_the_footprint() -> None:
+    int8 = handler_for(Precision.INT8, backend=KernelBackend.TORCH)
+    assert int8.linear_footprint_bytes(Q_PROJ, DType.BFLOAT16) == 331_776 + 576 * 2  # int8 + bf16 scale per row
+    assert int8.linear_side_bytes(Q_PROJ) == 0
+    assert int8.largest_dequant_bytes([Q_PROJ], DType.BFLOAT16) == 0  # the kernel dequantizes in registers
+    assert "quantization_config" not in int8.load_kwargs(DType.BFLOAT16)
+
+
+def test_torch_int4_half_byte_per_weight_plus_group_scales_and_zeros() -> None:
+    int4 = handler_for(Precision.INT4)
+    assert int4.linear_footprint_bytes(Q_PROJ, DType.BFLOAT16) == 165_888 + (576 // 32) * 576 * 2 * 2
+    assert handler_for(Precision.INT4, int4_group_size=64).linear_footprint_bytes(Q_PROJ, DType.BFLOAT16) == (
+        165_888 + 9 * 576 * 2 * 2
+    )
+    odd = LinearShape(out_features=8, in_features=576)  # rows not a multiple of 16: the kernel cannot take it
+    assert not int4_fits(8, 576, 32) and int4.linear_footprint_bytes(odd, DType.BFLOAT16) == 8 * 576 * 2
+    assert not int4_fits(576, 576, 128) and int4_fits(1536, 576, 64)
+
+
+def test_backend_per_precision_and_device() -> None:
+    assert backend_for(Precision.INT8, on_cuda=False) is KernelBackend.TORCH
+    assert backend_for(Precision.INT8, on_cuda=True) is KernelBackend.BITSANDBYTES
+    bnb = KernelBackend.BITSANDBYTES
+    assert backend_for(Precision.INT8, on_cuda=False, requested=bnb) is bnb
+    assert backend_for(Precision.NF4, on_cuda=False) is bnb
+    assert backend_for(Precision.INT4, on_cuda=False) is KernelBackend.TORCH
+    assert backend_for(Precision.BF16, on_cuda=False) is None
+    with pytest.raises(ValueError, match="CPU"):
+        backend_for(Precision.INT4, on_cuda=True)
+    assert four_bit_precision(KernelBackend.TORCH) is Precision.INT4 and four_bit_precision(bnb) is Precision.NF4
