@@ -52,7 +52,7 @@ def replica_overrides(budgets: list[str] | None, max_kv_tokens: list[int] | None
 
     Raises ValueError when both lists are given with different lengths.
     """
-    columns = {"memory_budget": budgets or [], "max_kv_tokens": max_kv_tokens or []}
+    columns: dict[str, list[Any]] = {"memory_budget": budgets or [], "max_kv_tokens": max_kv_tokens or []}
     lengths = {len(values) for values in columns.values() if values}
     if len(lengths) > 1:
         raise ValueError("--replica-budgets and --replica-max-kv-tokens must list the same number of replicas")
