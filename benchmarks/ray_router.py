@@ -38,6 +38,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="model dir (default: the cached default model)")
     parser.add_argument("--memory-budget", default="1GiB", help="per replica")
     parser.add_argument("--max-kv-tokens", type=int, default=2048, help="per replica: small, so KV is the limit")
+    parser.add_argument(
+        "--replica-max-kv-tokens",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=None,
+        help="KV cap per replica by rank instead, e.g. 512,1536 (replicas of unequal capacity)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--requests", type=int, default=48, help="requests per run (bounded)")
@@ -61,7 +67,8 @@ def app_args(args: argparse.Namespace, router: str) -> dict[str, Any]:
     }
     if args.model:
         settings["model"] = args.model
-    return {"settings": settings, "num_replicas": 2, "router": router}
+    replica_settings = [{"max_kv_tokens": tokens} for tokens in args.replica_max_kv_tokens or ()]
+    return {"settings": settings, "num_replicas": 2, "router": router, "replica_settings": replica_settings}
 
 
 async def drive(url: str, args: argparse.Namespace) -> list[RequestResult]:

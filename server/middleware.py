@@ -5,8 +5,9 @@ OpenAI-shaped) without its body being decoded. Bodies are buffered up to the lim
 both a too-large `Content-Length` and a streamed (chunked) body that grows past the limit get 413.
 
 With an API key set, every route needs it except the probes (`/health`, `/ready`, `/version`) and, unless
-`metrics_require_key`, `/metrics`: the API, `/tokenize`, `/detokenize` and the OpenAPI document are protected,
-and so is any unknown path (401 before 404, so a scan learns nothing). Every response carries `X-Request-Id`.
+`metrics_require_key`, `/metrics` (and `/metrics/targets`): the API, `/tokenize`, `/detokenize` and the OpenAPI
+document are protected, and so is any unknown path (401 before 404, so a scan learns nothing). Every response
+carries `X-Request-Id`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from fitserve.server.protocol.errors import APIError, ErrorType
 from fitserve.server.request_id import REQUEST_ID_HEADER, new_request_id, set_request_id
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/version"})
-METRICS_PATH = "/metrics"
+# `/metrics` and the Ray Serve ingress's Prometheus http_sd target list (server/scaleout/ingress.py).
+METRICS_PATHS = frozenset({"/metrics", "/metrics/targets"})
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -40,7 +42,7 @@ class RequestGuardMiddleware:
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
-        self.open_paths = OPEN_PATHS if metrics_require_key else OPEN_PATHS | {METRICS_PATH}
+        self.open_paths = OPEN_PATHS if metrics_require_key else OPEN_PATHS | METRICS_PATHS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

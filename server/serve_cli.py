@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+from collections.abc import Callable
 
 from pydantic import ValidationError
 
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 # Flags whose destination differs from their Settings field.
 _RENAMED = {"serve_log_level": "log_level"}
 # Flags that choose the Ray Serve scale-out instead of a single process (not Settings fields).
-_SCALE_OUT_FLAGS = ("replicas", "max_replicas", "ray_address")
+_SCALE_OUT_FLAGS = ("replicas", "max_replicas", "ray_address", "replica_budgets", "replica_max_kv_tokens")
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -97,6 +98,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--max-replicas", type=int, help="autoscale between --replicas and this on KV usage and waiting requests"
     )
     scale.add_argument("--ray-address", help="deploy to this Ray cluster (default: start a local, loopback-only one)")
+    scale.add_argument(
+        "--replica-budgets",
+        type=_comma_list(str),
+        help="memory budget per replica by Serve rank, e.g. 600MiB,1.2GiB (each plans within its own; wraps around)",
+    )
+    scale.add_argument(
+        "--replica-max-kv-tokens", type=_comma_list(int), help="KV cache cap per replica by rank, e.g. 1024,3072"
+    )
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -120,24 +129,48 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as error:
         logger.error("invalid serve settings:\n%s", error)
         return EXIT_CANNOT_LOAD
-    replicas = getattr(args, "replicas", None)
-    max_replicas = getattr(args, "max_replicas", None)
-    ray_address = getattr(args, "ray_address", None)
-    if replicas is not None or max_replicas is not None or ray_address is not None:
-        return _run_scale_out(settings, replicas or 1, max_replicas, ray_address)
+    scale_out = {flag: getattr(args, flag, None) for flag in _SCALE_OUT_FLAGS}
+    if any(value is not None for value in scale_out.values()):
+        return _run_scale_out(settings, **scale_out)
     return run(settings)
 
 
-def _run_scale_out(settings: Settings, replicas: int, max_replicas: int | None, ray_address: str | None) -> int:
+def _run_scale_out(
+    settings: Settings,
+    replicas: int | None,
+    max_replicas: int | None,
+    ray_address: str | None,
+    replica_budgets: list[str] | None,
+    replica_max_kv_tokens: list[int] | None,
+) -> int:
     """`--replicas` / `--ray-address`: the Ray Serve application (lazy import: ray is an optional extra)."""
     from fitserve.server.serve import EXIT_CANNOT_LOAD
 
+    per_replica = max(len(replica_budgets or ()), len(replica_max_kv_tokens or ()))
+    replicas = replicas or max(per_replica, 1)
     if replicas < 1 or (max_replicas is not None and max_replicas < replicas):
         logger.error("--replicas must be at least 1 and --max-replicas at least --replicas")
         return EXIT_CANNOT_LOAD
     if importlib.util.find_spec("ray") is None:  # find, not import: Ray reads its environment on import
         logger.error("--replicas needs Ray Serve: pip install 'fitserve[ray]'")
         return EXIT_CANNOT_LOAD
-    from fitserve.server.scaleout.launch import run_replicas
+    from fitserve.server.scaleout.launch import replica_overrides, run_replicas
 
-    return run_replicas(settings, replicas, ray_address, max_replicas)
+    try:
+        overrides = replica_overrides(replica_budgets, replica_max_kv_tokens)
+    except ValueError as error:
+        logger.error("%s", error)
+        return EXIT_CANNOT_LOAD
+    return run_replicas(settings, replicas, ray_address, max_replicas, overrides)
+
+
+def _comma_list(item: type) -> Callable[[str], list]:
+    """An argparse type for `a,b,c` lists of `item`."""
+
+    def parse(text: str) -> list:
+        try:
+            return [item(part.strip()) for part in text.split(",") if part.strip()]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse

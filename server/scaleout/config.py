@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fitserve.server.scaleout.autoscale import AutoscaleConfig
 from fitserve.server.settings import Settings
@@ -51,6 +51,10 @@ class ScaleoutConfig(BaseModel):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica; a fraction plans inside that share")
     max_ongoing_requests: int = Field(default=256, ge=1, description="requests Serve sends one replica at once")
     routing_stats_period_s: float = Field(default=1.0, gt=0, description="how often replicas report their KV state")
+    replica_settings: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="per-replica Settings overrides (e.g. memory_budget), by Serve replica rank modulo the list",
+    )
     router: RouterKind = RouterKind.MEMORY
     autoscaling: AutoscaleArgs | None = None
     app_name: str = APP_NAME
@@ -58,6 +62,26 @@ class ScaleoutConfig(BaseModel):
     def engine_settings(self) -> Settings:
         """The Settings each replica (and the ingress: api key, limits) starts from."""
         return Settings(**self.settings)
+
+    @field_validator("replica_settings")
+    @classmethod
+    def _known_fields(cls, overrides: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every override names a Settings field (Settings itself ignores unknown keys: a typo would pass)."""
+        for override in overrides:
+            unknown = sorted(set(override) - set(Settings.model_fields))
+            if unknown:
+                raise ValueError(f"replica_settings: not Settings fields: {', '.join(unknown)}")
+        return overrides
+
+    def replica_engine_settings(self, rank: int | None) -> Settings:
+        """The Settings the replica of Serve rank `rank` plans with: the shared ones and its own overrides.
+
+        Ranks run 0..N-1 and a replacement takes the rank of the replica it replaces, so a budget class keeps its
+        share of the replicas; ranks beyond the list wrap around. No rank (or no list): the shared settings.
+        """
+        if rank is None or not self.replica_settings:
+            return self.engine_settings()
+        return Settings(**{**self.settings, **self.replica_settings[rank % len(self.replica_settings)]})
 
     @property
     def directory_name(self) -> str:

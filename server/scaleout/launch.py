@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 from fitserve.server.scaleout.config import AutoscaleArgs, ScaleoutConfig
 from fitserve.server.settings import Settings
@@ -24,10 +25,16 @@ EXIT_RUNTIME_ERROR = 1
 LOOPBACK = "127.0.0.1"
 
 
-def scaleout_config(settings: Settings, replicas: int, max_replicas: int | None = None) -> ScaleoutConfig:
+def scaleout_config(
+    settings: Settings,
+    replicas: int,
+    max_replicas: int | None = None,
+    replica_settings: list[dict[str, Any]] | None = None,
+) -> ScaleoutConfig:
     """The application config for `fitserve serve` settings (secrets included: the ingress checks the key).
 
-    With `max_replicas` above `replicas` the engine deployment autoscales between the two.
+    With `max_replicas` above `replicas` the engine deployment autoscales between the two. `replica_settings`:
+    per-replica overrides by Serve rank (`replica_overrides`).
     """
     fields = settings.model_dump(mode="json", exclude_none=True, exclude={"host", "port", "log_level"})
     if settings.api_key is not None:
@@ -35,7 +42,22 @@ def scaleout_config(settings: Settings, replicas: int, max_replicas: int | None 
     autoscaling = None
     if max_replicas is not None and max_replicas > replicas:
         autoscaling = AutoscaleArgs(min_replicas=replicas, max_replicas=max_replicas)
-    return ScaleoutConfig(settings=fields, num_replicas=replicas, autoscaling=autoscaling)
+    return ScaleoutConfig(
+        settings=fields, num_replicas=replicas, autoscaling=autoscaling, replica_settings=replica_settings or []
+    )
+
+
+def replica_overrides(budgets: list[str] | None, max_kv_tokens: list[int] | None) -> list[dict[str, Any]]:
+    """Per-replica Settings overrides from `--replica-budgets` / `--replica-max-kv-tokens` (one entry per rank).
+
+    Raises ValueError when both lists are given with different lengths.
+    """
+    columns: dict[str, list[Any]] = {"memory_budget": budgets or [], "max_kv_tokens": max_kv_tokens or []}
+    lengths = {len(values) for values in columns.values() if values}
+    if len(lengths) > 1:
+        raise ValueError("--replica-budgets and --replica-max-kv-tokens must list the same number of replicas")
+    count = lengths.pop() if lengths else 0
+    return [{name: values[i] for name, values in columns.items() if values} for i in range(count)]
 
 
 def start_local_ray() -> str:
@@ -58,13 +80,17 @@ def start_local_ray() -> str:
 
 
 def run_replicas(
-    settings: Settings, replicas: int, ray_address: str | None = None, max_replicas: int | None = None
+    settings: Settings,
+    replicas: int,
+    ray_address: str | None = None,
+    max_replicas: int | None = None,
+    replica_settings: list[dict[str, Any]] | None = None,
 ) -> int:
     """Deploy `replicas` engine replicas behind one OpenAI-compatible port; block until a signal; clean up."""
     stop = threading.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.getsignal(sig) for sig in signals}
-    config = scaleout_config(settings, replicas, max_replicas)
+    config = scaleout_config(settings, replicas, max_replicas, replica_settings)
     local = ray_address is None
     try:
         if local:

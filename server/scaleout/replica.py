@@ -35,7 +35,9 @@ class EngineReplica:
         from fitserve.server.serve import load_serving, plan_serving, run_in_short_lived_thread, start_engine
 
         app_config = ScaleoutConfig.model_validate(config)
-        base = app_config.engine_settings()
+        context = serve.get_replica_context()
+        self.rank = replica_rank(context)
+        base = app_config.replica_engine_settings(self.rank)
         budget = replica_memory_budget(app_config.num_gpus, base.memory_budget)
         settings = base.model_copy(update={"memory_budget": budget})
         planned = plan_serving(settings)
@@ -44,12 +46,19 @@ class EngineReplica:
         self._engine = started.engine
         self._metrics = started.metrics
         self._close = started.close
-        self.replica_name = serve.get_replica_context().replica_id.unique_id
+        self.replica_name = context.replica_id.unique_id
         self._directory_name = app_config.directory_name
         self._metrics_address = self._serve_metrics()
-        self._labels = {"precision": str(getattr(planned.plan.precision, "value", planned.plan.precision))}
+        precision = str(getattr(planned.plan.precision, "value", planned.plan.precision))
+        self._labels = {"precision": precision} | ({"rank": str(self.rank)} if self.rank is not None else {})
         self._register()
-        logger.info("replica %s ready, metrics on %s", self.replica_name, self._metrics_address)
+        logger.info(
+            "replica %s (rank %s, budget %s) ready, metrics on %s",
+            self.replica_name,
+            self.rank,
+            budget,
+            self._metrics_address,
+        )
 
     def _serve_metrics(self) -> str | None:
         """Expose this replica's registry on an ephemeral port of the node's address; returns host:port."""
@@ -128,6 +137,13 @@ class EngineReplica:
         close = getattr(self, "_close", None)  # absent when the constructor failed
         if close is not None:
             await close()
+
+
+def replica_rank(context: Any) -> int | None:
+    """The replica's Serve rank (0..N-1; Ray 2.60 gives a `ReplicaRank` whose `.rank` is the global one)."""
+    rank = getattr(context, "rank", None)
+    rank = getattr(rank, "rank", rank)
+    return rank if isinstance(rank, int) else None
 
 
 def node_address() -> str:

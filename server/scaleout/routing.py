@@ -83,7 +83,7 @@ class RoutingDecision:
 class RoutingPolicy:
     """Ranks replicas by free KV tokens for a request, corrected by this router's own in-flight count.
 
-    `tie_fraction`: scores within this fraction of the best replica's capacity count as a tie, which the
+    `tie_fraction`: free fractions of capacity within this of the best replica's count as a tie, which the
     replica that last served the same prompt prefix wins (its prefix cache may hold those blocks).
     """
 
@@ -102,21 +102,35 @@ class RoutingPolicy:
         request_tokens: int,
         prompt_token_ids: Sequence[int] = (),
     ) -> RoutingDecision:
-        """Replicas best first. Replicas without stats rank as empty ones of the largest known capacity."""
+        """Replicas best first. Replicas without stats rank as empty ones of the largest known capacity.
+
+        Replicas with room for the request come first; among them (and among the rest, when none has room) the
+        one with the largest free fraction of its own capacity wins. With equal capacities that is the most free
+        tokens; with unequal ones it keeps every replica equally full, so saturated replicas take load in the
+        ratio of their capacities (a queue included) instead of the big one being filled down to the small one.
+        """
         if not loads:
             return RoutingDecision([], {})
         known = [load for load in loads.values() if load is not None]
         default_capacity = max((load.kv_capacity_tokens for load in known), default=0)
         scores = {replica: self._score(replica, load, default_capacity) for replica, load in loads.items()}
+        capacity = {
+            replica: max(load.kv_capacity_tokens if load is not None else default_capacity, 1)
+            for replica, load in loads.items()
+        }
+        headroom = {replica: scores[replica] / capacity[replica] for replica in scores}
+        fits = {replica: scores[replica] >= request_tokens for replica in scores}
         jitter = {replica: self.rng.random() for replica in scores}  # equal scores: no replica is favoured
-        ordered = sorted(scores, key=lambda replica: (scores[replica], jitter[replica]), reverse=True)
-        best = scores[ordered[0]]
-        capacities = [load.kv_capacity_tokens for load in known] or [request_tokens]
-        tolerance = max(self.tie_fraction * max(capacities), 1.0)
+        ordered = sorted(scores, key=lambda replica: (fits[replica], headroom[replica], jitter[replica]), reverse=True)
+        best = ordered[0]
         key = prefix_key(prompt_token_ids)
         owner = self._prefix_owner.get(key) if key is not None else None
         by_affinity = (
-            owner is not None and owner in scores and owner != ordered[0] and scores[owner] >= best - tolerance
+            owner is not None
+            and owner in scores
+            and owner != best
+            and fits[owner] >= fits[best]
+            and headroom[owner] >= headroom[best] - self.tie_fraction
         )
         if by_affinity:
             ordered.remove(owner)

@@ -45,6 +45,13 @@ def test_metrics_open_by_default_and_keyed_on_request() -> None:
     assert keyed.get("/metrics", headers=KEY).text == "fitserve_up 1\n"
 
 
+def test_the_scale_out_scrape_target_list_is_open_like_metrics() -> None:
+    """/metrics/targets (the Ray ingress's Prometheus http_sd list): no 401 by default (here 404, no such route)."""
+    assert make_client(api_key="sekret").get("/metrics/targets").status_code == 404
+    keyed = make_client(api_key="sekret", metrics_require_key=True)
+    assert_openai_error(keyed.get("/metrics/targets"), 401, "invalid_api_key")
+
+
 def test_without_a_key_everything_is_open() -> None:
     client = make_client()
     assert client.post("/tokenize", json={"model": MODEL, "prompt": "hi"}).status_code == 200

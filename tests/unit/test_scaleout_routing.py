@@ -171,3 +171,23 @@ def test_heterogeneous_capacities_serve_load_in_their_ratio_with_no_rejections()
     assert 3 * 0.9 <= ratio <= 3 * 1.1, served
     _, blind_rejected = simulate_saturated({"small": 1000, "big": 3000}, None)
     assert blind_rejected > 0  # the contrast: a load-blind router overfills the small replica
+
+
+def test_a_burst_beyond_both_capacities_is_split_in_their_ratio() -> None:
+    """KV capacities 1:3, stats not yet updated, a burst twice what both hold: placed 1:3, not filled to equal room.
+
+    Ranking by free tokens alone would fill the big replica down to the small one's room and then alternate
+    (here 22/42); ranking by the free fraction of each replica's own capacity keeps both equally full.
+    """
+    policy = RoutingPolicy(clock=Clock())
+    loads = {"small": ReplicaLoad(512, 0, 0, 0, 0.0), "big": ReplicaLoad(1536, 0, 0, 0, 0.0)}
+    placed = Counter(route(policy, loads, f"r{i}", 53) for i in range(64))
+    assert placed["small"] + placed["big"] == 64
+    assert 3 * 0.9 <= placed["big"] / placed["small"] <= 3 * 1.1, placed
+
+
+def test_a_request_goes_where_it_fits_before_where_the_fraction_is_free() -> None:
+    policy = RoutingPolicy(clock=Clock())
+    loads = {"small": ReplicaLoad(512, 312, 0, 0, 0.0), "big": ReplicaLoad(4096, 3500, 0, 0, 0.0)}
+    assert policy.rank(loads, 300).ranked[0] == "big"  # 39% free of 512 is 200 tokens: too few for 300
+    assert policy.rank(loads, 100).ranked[0] == "small"  # both fit: the emptier fraction wins
