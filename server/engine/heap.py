@@ -1,31 +1,47 @@
 """Give the C heap's free pages back to the operating system.
 
 Serving allocates and frees a lot outside torch's tensors (tokenizers, big request bodies, per-step buffers).
-glibc keeps freed memory in its arenas, one per thread that allocated, so the process's RSS only grows: after a
-burst of large requests a CPU server would keep the burst's peak forever, eating the headroom the memory plan
-promised. `trim_free_heap` asks glibc to return every free page (`malloc_trim(0)`, all arenas); the engine calls
-it when it goes idle after work. A no-op where glibc is absent.
+glibc keeps freed memory in its arenas, so the process's RSS only grows: after a burst of large requests a CPU
+server would keep the burst's peak forever, eating the headroom the memory plan promised.
+
+* `trim_free_heap` asks glibc to return every free page (`malloc_trim(0)`); the engine calls it when it goes
+  idle after work.
+* `use_one_heap_arena` makes every thread allocate from the main arena. By default glibc gives each thread that
+  allocates its own arena, and trimming gives back far less of those: measured on the default model's tokenizer,
+  two 1 MiB prompts tokenised on two pool threads left RSS 68 MiB higher after `malloc_trim` (the same work on
+  the main thread, or with one arena: +0.4 MiB). `fitserve serve` calls it at start, before any thread exists.
+
+Both are no-ops where glibc is absent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Callable
 from functools import cache
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number for the arena cap (malloc.h)
 
 
 @cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        return ctypes.CDLL("libc.so.6").malloc_trim
+def _libc() -> ctypes.CDLL | None:
+    with contextlib.suppress(OSError):  # not glibc
+        libc = ctypes.CDLL("libc.so.6")
+        if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt"):
+            return libc
     return None
+
+
+def use_one_heap_arena() -> bool:
+    """Cap glibc at one malloc arena for threads that have not allocated yet; True when it was set."""
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(M_ARENA_MAX, 1))
 
 
 def trim_free_heap() -> bool:
     """Return glibc's free heap pages to the OS; True when it ran (glibc present)."""
-    trim = _malloc_trim()
-    if trim is None:
+    libc = _libc()
+    if libc is None:
         return False
-    trim(0)
+    libc.malloc_trim(0)
     return True

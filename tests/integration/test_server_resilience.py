@@ -17,18 +17,15 @@ SERVED = "smol"
 CHAT = [{"role": "user", "content": "Say hello."}]
 
 
+def small_server_args(model_dir: Path) -> list[str]:
+    """The default model with a small context, KV cache and batch cap, served as SERVED."""
+    model = ["--model", str(model_dir), "--served-model-name", SERVED]
+    return [*model, "--max-model-len", "256", "--max-kv-tokens", "4096", "--max-batch-size", "4"]
+
+
 def test_injected_oom_keeps_serving(default_model_dir: Path) -> None:
     args = [
-        "--model",
-        str(default_model_dir),
-        "--served-model-name",
-        SERVED,
-        "--max-model-len",
-        "256",
-        "--max-kv-tokens",
-        "4096",
-        "--max-batch-size",
-        "4",
+        *small_server_args(default_model_dir),
         "--oom-inject-steps",
         "3",
     ]
@@ -89,16 +86,7 @@ async def _flood(base_url: str, count: int) -> list[tuple[str, object]]:
 
 def test_64_concurrent_streams_complete_or_get_429(default_model_dir: Path) -> None:
     args = [
-        "--model",
-        str(default_model_dir),
-        "--served-model-name",
-        SERVED,
-        "--max-model-len",
-        "256",
-        "--max-kv-tokens",
-        "4096",
-        "--max-batch-size",
-        "4",
+        *small_server_args(default_model_dir),
         "--max-waiting",
         "8",
     ]
