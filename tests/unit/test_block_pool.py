@@ -142,3 +142,21 @@ def test_kv_gauges_count_a_shared_prefix_once() -> None:
     assert s.kv_used_tokens == 34
     # reservations: 3 blocks each (33 + 8 tokens), two of them shared -> 4 distinct blocks
     assert s.kv_reserved_tokens == 4 * 16
+
+
+def test_block_keys_chain_sha256_digests_of_the_parent_key_and_the_token_ids() -> None:
+    """Issue 13 item 8: a block's key is SHA-256(parent key + token ids as int64), not Python's `hash()` of a
+    tuple, so nobody can craft a second prefix with the same key and read another request's KV."""
+    import hashlib
+    import struct
+
+    from fitserve.server.engine.block_pool import ROOT_KEY, block_key
+
+    first = block_key(ROOT_KEY, [1, 2, 3, 4])
+    second = block_key(first, [5, 6, 7, 8])
+    assert first == hashlib.sha256(struct.pack("<4q", 1, 2, 3, 4)).digest()
+    assert second == hashlib.sha256(first + struct.pack("<4q", 5, 6, 7, 8)).digest()
+    assert block_key(block_key(ROOT_KEY, [9, 9, 9, 9]), [5, 6, 7, 8]) != second  # same tokens, other prefix
+    # ids that Python's hash() folds together (hash(2**61 - 1) == hash(0)) still get different keys
+    assert hash((2**61 - 1, 1, 2, 3)) == hash((0, 1, 2, 3))
+    assert block_key(ROOT_KEY, [2**61 - 1, 1, 2, 3]) != block_key(ROOT_KEY, [0, 1, 2, 3])
