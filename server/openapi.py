@@ -29,10 +29,24 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description} for status, description in _ERROR_DESCRIPTIONS.items()
 }
 
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "One server-sent event: `data` holds a JSON chunk of the response, or `[DONE]` last",
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+"""One event of a stream. Before OpenAPI 3.2 a `text/event-stream` schema describes each event (`itemSchema`, 3.2's
+keyword for the same thing, is given too), so a plain `{"type": "string"}` made every event a schema violation."""
+
 STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The response body, or with `stream: true` server-sent events ending in `data: [DONE]`",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA, "itemSchema": SSE_EVENT_SCHEMA}},
     },
     **ERROR_RESPONSES,
 }

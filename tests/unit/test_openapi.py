@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import pytest
 
-from tests.fakes.routes import make_client
+from tests.fakes.routes import MODEL, make_client
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +64,37 @@ def test_error_responses_are_documented_and_422_is_not(document: dict[str, Any])
 def test_streams_are_documented_as_server_sent_events(document: dict[str, Any]) -> None:
     for path in ("/v1/completions", "/v1/chat/completions"):
         assert "text/event-stream" in document["paths"][path]["post"]["responses"]["200"]["content"]
+
+
+def raw_sse_events(text: str) -> list[dict[str, str]]:
+    """The stream's events as WHATWG's parser (and schemathesis) reads them: one dict of fields per blank-line block."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        event: dict[str, str] = {}
+        for line in block.splitlines():
+            field, _, value = line.partition(":")
+            event[field] = value.removeprefix(" ")
+        events.append(event)
+    return events
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "x"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ],
+)
+def test_every_streamed_event_matches_the_documented_event_schema(
+    document: dict[str, Any], path: str, body: dict[str, Any]
+) -> None:
+    """Before OpenAPI 3.2 an event stream's `schema` describes each event; a fuzzer checks every event against it."""
+    media = document["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    request = {"model": MODEL, "stream": True, "max_tokens": 3, **body}
+    response = make_client().post(path, json=request)
+    assert response.status_code == 200
+    events = raw_sse_events(response.text)
+    assert len(events) >= 2 and events[-1] == {"data": "[DONE]"}
+    for schema in (media["schema"], media["itemSchema"]):
+        for event in events:
+            jsonschema.validate(event, schema)
