@@ -11,11 +11,11 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fitserve.quant.budget import DeviceMemory, format_bytes, read_device_memory
 from fitserve.quant.estimate import linear_conversion_rule
+from fitserve.quant.mapped_files import in_ranges, mapped_file_ranges
 from fitserve.quant.plan import Plan
 from fitserve.quant.schemes import KernelBackend, Precision, SchemeHandler, handler_for
 
@@ -230,20 +230,6 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _mapped_ranges(suffix: str = ".safetensors", maps: Path = Path("/proc/self/maps")) -> list[tuple[int, int]]:
-    """Address ranges of this process's memory-mapped checkpoint files (Linux; empty elsewhere)."""
-    ranges = []
-    try:
-        for line in maps.read_text().splitlines():
-            parts = line.split()
-            if len(parts) > 5 and parts[5].endswith(suffix):
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                ranges.append((start, end))
-    except OSError:
-        return []
-    return ranges
-
-
 def release_checkpoint_pages(model: Any) -> int:
     """Copy the few tensors that still view the memory-mapped checkpoint into their own memory, so the mapping
     (whose every page the load touched) is dropped; returns the bytes copied.
@@ -253,13 +239,11 @@ def release_checkpoint_pages(model: Any) -> int:
     file pages stay resident for 56 MiB of tensors. When most of the mapping is the weights themselves (a
     16-bit model served as stored), nothing is copied.
     """
-    ranges = _mapped_ranges()
+    ranges = mapped_file_ranges()
     if not ranges:
         return 0
     mapped = sum(end - start for start, end in ranges)
-    viewing = [
-        t for t in (*model.parameters(), *model.buffers()) if any(start <= t.data_ptr() < end for start, end in ranges)
-    ]
+    viewing = [t for t in (*model.parameters(), *model.buffers()) if in_ranges(t.data_ptr(), ranges)]
     viewed = sum(t.numel() * t.element_size() for t in viewing)
     if not viewing or viewed * 2 > mapped:
         return 0

@@ -102,6 +102,9 @@ class Candidate:
     device_split: tuple[DeviceShare, ...] = ()  # per device: layers, weights, overhead, KV (empty: does not fit)
     load_peak_bytes: int = 0  # CPU: the process's peak while loading (0 on GPU)
     backend: KernelBackend | None = None  # the kernels a quantized precision runs on
+    # the overhead's attention scratch: one layer's transient attention memory (the engine's batched decode
+    # attention gathers padded K/V only while it fits in this)
+    attention_scratch_bytes: int = 0
 
     def max_seqs(self, tokens_per_seq: int) -> int:
         """Concurrent sequences of `tokens_per_seq` tokens the KV capacity holds."""
@@ -147,6 +150,7 @@ class Plan:
     spare_bytes: int = 0  # budget left after weights, quant state, overhead and the whole KV cache
     device_split: tuple[DeviceShare, ...] = ()  # per device: layers, weights, overhead and KV cache
     quant_backend: KernelBackend | None = None  # kernels of a quantized precision (torch / bitsandbytes)
+    attention_scratch_bytes: int = 0  # part of the overhead: one layer's transient attention memory
 
     @property
     def kv_capacity_blocks(self) -> int:
@@ -234,6 +238,7 @@ class Plan:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "kv_dtype": self.kv_dtype,
             "overhead_bytes": self.overhead_bytes,
+            "attention_scratch_bytes": self.attention_scratch_bytes,
             "total_bytes": self.total_bytes,
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "kv_capacity_blocks": self.kv_capacity_blocks,
@@ -388,6 +393,7 @@ def _evaluate(est: PrecisionEstimate, budget: Budget, request: PlanRequest, num_
         shares if fits else (),
         est.load_peak_bytes,
         est.backend,
+        est.overhead.attention_bytes,
     )
 
 
@@ -601,6 +607,7 @@ def _build_plan(
         spare_bytes=max(budget.budget_bytes - total, 0),
         device_split=chosen.device_split,
         quant_backend=chosen.backend,
+        attention_scratch_bytes=chosen.attention_scratch_bytes,
     )
     logger.info("plan: %s", reason)
     return plan

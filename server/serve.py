@@ -194,6 +194,7 @@ def engine_config(serving: LoadedServing, settings: Settings) -> EngineConfig:
         kv_capacity_tokens=plan.kv_capacity_tokens,
         block_size_tokens=plan.block_size_tokens,
         spare_bytes=plan.spare_bytes,  # may hold a prepacked copy of a tied lm_head on CPU
+        attention_scratch_bytes=plan.attention_scratch_bytes,  # bounds the batched decode attention's gather
         max_batch_size=settings.max_batch_size
         or default_max_batch_size(plan.kv_capacity_tokens, plan.block_size_tokens),
         max_waiting=settings.max_waiting,

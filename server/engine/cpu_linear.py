@@ -1,4 +1,4 @@
-"""fp32 Linears on CPU with their weights prepacked once for oneDNN (the engine's CPU matmul path).
+"""fp32 and bf16 Linears on CPU with their weights prepacked once for oneDNN (the engine's CPU matmul path).
 
 `F.linear` on CPU calls MKL's sgemm, which for the few rows of a decode step (1-64 tokens) is far from the
 memory-bandwidth limit: with the default model's shapes on 2 AVX2 cores, every layer's Linears take 63 ms at 4 and
@@ -7,11 +7,21 @@ blocked layout (what IPEX and torch.compile's CPU freezing do) takes 34 ms at 4 
 49152-row lm_head 10 ms instead of 22 ms at 16 rows; long prefill chunks (512 rows) run at the same speed either
 way. Results differ from sgemm's in the last bits (about 1e-6), like sgemm's own results at different row counts.
 
-Only plain `torch.nn.Linear` modules in fp32 on CPU are converted (bitsandbytes' INT8/NF4 Linears and 16-bit
-models keep their own kernels). A packed weight replaces the original, so memory stays the same, except for a
-weight shared with another module (tied embeddings: the embedding lookup still needs the dense table), which
-is packed only when the caller's memory allowance covers the extra copy (`fitserve serve`: the budget the plan
-leaves over).
+bf16 gains as much where the CPU computes bf16 natively (oneDNN's `_is_mkldnn_bf16_supported`, AVX512-BF16/AMX):
+on the default model's shapes on the 2-core AVX512-BF16 VM, every layer's Linears plus the lm_head took 35 ms
+through `F.linear` and 24 ms prepacked at 1 row, 45 ms and 25 ms at 16 rows, with bit-identical results (bf16's
+`F.linear` goes to oneDNN too, without the blocked layout). `docs/benchmarks.md` has the numbers.
+
+Only plain `torch.nn.Linear` modules in fp32 (or bf16, where native) on CPU are converted (bitsandbytes' INT8/NF4
+Linears, torch's weight-only INT8/INT4 Linears and fp16 keep their own kernels). A packed weight replaces the
+original, so memory stays the same, except for a weight shared with another module (tied embeddings: the embedding
+lookup still needs the dense table), which is packed only when the caller's memory allowance covers the extra copy
+(`fitserve serve`: the budget the plan leaves over).
+
+A bf16 model served in its checkpoint's dtype views the memory-mapped file: a packed copy would leave the file
+pages it was made from resident beside it and double the weights' memory (measured: the budget test's bf16 server
+peaked at 933 MiB against a 757 MiB budget). Each packed original's file pages are therefore given back as soon as
+its copy exists (`quant/mapped_files.py`), so packing holds one Linear's copy more at most.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+from fitserve.quant.mapped_files import drop_file_pages, mapped_file_ranges
 
 
 @torch.library.custom_op("fitserve::onednn_linear", mutates_args=())
@@ -69,6 +81,15 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN"
 
 
+def packable_dtypes() -> frozenset[torch.dtype]:
+    """The weight dtypes oneDNN runs faster prepacked on this CPU: fp32 always, bf16 where the CPU has it natively
+    (elsewhere oneDNN emulates bf16 and the plan would not pick it)."""
+    if not onednn_linear_available():
+        return frozenset()
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return frozenset({torch.float32, torch.bfloat16} if native_bf16 else {torch.float32})
+
+
 @dataclass(frozen=True)
 class PackReport:
     """What `prepack_linears` did."""
@@ -76,25 +97,26 @@ class PackReport:
     packed: int  # Linears converted
     skipped_shared: int  # Linears left alone: their weight is shared (tied) and a copy did not fit the allowance
     extra_bytes: int  # bytes of packed copies of shared weights (the originals stay)
+    released_bytes: int = 0  # file pages of packed originals that viewed the mapped checkpoint, given back
 
 
 def prepack_linears(model: torch.nn.Module, shared_copy_bytes: int = 0) -> PackReport:
-    """Replace every fp32 CPU `nn.Linear` in `model` by a `PackedLinear`, in place.
+    """Replace every CPU `nn.Linear` of a `packable_dtypes()` dtype in `model` by a `PackedLinear`, in place.
 
     A Linear whose weight tensor is shared with another module (tied embeddings) is packed only while the
     copies fit in `shared_copy_bytes`: the original stays for the other user, so its packed copy is extra memory.
     """
-    if not onednn_linear_available():
+    dtypes = packable_dtypes()
+    if not dtypes:
         return PackReport(0, 0, 0)
+    mapped = mapped_file_ranges()
     uses = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
     targets = [  # names only: holding the modules would keep every unpacked weight alive until the end
         name
         for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear
-        and module.weight.dtype == torch.float32
-        and module.weight.device.type == "cpu"
+        if type(module) is torch.nn.Linear and module.weight.dtype in dtypes and module.weight.device.type == "cpu"
     ]
-    packed = skipped = extra = 0
+    packed = skipped = extra = released = 0
     for name in targets:  # each original Linear is freed as soon as its packed copy replaces it
         module = model.get_submodule(name)
         if not isinstance(module, torch.nn.Linear):  # cannot happen: listed above as a Linear
@@ -109,4 +131,6 @@ def prepack_linears(model: torch.nn.Module, shared_copy_bytes: int = 0) -> PackR
         setattr(parent, child, PackedLinear(module))
         packed += 1
         extra += copy_bytes
-    return PackReport(packed, skipped, extra)
+        if not shared:  # nothing else uses the original: its file pages (if it viewed the checkpoint) can go
+            released += drop_file_pages(module.weight.data_ptr(), module.weight.nbytes, mapped)
+    return PackReport(packed, skipped, extra, released)

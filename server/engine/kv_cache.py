@@ -152,6 +152,22 @@ def _grouped_decode(
     return out.reshape(n, num_heads, head_dim)
 
 
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """One decode token over its whole context, q [1, H, 1, D] and k/v [1, KVH, L, D] -> [1, H, 1, D], with the
+    query heads that share a KV head as rows of one head (transformers' pack_gqa).
+
+    For 16-bit queries this is 3-6x faster on CPU than SDPA's `enable_gqa` over one row per head (the default
+    model in bf16 on 2 cores: 61 -> 18 us at 90 keys, 364 -> 66 us at 600; one layer's call per sequence, so at 16
+    running sequences it was 60% of a decode step). It rounds differently in the last bit now and then, so greedy
+    output may differ from `model.generate` at a near-tie (the equivalence test's rule). fp32 keeps transformers'
+    own call: SDPA is fast there and the result exact."""
+    num_heads, head_dim = q.shape[1], q.shape[3]
+    kv_heads = k.shape[1]
+    packed = q.reshape(1, kv_heads, num_heads // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(packed, k, v, scale=scaling)
+    return out.reshape(1, num_heads, 1, head_dim)
+
+
 def _context(cache: torch.Tensor, s: SeqSlice) -> torch.Tensor:
     """A sequence's cached K or V for positions 0 .. start+length-1 as [1, KVH, L, D]."""
     if s.first_slot is not None:
@@ -225,8 +241,11 @@ def paged_attention_forward(
         else:
             k, v = _context(k_cache, s), _context(v_cache, s)  # [1, KVH, L, D]
             with _threads(1 if s.length == 1 and batch.single_thread_decode else None):
-                mask = None if s.mask is None else _on(s.mask, k.device)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+                if s.length == 1 and q.dtype != torch.float32:
+                    out = _single_query_attention(q, k, v, scaling)
+                else:
+                    mask = None if s.mask is None else _on(s.mask, k.device)
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         pieces.append(out[0].transpose(0, 1))  # [c, H, D]
     attn = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
     return attn.unsqueeze(0), None

@@ -16,7 +16,7 @@ import torch
 from fitserve.server.engine.compile_mode import CompileMode
 from fitserve.server.engine.compiled_decode import CompiledDecode, DecodeBuckets, DecodeRow, resolve_mode
 from fitserve.server.engine.config import EngineConfig
-from fitserve.server.engine.cpu_linear import prepack_linears
+from fitserve.server.engine.cpu_linear import packable_dtypes, prepack_linears
 from fitserve.server.engine.kv_cache import (
     BATCH_KWARG,
     DecodeGroup,
@@ -94,13 +94,15 @@ class ModelRunner:
             layer_devices(self.model, self.shape.num_layers, self.device),  # several GPUs: KV beside its layer
         )
         self.oom_inject_steps = frozenset(config.oom_inject_steps)
-        if config.prepack_cpu_linears and self.device.type == "cpu" and self.dtype == torch.float32:
+        if config.prepack_cpu_linears and self.device.type == "cpu" and self.dtype in packable_dtypes():
             packed = prepack_linears(self.model, shared_copy_bytes=config.spare_bytes)
             logger.info(
-                "oneDNN prepacked Linears: %d packed, %d shared weights left as they are, %.1f MiB extra",
+                "oneDNN prepacked Linears: %d packed, %d shared weights left as they are, %.1f MiB extra, "
+                "%.1f MiB of checkpoint file pages given back",
                 packed.packed,
                 packed.skipped_shared,
                 packed.extra_bytes / 2**20,
+                packed.released_bytes / 2**20,
             )
         logger.info(
             "KV cache: %d blocks x %d tokens, %s, %.1f MiB",
@@ -137,6 +139,16 @@ class ModelRunner:
             seq.slot_state = (blocks.unsqueeze(1) * self.block_size + offsets).flatten().to(self.device)
         return seq.slot_state
 
+    def _gather_fits(self, batch: ScheduledBatch) -> bool:
+        """True when the batched decode attention's padded K/V copy of every decode's context (one layer's K and V,
+        `[decodes, kv_heads, widest context, head_dim]` each) fits in the plan's attention scratch."""
+        cap = self.config.attention_scratch_bytes
+        if cap is None:
+            return True
+        width = max(c.start // self.block_size + 1 for c in batch.decodes) * self.block_size
+        per_token = 2 * self.shape.num_kv_heads * self.shape.head_dim * self.dtype.itemsize
+        return len(batch.decodes) * width * per_token <= cap
+
     def _decode_group(self, batch: ScheduledBatch) -> tuple[DecodeGroup, torch.Tensor]:
         """Block tables + context lengths of all decodes (batched decode attention), and their new tokens' slots."""
         bs = self.block_size
@@ -163,7 +175,7 @@ class ModelRunner:
         dev = self.device
         group = None
         chunks = batch.chunks
-        if self.config.batched_decode_attention and len(batch.decodes) > 1:
+        if self.config.batched_decode_attention and len(batch.decodes) > 1 and self._gather_fits(batch):
             group, new_slots = self._decode_group(batch)
             slot_parts.append(new_slots)
             for i, c in enumerate(batch.decodes):

@@ -56,16 +56,35 @@ def test_tied_weight_is_packed_only_within_the_allowance() -> None:
         torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)  # the embedding still works
 
 
-def test_only_fp32_plain_linears_are_converted() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16), torch.nn.Linear(8, 8))
+def test_only_plain_linears_of_packable_dtypes_are_converted(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8).to(torch.float16), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).to(torch.bfloat16)
+    )
 
     class NotPlain(torch.nn.Linear):  # stands in for bitsandbytes' Linear8bitLt / Linear4bit subclasses
         pass
 
     model.append(NotPlain(8, 8))
-    report = prepack_linears(model)
-    assert report.packed == 1
-    assert [type(m).__name__ for m in model] == ["Linear", "PackedLinear", "NotPlain"]
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # an AVX2-only CPU
+    assert prepack_linears(model).packed == 1
+    assert [type(m).__name__ for m in model] == ["Linear", "PackedLinear", "Linear", "NotPlain"]
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # native bf16
+    assert prepack_linears(model).packed == 1
+    assert [type(m).__name__ for m in model] == ["Linear", "PackedLinear", "PackedLinear", "NotPlain"]
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bf16")
+@pytest.mark.parametrize("rows", [1, 5, 16, 300])
+def test_packed_bf16_linear_is_bit_identical_to_nn_linear(rows: int) -> None:
+    """Prepacking bf16 changes the weight's layout, not the arithmetic: greedy outputs stay exactly the same."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 1536, bias=False).to(torch.bfloat16)
+    x = torch.randn(rows, 576, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = linear(x)
+        got = PackedLinear(linear)(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
 
 
 def test_without_onednn_nothing_is_converted(monkeypatch: pytest.MonkeyPatch) -> None:

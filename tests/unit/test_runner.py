@@ -139,3 +139,28 @@ def test_batched_decode_attention_matches_per_sequence(tiny_model) -> None:  # t
     assert len(per_seq) == len(grouped) and any(n > 1 for n, _ in grouped)
     for (_, a), (_, b) in zip(per_seq, grouped, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_decode_attention_only_while_its_gather_fits_the_plans_attention_scratch(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """The padded K/V copy of every decode's context is transient memory the plan must have counted: a step whose
+    copy would not fit in `attention_scratch_bytes` attends per sequence (same tokens, no batched gather)."""
+    ps = prompts(4, seed=3)
+    width = max(-(-(len(p) + 1) // 16) for p in ps) * 16  # the widest decode context, whole blocks
+    shape = ModelRunner(tiny_model, make_config()).shape
+    itemsize = next(tiny_model.parameters()).element_size()
+    gather = len(ps) * width * 2 * shape.num_kv_heads * shape.head_dim * itemsize  # at the first decode step
+    tokens = {}
+    for cap in (None, gather, gather - 1):
+        cfg = make_config(attention_scratch_bytes=cap)
+        runner = ModelRunner(tiny_model, cfg)
+        sched = Scheduler(cfg)
+        for i, p in enumerate(ps):
+            sched.add(Sequence(f"r{i}", list(p), len(p), SamplingParams(max_tokens=2, temperature=0), 0.0))
+        batch = sched.schedule()  # every prefill in one step
+        sched.postprocess(batch, [s.token_id for s in runner.run(batch)])
+        batch = sched.schedule()
+        assert len(batch.decodes) == len(ps) and not batch.prefills
+        grouped = runner.prepare(batch)[3].decode_group is not None
+        assert grouped is (cap != gather - 1)
+        tokens[cap] = [s.token_id for s in runner.run(batch)]
+    assert tokens[None] == tokens[gather] == tokens[gather - 1]
