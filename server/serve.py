@@ -125,13 +125,15 @@ def plan_serving(settings: Settings) -> PlannedServing:
     from fitserve.quant.load import measure_cpu_runtime_bytes
     from fitserve.quant.model_store import FetchError, ModelNotFoundError, resolve_model
     from fitserve.quant.plan import NothingFitsError, PlanRequest, make_plan
+    from fitserve.server.engine.compile_mode import compile_runtime_bytes
 
     try:
         model_dir = resolve_model(settings.model)
         budget_bytes = parse_size(settings.memory_budget) if settings.memory_budget else None
         options = plan_options(settings, budget_bytes)
         if not nvidia_driver_present():  # CPU: plan with what this process really holds, not an estimate
-            options["cpu_runtime_bytes"] = measure_cpu_runtime_bytes()
+            compiling = compile_runtime_bytes(settings.compile_mode, on_cpu=True)  # inductor's state, when asked for
+            options["cpu_runtime_bytes"] = measure_cpu_runtime_bytes() + compiling
         plan = make_plan(PlanRequest(model=model_dir, **options))
     except (ModelNotFoundError, FetchError, NothingFitsError, ValueError) as error:
         raise StartupError(str(error)) from error

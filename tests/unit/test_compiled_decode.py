@@ -172,3 +172,26 @@ def test_batched_decode_attention_on_the_eager_path_uses_the_same_paged_gather(t
     got = _decode_logits(batched, prompts, steps=6)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_inductor_on_cpu_is_planned_with_its_runtime_memory(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the budget is the process's memory: compiling the decode step (inductor) holds ~400 MiB more, so the
+    plan counts `INDUCTOR_CPU_RUNTIME_BYTES` in its overhead; modes that compile nothing add nothing."""
+    from fitserve.quant import load
+    from fitserve.server import serve
+    from fitserve.server.engine.compile_mode import INDUCTOR_CPU_RUNTIME_BYTES
+    from fitserve.server.settings import Settings
+
+    monkeypatch.setenv("FITSERVE_HOME", str(tmp_path))
+    monkeypatch.setattr(load, "measure_cpu_runtime_bytes", lambda: 300 << 20)  # the same process state each time
+    monkeypatch.setattr("fitserve.quant.budget.nvidia_driver_present", lambda: False)
+    overhead = {
+        mode: serve.plan_serving(
+            Settings(model=str(tiny_model_dir), memory_budget="4GiB", max_model_len=128, compile_mode=mode)
+        ).plan.overhead_bytes
+        for mode in (CompileMode.OFF, CompileMode.AUTO, CompileMode.EAGER, CompileMode.INDUCTOR)
+    }
+    assert overhead[CompileMode.AUTO] == overhead[CompileMode.OFF] == overhead[CompileMode.EAGER]
+    assert overhead[CompileMode.INDUCTOR] - overhead[CompileMode.OFF] == INDUCTOR_CPU_RUNTIME_BYTES
