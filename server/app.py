@@ -33,7 +33,7 @@ from fitserve.server.routes import metrics as metrics_routes
 from fitserve.server.routes.deps import MetricsRenderer, ServerState
 from fitserve.server.routes.health import package_version
 from fitserve.server.serving.common import engine_error_to_api
-from fitserve.server.serving.cpu_pool import CPUWorkPool
+from fitserve.server.serving.cpu_pool import CPULanes
 from fitserve.server.serving.transport import ClientDisconnectedError
 from fitserve.server.settings import Settings
 
@@ -69,8 +69,13 @@ def create_app(
     """
     if engine is None and engine_factory is None:
         raise ValueError("create_app needs an engine or an engine_factory")
-    pool = CPUWorkPool(settings.tokenizer_workers, settings.tokenizer_max_queued)
-    state = ServerState(settings=settings, cpu_pool=pool, engine=engine, metrics=metrics)
+    lanes = CPULanes(
+        settings.tokenizer_workers,
+        settings.tokenizer_max_queued,
+        settings.tokenizer_large_body_workers,
+        settings.tokenizer_large_body_bytes,
+    )
+    state = ServerState(settings=settings, cpu_lanes=lanes, engine=engine, metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,7 +94,7 @@ def create_app(
                     await task
             for close in closers:
                 await close()
-            pool.close()
+            lanes.close()
 
     app = FastAPI(title="fitserve", version=package_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state

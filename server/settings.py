@@ -70,8 +70,14 @@ class Settings(BaseSettings):
     )
     tokenizer_workers: int = Field(2, ge=1, description="threads that tokenize, template and detokenize requests")
     tokenizer_max_queued: int = Field(
-        64, ge=0, description="requests waiting for a tokenizer thread beyond which new ones get 429"
+        64, ge=0, description="requests waiting for a tokenizer thread beyond which new ones get 429 (per lane)"
     )
+    tokenizer_large_body_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        description="requests with a larger body are tokenized on their own lane, so they never delay small ones",
+    )
+    tokenizer_large_body_workers: int = Field(1, ge=1, description="threads of the large-body tokenizer lane")
     engine_health_interval_s: float = Field(
         1.0, gt=0, description="how often the server checks the engine loop; a dead one stops the server"
     )

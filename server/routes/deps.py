@@ -9,7 +9,7 @@ from fastapi import Request
 
 from fitserve.server.engine.types import EngineClient
 from fitserve.server.protocol.errors import APIError
-from fitserve.server.serving.cpu_pool import CPUWorkPool
+from fitserve.server.serving.cpu_pool import CPULanes, CPUWorkPool
 from fitserve.server.settings import Settings
 
 
@@ -26,7 +26,7 @@ class ServerState:
     """Per-app state, stored on `app.state.server`; `draining` is set when shutdown begins."""
 
     settings: Settings
-    cpu_pool: CPUWorkPool
+    cpu_lanes: CPULanes
     engine: EngineClient | None = None
     metrics: MetricsRenderer | None = None
     draining: bool = False
@@ -49,8 +49,15 @@ def get_engine(request: Request) -> EngineClient:
 
 
 def get_cpu_pool(request: Request) -> CPUWorkPool:
-    """The bounded pool that tokenises and detokenises off the event loop."""
-    return get_state(request).cpu_pool
+    """The bounded pool that tokenises and detokenises this request off the event loop: the large-body lane for a
+    body over `--tokenizer-large-body-bytes` or of unknown length, the ordinary one otherwise."""
+    return get_state(request).cpu_lanes.for_body(_content_length(request))
+
+
+def _content_length(request: Request) -> int | None:
+    """The body's declared length, or None (chunked, or a malformed header)."""
+    header = request.headers.get("content-length")
+    return int(header) if header is not None and header.isdigit() else None
 
 
 def not_loaded_error(state: ServerState) -> APIError:

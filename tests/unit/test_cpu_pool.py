@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from fitserve.server.protocol.errors import APIError
-from fitserve.server.serving.cpu_pool import CPUWorkPool
+from fitserve.server.serving.cpu_pool import CPULanes, CPUWorkPool
 from tests.fakes import FakeEngine
 from tests.fakes.routes import MODEL, assert_openai_error, make_client
 
@@ -95,8 +96,48 @@ def test_a_cancelled_caller_keeps_its_slot_until_the_thread_is_done() -> None:
 
 def test_the_http_answer_when_the_pool_is_full() -> None:
     client = make_client(tokenizer_workers=1, tokenizer_max_queued=0)
-    pool = client.app.state.server.cpu_pool  # type: ignore[attr-defined]
-    pool.in_flight = pool.capacity  # as if one huge /tokenize were running
+    pool = client.app.state.server.cpu_lanes.small  # type: ignore[attr-defined]
+    pool.in_flight = pool.capacity  # as if one /tokenize were running
     response = client.post("/tokenize", json={"model": MODEL, "prompt": "hi"})
     assert_openai_error(response, 429, "server_busy")
     assert response.headers["retry-after"] == "1"
+
+
+class GatedEngine(FakeEngine):
+    """Its tokenizer blocks on texts longer than 1000 characters until `gate` is set (a huge prompt in progress)."""
+
+    def __init__(self) -> None:
+        super().__init__(model_name=MODEL)
+        self.gate = threading.Event()
+        self.big_started = threading.Event()
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > 1000:
+            self.big_started.set()
+            assert self.gate.wait(30)
+        return super().tokenize(text, add_special_tokens)
+
+
+def test_small_requests_are_not_queued_behind_large_bodies() -> None:
+    """With the large lane's one thread busy on a big body and more big bodies queued behind it, a small request is
+    tokenized at once on the other lane (one FIFO pool made it wait for every big body before it)."""
+    engine = GatedEngine()
+    client = make_client(engine, tokenizer_workers=1, tokenizer_large_body_bytes=4096)
+    big = {"model": MODEL, "prompt": "x" * 8192}
+    with ThreadPoolExecutor(4) as executor:
+        bigs = [executor.submit(client.post, "/tokenize", json=big) for _ in range(3)]
+        assert engine.big_started.wait(10)
+        small = client.post("/tokenize", json={"model": MODEL, "prompt": "hi"}, timeout=10)
+        assert small.status_code == 200 and small.json()["count"] > 0
+        lanes = client.app.state.server.cpu_lanes  # type: ignore[attr-defined]
+        assert lanes.large.in_flight == 3  # the big ones are all still there
+        engine.gate.set()
+        assert [f.result(timeout=30).status_code for f in bigs] == [200, 200, 200]
+
+
+def test_the_lane_follows_the_declared_body_length() -> None:
+    lanes = CPULanes(workers=1, max_queued=1, large_workers=1, large_body_bytes=100)
+    assert lanes.for_body(100) is lanes.small
+    assert lanes.for_body(101) is lanes.large
+    assert lanes.for_body(None) is lanes.large  # chunked: the length is unknown until it has been read
+    lanes.close()
