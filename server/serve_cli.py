@@ -79,9 +79,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         type=int,
         help="bodies above this are tokenized on their own lane, never delaying small requests (65536)",
     )
-    engine.add_argument(
-        "--tokenizer-large-body-workers", type=int, help="threads of the large-body tokenizer lane (1)"
-    )
+    engine.add_argument("--tokenizer-large-body-workers", type=int, help="threads of the large-body tokenizer lane (1)")
     http = parser.add_argument_group("http")
     http.add_argument("--host", help="bind address (default 127.0.0.1)")
     http.add_argument("--port", type=int, help="port (default 8000)")
