@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fitserve.server.protocol.errors import APIError
-from fitserve.server.serving.cpu_pool import CPULanes, CPUWorkPool
+from fitserve.server.serving.cpu_pool import LARGE_LANE_NICE, CPULanes, CPUWorkPool
 from tests.fakes import FakeEngine
 from tests.fakes.routes import MODEL, assert_openai_error, make_client
 
@@ -141,3 +142,23 @@ def test_the_lane_follows_the_declared_body_length() -> None:
     assert lanes.for_body(101) is lanes.large
     assert lanes.for_body(None) is lanes.large  # chunked: the length is unknown until it has been read
     lanes.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread priorities are a POSIX/Linux feature")
+def test_the_large_lane_runs_at_the_lowest_cpu_priority() -> None:
+    """A thread tokenising a 1 MiB prompt must not take a core from the engine: it runs at nice 19, the small lane
+    at the process's own priority."""
+
+    def my_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def scenario() -> tuple[int, int]:
+        lanes = CPULanes(workers=1, max_queued=0, large_workers=1, large_body_bytes=10)
+        try:
+            return await lanes.small.run(my_nice), await lanes.large.run(my_nice)
+        finally:
+            lanes.close()
+
+    small, large = asyncio.run(scenario())
+    assert small == os.getpriority(os.PRIO_PROCESS, 0)
+    assert large == LARGE_LANE_NICE == 19
