@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from fitserve.quant.int4_layout import DEFAULT_INT4_GROUP_SIZE, int4_fits
+from fitserve.quant.mapped_files import drop_file_pages, mapped_file_ranges
 
 INT4_INNER_K_TILES = 1  # the CPU packing's innerKTiles argument (only the CUDA layout uses other values)
 INT4_MID = 8  # q - 8 centres the 0..15 codes
@@ -147,6 +148,7 @@ class QuantizeReport:
 
     converted: int  # Linears replaced
     kept_dense: int  # Linears the rule selected but the scheme cannot convert (shape the int4 kernel does not take)
+    released_bytes: int = 0  # checkpoint file pages given back as their Linears were replaced
 
 
 def quantize_linears(
@@ -159,12 +161,15 @@ def quantize_linears(
 ) -> QuantizeReport:
     """Replace, in place, every plain `nn.Linear` named `n` with `should_convert(n)` by its weight-only form.
 
-    Each dense weight is released as soon as its replacement exists (the caller trims the heap afterwards).
+    Each dense weight is released as soon as its replacement exists (the caller trims the heap afterwards); a
+    weight that views the memory-mapped checkpoint gives its file pages back then too, so the load holds about one
+    Linear of the checkpoint at a time instead of every page it has read (quant/mapped_files.py).
     """
     targets = [
         name for name, module in model.named_modules() if type(module) is torch.nn.Linear and should_convert(name)
     ]
-    converted = kept = 0
+    ranges = mapped_file_ranges()
+    converted = kept = released = 0
     with torch.no_grad():
         for name in targets:
             parent_name, _, child = name.rpartition(".")
@@ -177,7 +182,9 @@ def quantize_linears(
                 replacement: torch.nn.Module = Int8WeightOnlyLinear(linear, dtype)
             else:
                 replacement = Int4WeightOnlyLinear(linear, dtype, group_size)
+            address, nbytes = linear.weight.data_ptr(), linear.weight.nbytes
             setattr(parent, child, replacement)
             del linear
+            released += drop_file_pages(address, nbytes, ranges)
             converted += 1
-    return QuantizeReport(converted, kept)
+    return QuantizeReport(converted, kept, released)
