@@ -1,11 +1,15 @@
-"""Decode-step time of each `--compile-modes` value, side by side in one process (no HTTP, no scheduler loop).
+"""Decode-step time of each `--compile-modes` x `--forwards` variant, side by side in one process (no HTTP, no
+scheduler loop).
 
-For each batch size B: B sequences of `--prompt-tokens` are prefilled once per mode (each mode has its own
-runner and KV cache over the same model), then decode-only steps run with the modes alternating step by step,
-so a change in the machine's load hits every mode alike. Prints and writes the median step time per (B, mode)
-and each mode's ratio to the first.
+For each batch size B: B sequences of `--prompt-tokens` are prefilled once per variant (each has its own runner and
+KV cache over the same model), then decode-only steps run with the variants alternating step by step, so a change
+in the machine's load hits every variant alike. Prints and writes the median step time per (B, variant) and each
+variant's ratio to the first. `--forwards direct,transformers` compares the direct Llama layer loop
+(server/engine/llama_forward.py, the default) with `model(...)`; `--precision` loads the model as `fitserve serve
+--precision P` does (int8/int4: torch's weight-only kernels on CPU).
 
     .venv/bin/python benchmarks/decode_step.py --compile-modes off,eager --batch-sizes 1,4,16 --steps 20
+    .venv/bin/python benchmarks/decode_step.py --compile-modes off --forwards direct,transformers --precision int4
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -40,21 +45,25 @@ def prefill(runner: Any, batch: int, prompt_tokens: int, max_tokens: int) -> tup
     return sched, seqs
 
 
-def bench(model: Any, modes: list[str], batch: int, prompt_tokens: int, steps: int) -> dict[str, list[float]]:
-    """Per mode, the wall time of each of `steps` decode-only steps (modes interleaved)."""
+def bench(
+    model: Any, variants: list[tuple[str, str]], batch: int, prompt_tokens: int, steps: int
+) -> dict[str, list[float]]:
+    """Per variant (compile mode, forward), the wall time of each of `steps` decode-only steps (interleaved)."""
     from fitserve.server.engine.compile_mode import CompileMode
     from fitserve.server.engine.config import EngineConfig
     from fitserve.server.engine.runner import ModelRunner
 
     states = {}
-    for mode in modes:
+    modes = [variant_label(v) for v in variants]
+    for (compile_mode, forward), mode in zip(variants, modes, strict=True):
         cfg = EngineConfig(
             served_model_name="bench",
             max_model_len=max(512, prompt_tokens + steps + 16),
             kv_capacity_tokens=-(-(batch * (prompt_tokens + steps + 32) + 1024) // 16) * 16,  # whole blocks
             max_batch_size=batch,
             max_prefill_tokens=max(512, prompt_tokens * batch),
-            compile_mode=CompileMode(mode),
+            compile_mode=CompileMode(compile_mode),
+            direct_forward=forward == "direct",
             spare_bytes=1 << 30,  # room to prepack the tied lm_head, as `fitserve serve` with the default budget
             device=str(model.device),
         )
@@ -73,9 +82,16 @@ def bench(model: Any, modes: list[str], batch: int, prompt_tokens: int, steps: i
     return {m: t[1:] for m, t in times.items()}
 
 
+def variant_label(variant: tuple[str, str]) -> str:
+    """`compile_mode/forward`, the name a variant has in the output."""
+    return "/".join(variant)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--compile-modes", default="off,eager")
+    p.add_argument("--forwards", default="direct", help="direct and/or transformers, comma-separated")
+    p.add_argument("--precision", default=None, help="load as `fitserve serve --precision P` (overrides --dtype)")
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--prompt-tokens", type=int, default=90)
     p.add_argument("--steps", type=int, default=20)
@@ -94,15 +110,27 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model = (
-        AutoModelForCausalLM.from_pretrained(args.model_dir or default_model_dir(), dtype=dtype).to(args.device).eval()
-    )
-    modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    model_dir = args.model_dir or default_model_dir()
+    if args.precision is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from precision_decode import load  # a sibling script, not a package
+
+        model = load(model_dir, args.precision, "auto").model
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
+    variants = [
+        (m.strip(), f.strip())
+        for m in args.compile_modes.split(",")
+        if m.strip()
+        for f in args.forwards.split(",")
+        if f.strip()
+    ]
+    modes = [variant_label(v) for v in variants]
     rows: list[dict[str, Any]] = []
 
     def run_all() -> None:  # one thread does all torch work (see docs/engine.md on OpenMP masters)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            times = bench(model, modes, batch, args.prompt_tokens, args.steps)
+            times = bench(model, variants, batch, args.prompt_tokens, args.steps)
             base = statistics.median(times[modes[0]])
             for mode in modes:
                 med = statistics.median(times[mode])
@@ -120,7 +148,12 @@ def main() -> None:
     worker.start()
     worker.join()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"dtype": args.dtype, "device": args.device, "threads": args.threads, "prompt_tokens": args.prompt_tokens}
+    meta = {
+        "dtype": args.precision or args.dtype,
+        "device": args.device,
+        "threads": args.threads,
+        "prompt_tokens": args.prompt_tokens,
+    }
     args.out.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     logger.info("wrote %s", args.out)
 

@@ -30,6 +30,7 @@ import torch
 
 from fitserve.server.engine.compile_mode import CompileMode
 from fitserve.server.engine.kv_cache import BATCH_KWARG, DecodeGroup, PackedBatch, PagedKVCache
+from fitserve.server.engine.llama_forward import direct_logits
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +146,15 @@ class StaticDecodeInputs:
             getattr(self, name).copy_(value, non_blocking=True)
 
 
-def decode_forward(model: torch.nn.Module, cache: PagedKVCache, inputs: StaticDecodeInputs) -> torch.Tensor:
-    """The fixed-shape decode forward: logits [batch, vocab] for every row of the bucket (padding included)."""
+def decode_forward(
+    model: torch.nn.Module, cache: PagedKVCache, inputs: StaticDecodeInputs, direct: bool = False
+) -> torch.Tensor:
+    """The fixed-shape decode forward: logits [batch, vocab] for every row of the bucket (padding included), through
+    the direct Llama layer loop when `direct` (server/engine/llama_forward.py), else `model(...)`."""
     group = DecodeGroup(inputs.batch, inputs.block_tables, inputs.context_lens)
     meta = PackedBatch(cache, inputs.slot_mapping, [], group)
+    if direct:
+        return direct_logits(model, inputs.input_ids, inputs.position_ids, None, meta)
     out = model(
         input_ids=inputs.input_ids,
         position_ids=inputs.position_ids,
@@ -177,6 +183,7 @@ class CompiledDecode:
         buckets: DecodeBuckets,
         mode: CompileMode,
         device: torch.device,
+        direct_forward: bool = False,
     ) -> None:
         if mode in (CompileMode.AUTO, CompileMode.OFF):
             raise ValueError(f"CompiledDecode needs a concrete compile mode, got {mode.value!r}")
@@ -185,9 +192,10 @@ class CompiledDecode:
         self.buckets = buckets
         self.mode = mode
         self.device = device
+        self.direct_forward = direct_forward
         self._inputs: dict[tuple[int, int], StaticDecodeInputs] = {}
         self._runners: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
-        self._compiled: Callable[[torch.nn.Module, PagedKVCache, StaticDecodeInputs], torch.Tensor] | None = None
+        self._compiled: Callable[[torch.nn.Module, PagedKVCache, StaticDecodeInputs, bool], torch.Tensor] | None = None
         self._graph_pool: torch.cuda._POOL_HANDLE | None = None  # one memory pool shared by every bucket's graph
 
     def bucket_for(self, rows: Sequence[DecodeRow]) -> tuple[int, int] | None:
@@ -243,8 +251,8 @@ class CompiledDecode:
 
     def _eager(self, inputs: StaticDecodeInputs) -> Callable[[], torch.Tensor]:
         """The fixed-shape forward run as it is (nothing to build: buckets are made on first use)."""
-        model, cache = self.model, self.cache
-        return lambda: decode_forward(model, cache, inputs)
+        model, cache, direct = self.model, self.cache, self.direct_forward
+        return lambda: decode_forward(model, cache, inputs, direct)
 
     def _compile(self, inputs: StaticDecodeInputs) -> Callable[[], torch.Tensor]:
         """torch.compile the forward and run it once to build this bucket's graph.
@@ -259,24 +267,24 @@ class CompiledDecode:
             self._compiled = torch.compile(decode_forward)
         torch._dynamo.maybe_mark_dynamic(inputs.block_tables, 1)
         compiled = self._compiled
-        model, cache = self.model, self.cache
-        compiled(model, cache, inputs)  # compiles this bucket's graph
-        return lambda: compiled(model, cache, inputs)
+        model, cache, direct = self.model, self.cache, self.direct_forward
+        compiled(model, cache, inputs, direct)  # compiles this bucket's graph
+        return lambda: compiled(model, cache, inputs, direct)
 
     def _capture(self, inputs: StaticDecodeInputs) -> Callable[[], torch.Tensor]:
         """Capture the eager forward into a CUDA graph (after warm-up runs on a side stream, as capture needs)."""
-        model, cache = self.model, self.cache
+        model, cache, direct = self.model, self.cache, self.direct_forward
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # lazy cuBLAS/kernel initialisation must not happen during capture
-                decode_forward(model, cache, inputs)
+                decode_forward(model, cache, inputs, direct)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits = decode_forward(model, cache, inputs)
+            logits = decode_forward(model, cache, inputs, direct)
 
         def replay() -> torch.Tensor:
             graph.replay()

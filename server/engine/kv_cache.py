@@ -219,6 +219,20 @@ def paged_attention_forward(
     layer = module.layer_idx  # transformers' attention modules number their layer
     if not isinstance(layer, int):
         raise TypeError(f"{type(module).__name__} has no integer layer_idx; paged attention needs one")
+    return paged_attention(layer, query, key, value, batch, scaling), None
+
+
+def paged_attention(
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    batch: PackedBatch,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Write the new K/V of `layer` into the cache and attend every packed token to its sequence's context.
+
+    query [1, H, T, D], key/value [1, KVH, T, D] -> [1, T, H, D]."""
     k_cache, v_cache = batch.cache.k[layer], batch.cache.v[layer]
     new_k = key[0].transpose(0, 1)  # [T, KVH, D]
     new_v = value[0].transpose(0, 1)
@@ -248,7 +262,7 @@ def paged_attention_forward(
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         pieces.append(out[0].transpose(0, 1))  # [c, H, D]
     attn = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-    return attn.unsqueeze(0), None
+    return attn.unsqueeze(0)
 
 
 def register_attention() -> str:

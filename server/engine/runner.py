@@ -26,6 +26,7 @@ from fitserve.server.engine.kv_cache import (
     layer_devices,
     register_attention,
 )
+from fitserve.server.engine.llama_forward import direct_logits, supports_direct_forward
 from fitserve.server.engine.sampling import sample_sequences
 from fitserve.server.engine.scheduler import ScheduledBatch, Sequence
 from fitserve.server.engine.types import SampleResult
@@ -111,6 +112,8 @@ class ModelRunner:
             self.dtype,
             self.cache.nbytes / 2**20,
         )
+        self.direct_forward = config.direct_forward and supports_direct_forward(self.model)
+        logger.info("model forward: %s", "direct Llama layer loop" if self.direct_forward else "transformers")
         num_cache_devices = len({t.device for t in self.cache.k})
         self.compile_mode = resolve_mode(config.compile_mode, self.device, num_cache_devices)
         self.compiled_decode: CompiledDecode | None = None
@@ -119,7 +122,9 @@ class ModelRunner:
                 config.max_batch_size or config.max_compiled_batch_size,
                 -(-config.max_model_len // self.block_size),
             )
-            self.compiled_decode = CompiledDecode(self.model, self.cache, buckets, self.compile_mode, self.device)
+            self.compiled_decode = CompiledDecode(
+                self.model, self.cache, buckets, self.compile_mode, self.device, self.direct_forward
+            )
             self.compiled_decode.warm_up()  # at start-up (serve builds the engine before it listens), not on a request
         else:
             logger.info("decode step: off (eager, per-sequence attention)")
@@ -219,6 +224,8 @@ class ModelRunner:
             if logits is not None:
                 return logits
         input_ids, position_ids, keep, meta = self.prepare(batch)
+        if self.direct_forward:
+            return direct_logits(self.model, input_ids, position_ids, keep, meta)
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
