@@ -88,15 +88,16 @@ TYPECHECK_PACKAGES ?= -p fitserve.quant -p fitserve.server -p fitserve.loadtest
 # Build the wheel and the sdist, install the wheel (not editable) into a fresh venv, run the installed command.
 WHEEL_VENV ?= .venv-wheel
 wheel-check: $(DEV_STAMP)
-	rm -rf dist $(WHEEL_VENV)
-	$(BIN)/python -m build --outdir dist . >/dev/null
+	rm -rf dist $(WHEEL_VENV) && mkdir -p dist
+	$(BIN)/python -m build --outdir dist . >dist/build.log 2>&1 || { cat dist/build.log; exit 1; }
+	! grep -i "deprecat" dist/build.log  # the build prints no deprecation warning (issue 12)
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
 	$(WHEEL_VENV)/bin/python -m pip install --quiet dist/fitserve-*.whl
 	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/fitserve --help >/dev/null
 	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/python -m fitserve plan --help >/dev/null
-	cd /tmp && ! $(CURDIR)/$(WHEEL_VENV)/bin/python -c 'import server' 2>/dev/null
-	@echo "wheel-check: $$(ls dist) install and run"
+	for name in server quant loadtest; do cd /tmp && ! $(CURDIR)/$(WHEEL_VENV)/bin/python -c "import $$name" 2>/dev/null || exit 1; done
+	@echo "wheel-check: $$(ls dist/*.whl dist/*.tar.gz) install and run"
 
 clean:
 	rm -rf $(VENV) $(GPTQ_VENV) $(RAY_VENV) $(WHEEL_VENV) $(TYPECHECK_DIR) build dist *.egg-info
