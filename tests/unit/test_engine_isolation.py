@@ -153,3 +153,39 @@ def test_a_group_is_admitted_whole_or_not_at_all(tiny) -> None:  # type: ignore[
         await engine.stop(timeout_s=5)
 
     asyncio.run(main())
+
+
+def test_a_failure_building_one_output_fails_only_that_request(tiny) -> None:  # type: ignore[no-untyped-def]
+    """Detokenising or stop matching that raises for one sequence fails it alone; the step's others go on."""
+
+    async def main() -> tuple[list[int], list[int], BaseException | list[RequestOutput]]:
+        engine = make_engine(tiny)
+        await engine.start()
+        alone, _ = await good_stream(engine)
+        output = engine._core.output
+        real_emit = output.emit
+
+        def emit(seq, token, sampled):  # type: ignore[no-untyped-def]
+            if seq.request_id == "bad-output" and seq.num_output_tokens >= 2:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a detokenizer that breaks mid-stream")
+            return real_emit(seq, token, sampled)
+
+        output.emit = emit  # type: ignore[method-assign]
+
+        async def send_bad() -> BaseException | list[RequestOutput]:
+            try:
+                return await collect(engine.generate([5, 6, 7], greedy(8), "bad-output"))
+            except EngineError as exc:
+                return exc
+
+        together, bad = await good_stream(engine, send_bad)
+        await engine.check_health()
+        await engine.stop(timeout_s=5)
+        return alone, together, bad
+
+    alone, together, bad = asyncio.run(main())
+    assert together == alone
+    if isinstance(bad, BaseException):
+        assert isinstance(bad, RequestFailedError)
+    else:  # it had streamed a token before the failure: it ends with an error, not silently
+        assert bad[-1].finish_reason is FinishReason.ERROR and bad[-1].completion_tokens < 8
