@@ -127,7 +127,12 @@ class ModelRunner:
             )
             self.compiled_decode.warm_up()  # at start-up (serve builds the engine before it listens), not on a request
         else:
-            logger.info("decode step: off (eager, per-sequence attention)")
+            attention = (
+                "decodes attended in one batched call per layer while the padded gather fits the plan's scratch"
+                if config.batched_decode_attention
+                else "per-sequence attention"
+            )
+            logger.info("decode step: off (eager forward each step; %s)", attention)
 
     def configure_threads(self) -> None:
         """Apply `EngineConfig.num_threads` (torch intra-op threads) from the engine thread."""
