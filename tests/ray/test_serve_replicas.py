@@ -242,9 +242,15 @@ def test_killing_a_replica_mid_load_fails_only_its_requests_and_ray_replaces_it(
 def test_prometheus_scrapes_both_replicas_with_distinct_labels(
     server: ScaleOutServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """A real Prometheus, given the ingress's http_sd endpoint, scrapes each replica's ledger under its own label.
+
+    Steady load runs while it waits: an idle replica is removed after the downscale delay, and the replacement
+    in the test before may have left the pair idle long enough that the autoscaler removes one mid-wait (it did
+    once in CI). The load keeps both replicas wanted; the next test sees the idle removal once the load stops.
+    """
     workdir = tmp_path_factory.mktemp("prometheus-ray")
     config = {
-        "global": {"scrape_interval": "1s"},
+        "global": {"scrape_interval": "2s", "scrape_timeout": "2s"},  # replicas answer /metrics under load
         "scrape_configs": [
             {
                 "job_name": "fitserve-replicas",
@@ -253,28 +259,30 @@ def test_prometheus_scrapes_both_replicas_with_distinct_labels(
             {"job_name": "fitserve-ingress", "static_configs": [{"targets": [server.url.removeprefix("http://")]}]},
         ],
     }
-    started = time.monotonic()
     url, process, log_path = start_prometheus(workdir, config)
+    seen: set[str] = set()
+
+    def query(expression: str) -> list[dict]:
+        try:
+            result = httpx.get(f"{url}/api/v1/query", params={"query": expression}, timeout=5)
+        except httpx.HTTPError:  # Prometheus still starting
+            return []
+        return result.json()["data"]["result"] if result.status_code == 200 else []
+
+    def both_replicas_seen() -> bool:
+        labels = {series["metric"].get("replica") for series in query("fitserve_memory_budget_bytes")}
+        if len(labels) == 2 and None not in labels:
+            seen.update(labels)  # type: ignore[arg-type]
+        return bool(seen)
+
     try:
-
-        def replicas_seen() -> set[str]:
-            result = httpx.get(f"{url}/api/v1/query", params={"query": "fitserve_memory_budget_bytes"}, timeout=5)
-            if result.status_code != 200:  # Prometheus still starting
-                return set()
-            series = result.json()["data"]["result"]
-            labels = {s["metric"].get("replica") for s in series}
-            return labels if len(labels) == 2 and None not in labels else set()
-
-        seen = wait_for(replicas_seen, 30, "Prometheus to scrape both replicas' ledgers")
-        elapsed = time.monotonic() - started
-        print(f"\nPrometheus saw both replicas {sorted(seen)} {elapsed:.1f} s after it started")
-
-        def router_decisions_seen() -> object:  # the ingress is its own scrape target: its first scrape may come later
-            result = httpx.get(f"{url}/api/v1/query", params={"query": "fitserve_router_decisions_total"}, timeout=5)
-            return result.status_code == 200 and result.json()["data"]["result"]
-
-        remaining_s = max(1.0, 30 - (time.monotonic() - started))
-        wait_for(router_decisions_seen, remaining_s, "router decisions to reach Prometheus through the ingress")
+        seen_after_s, errors = asyncio.run(keep_busy(server, 20, both_replicas_seen, limit_s=60))
+        diagnosis = (targets(server), autoscaler_events(server), query("up"))
+        assert seen_after_s is not None, f"Prometheus never saw both replicas at once: {diagnosis}"
+        assert errors == 0
+        print(f"\nPrometheus saw both replicas {sorted(seen)} {seen_after_s:.1f} s after it started")
+        # the ingress is its own scrape target: its first scrape may come after the replicas'
+        wait_for(lambda: query("fitserve_router_decisions_total"), 30, "router decisions to reach Prometheus")
     except BaseException:
         print(log_path.read_text()[-3000:])
         raise
@@ -287,7 +295,9 @@ def test_an_idle_replica_is_removed(server: ScaleOutServer) -> None:
     idle_since = time.monotonic()
     wait_for(lambda: len(targets(server)) == 1, 90, "the autoscaler to remove the idle replica")
     print(f"\nidle replica gone {time.monotonic() - idle_since:.1f} s after the last request")
-    assert autoscaler_events(server)["down"] == 1.0
+    events = autoscaler_events(server)
+    # every replica the autoscaler added it removed again once idle (one up/down pair unless a load re-added one)
+    assert events["down"] >= 1 and events["up"] == events["down"], events
 
 
 def test_sigterm_stops_everything_with_no_stray_ray_process(server: ScaleOutServer) -> None:
