@@ -1,15 +1,16 @@
 """Decode-step time of each `--compile-modes` x `--forwards` variant, side by side in one process (no HTTP, no
 scheduler loop).
 
-For each batch size B: B sequences of `--prompt-tokens` are prefilled once per variant (each has its own runner and
-KV cache over the same model), then decode-only steps run with the variants alternating step by step, so a change
+For each batch size B: B sequences of `--prompt-tokens` are prefilled once per variant (each has its own model,
+runner and KV cache), then decode-only steps run with the variants alternating step by step, so a change
 in the machine's load hits every variant alike. Prints and writes the median step time per (B, variant) and each
-variant's ratio to the first. `--forwards direct,transformers` compares the direct Llama layer loop
-(server/engine/llama_forward.py, the default) with `model(...)`; `--precision` loads the model as `fitserve serve
---precision P` does (int8/int4: torch's weight-only kernels on CPU).
+variant's ratio to the first. `--forwards direct,direct-separate,transformers` compares the direct Llama layer loop
+(server/engine/llama_forward.py) with its q/k/v and gate/up projections joined (the default) or separate, and
+`model(...)`; `--precision` loads the model as `fitserve serve --precision P` does (int8/int4: torch's weight-only
+kernels on CPU).
 
     .venv/bin/python benchmarks/decode_step.py --compile-modes off,eager --batch-sizes 1,4,16 --steps 20
-    .venv/bin/python benchmarks/decode_step.py --compile-modes off --forwards direct,transformers --precision int4
+    .venv/bin/python benchmarks/decode_step.py --compile-modes off --forwards direct,direct-separate --precision int4
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("decode_step")
+FORWARDS_DIRECT = ("direct", "direct-separate")  # the direct Llama loop, projections joined or separate
 
 
 def prefill(runner: Any, batch: int, prompt_tokens: int, max_tokens: int) -> tuple[Any, list[Any]]:
@@ -46,16 +48,17 @@ def prefill(runner: Any, batch: int, prompt_tokens: int, max_tokens: int) -> tup
 
 
 def bench(
-    model: Any, variants: list[tuple[str, str]], batch: int, prompt_tokens: int, steps: int
+    models: list[Any], variants: list[tuple[str, str]], batch: int, prompt_tokens: int, steps: int
 ) -> dict[str, list[float]]:
-    """Per variant (compile mode, forward), the wall time of each of `steps` decode-only steps (interleaved)."""
+    """Per variant (compile mode, forward), the wall time of each of `steps` decode-only steps (interleaved); each
+    variant runs on its own model in `models` (runners change their model in place: packing, joining)."""
     from fitserve.server.engine.compile_mode import CompileMode
     from fitserve.server.engine.config import EngineConfig
     from fitserve.server.engine.runner import ModelRunner
 
     states = {}
     modes = [variant_label(v) for v in variants]
-    for (compile_mode, forward), mode in zip(variants, modes, strict=True):
+    for (compile_mode, forward), mode, model in zip(variants, modes, models, strict=True):
         cfg = EngineConfig(
             served_model_name="bench",
             max_model_len=max(512, prompt_tokens + steps + 16),
@@ -63,7 +66,8 @@ def bench(
             max_batch_size=batch,
             max_prefill_tokens=max(512, prompt_tokens * batch),
             compile_mode=CompileMode(compile_mode),
-            direct_forward=forward == "direct",
+            direct_forward=forward in FORWARDS_DIRECT,
+            join_projections=forward == "direct",
             spare_bytes=1 << 30,  # room to prepack the tied lm_head, as `fitserve serve` with the default budget
             device=str(model.device),
         )
@@ -90,7 +94,11 @@ def variant_label(variant: tuple[str, str]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--compile-modes", default="off,eager")
-    p.add_argument("--forwards", default="direct", help="direct and/or transformers, comma-separated")
+    p.add_argument(
+        "--forwards",
+        default="direct",
+        help="comma-separated: direct (the default: direct loop, projections joined), direct-separate, transformers",
+    )
     p.add_argument("--precision", default=None, help="load as `fitserve serve --precision P` (overrides --dtype)")
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--prompt-tokens", type=int, default=90)
@@ -111,13 +119,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model_dir = args.model_dir or default_model_dir()
-    if args.precision is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from precision_decode import load  # a sibling script, not a package
 
-        model = load(model_dir, args.precision, "auto").model
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
+    def load_model() -> Any:
+        if args.precision is not None:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from precision_decode import load  # a sibling script, not a package
+
+            return load(model_dir, args.precision, "auto").model
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
+
     variants = [
         (m.strip(), f.strip())
         for m in args.compile_modes.split(",")
@@ -126,11 +136,12 @@ def main() -> None:
         if f.strip()
     ]
     modes = [variant_label(v) for v in variants]
+    models = [load_model() for _ in variants]
     rows: list[dict[str, Any]] = []
 
     def run_all() -> None:  # one thread does all torch work (see docs/engine.md on OpenMP masters)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            times = bench(model, variants, batch, args.prompt_tokens, args.steps)
+            times = bench(models, variants, batch, args.prompt_tokens, args.steps)
             base = statistics.median(times[modes[0]])
             for mode in modes:
                 med = statistics.median(times[mode])

@@ -20,8 +20,9 @@ counts it and the planner predicts it (`quant/schemes.py`).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 
@@ -30,6 +31,9 @@ from fitserve.quant.mapped_files import drop_file_pages, mapped_file_ranges
 
 INT4_INNER_K_TILES = 1  # the CPU packing's innerKTiles argument (only the CUDA layout uses other values)
 INT4_MID = 8  # q - 8 centres the 0..15 codes
+# packed int4 rows concatenate exactly (row blocks) only in groups of this many rows: measured on torch 2.13's CPU
+# packing, widths of 64k joined bit for bit, 32-row parts did not (tests/unit/test_weight_only.py checks it)
+INT4_JOIN_ROW_MULTIPLE = 64
 
 
 class WeightOnlyScheme(enum.StrEnum):
@@ -83,13 +87,36 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size:
 class _WeightOnlyLinear(torch.nn.Module):
     """Common parts: shapes, optional bias, flattening inputs to the 2-D the ops want."""
 
-    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        self.in_features = in_features
+        self.out_features = out_features
         self.dtype = dtype
-        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        self.register_buffer("bias", bias)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    @classmethod
+    def _joined_shell(cls, parts: Sequence[_WeightOnlyLinear]) -> Self | None:
+        """An empty module of this class whose output is the parts' outputs side by side (their biases joined), or
+        None when the parts differ in input width, dtype, or in having a bias."""
+        first = parts[0]
+        if any(
+            type(p) is not cls
+            or p.in_features != first.in_features
+            or p.dtype != first.dtype
+            or (p.bias is None) != (first.bias is None)
+            for p in parts
+        ):
+            return None
+        biases = [p.bias for p in parts if isinstance(p.bias, torch.Tensor)]
+        shell = cls.__new__(cls)
+        _WeightOnlyLinear.__init__(
+            shell,
+            first.in_features,
+            sum(p.out_features for p in parts),
+            first.dtype,
+            torch.cat(biases) if biases else None,
+        )
+        return shell
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -106,11 +133,24 @@ class _WeightOnlyLinear(torch.nn.Module):
 class Int8WeightOnlyLinear(_WeightOnlyLinear):
     """A Linear with a per-channel symmetric int8 weight, run by `aten._weight_int8pack_mm`."""
 
+    weight_int8: torch.Tensor  # registered buffers
+    scales: torch.Tensor
+
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype = torch.bfloat16) -> None:
-        super().__init__(linear, dtype)
+        super().__init__(linear.in_features, linear.out_features, dtype, linear.bias)
         q, scales = quantize_int8(linear.weight)
         self.register_buffer("weight_int8", q)
         self.register_buffer("scales", scales.to(dtype))
+
+    @classmethod
+    def joined(cls, parts: Sequence[Int8WeightOnlyLinear]) -> Int8WeightOnlyLinear | None:
+        """One Linear computing the parts' outputs side by side (rows and per-row scales concatenated: exactly
+        what quantizing the concatenated dense weight gives), or None when they cannot be joined."""
+        shell = cls._joined_shell(parts)
+        if shell is not None:
+            shell.register_buffer("weight_int8", torch.cat([p.weight_int8 for p in parts]))
+            shell.register_buffer("scales", torch.cat([p.scales for p in parts]))
+        return shell
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x2d, self.weight_int8, self.scales)
@@ -122,15 +162,34 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
 class Int4WeightOnlyLinear(_WeightOnlyLinear):
     """A Linear with a groupwise asymmetric int4 weight, run by `aten._weight_int4pack_mm_for_cpu`."""
 
+    weight_int4: torch.Tensor  # registered buffers
+    scales_and_zeros: torch.Tensor
+
     def __init__(
         self, linear: torch.nn.Linear, dtype: torch.dtype = torch.bfloat16, group_size: int = DEFAULT_INT4_GROUP_SIZE
     ) -> None:
-        super().__init__(linear, dtype)
+        super().__init__(linear.in_features, linear.out_features, dtype, linear.bias)
         self.group_size = group_size
         q, scales_and_zeros = quantize_int4(linear.weight, group_size)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
         self.register_buffer("weight_int4", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype))
+
+    @classmethod
+    def joined(cls, parts: Sequence[Int4WeightOnlyLinear]) -> Int4WeightOnlyLinear | None:
+        """One Linear computing the parts' outputs side by side, or None when they cannot be joined exactly.
+
+        The packed rows of parts whose widths are multiples of `INT4_JOIN_ROW_MULTIPLE` concatenate into exactly
+        what packing the concatenated codes gives (the CPU packing lays such rows out in whole 64-row blocks; other
+        widths use a different layout and are left separate); scales and zeros are per row."""
+        if any(p.out_features % INT4_JOIN_ROW_MULTIPLE or p.group_size != parts[0].group_size for p in parts):
+            return None
+        shell = cls._joined_shell(parts)
+        if shell is not None:
+            shell.group_size = parts[0].group_size
+            shell.register_buffer("weight_int4", torch.cat([p.weight_int4 for p in parts]))
+            shell.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1))
+        return shell
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.weight_int4, self.group_size, self.scales_and_zeros)

@@ -53,6 +53,9 @@ class EngineConfig:
     # transformers' module wrappers: bit-identical logits, milliseconds less Python per step. Other architectures
     # (and models split over devices by accelerate) always take `model(...)`.
     direct_forward: bool = True
+    # With the direct loop, each layer's q/k/v and gate/up projections joined into one matmul each, where exact
+    # (server/engine/joined_projections.py): 4 matmuls a layer instead of 7.
+    join_projections: bool = True
     # largest decode batch bucket when `max_batch_size` is None (bigger decode steps run eagerly)
     max_compiled_batch_size: int = 64
 

@@ -9,7 +9,9 @@ level. On a CPU decode step of the default model (30 layers, one token) that is 
 modules for every part that holds weights (embedding, norms, projections, MLP, lm_head), so a quantised or
 oneDNN-prepacked Linear works unchanged and the logits are bit-identical to `model(...)` with the paged attention
 function. It is used only where `supports_direct_forward` recognises the exact transformers classes; any other
-architecture (or a model dispatched over devices by accelerate's hooks) keeps `model(...)`.
+architecture (or a model dispatched over devices by accelerate's hooks) keeps `model(...)`. Where the runner joined a
+layer's projections (server/engine/joined_projections.py), the loop calls the joined module once and ropes the query
+and key heads together; the numbers are the same.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fitserve.server.engine.joined_projections import GATE_UP_NAME, QKV_NAME
 from fitserve.server.engine.kv_cache import PackedBatch, paged_attention
 
 
@@ -70,14 +73,31 @@ def direct_logits(
         residual = hidden
         x = layer.input_layernorm(hidden)
         head_shape = (1, tokens, -1, attn.head_dim)
-        q = attn.q_proj(x).view(head_shape).transpose(1, 2)
-        k = attn.k_proj(x).view(head_shape).transpose(1, 2)
-        v = attn.v_proj(x).view(head_shape).transpose(1, 2)
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
+        qkv_proj = getattr(attn, QKV_NAME, None)
+        if qkv_proj is None:
+            q = attn.q_proj(x).view(head_shape).transpose(1, 2)
+            k = attn.k_proj(x).view(head_shape).transpose(1, 2)
+            v = attn.v_proj(x).view(head_shape).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+        else:  # one matmul, and the rotary embedding applied to the query and key heads in one pass
+            heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+            qkv = qkv_proj(x).view(head_shape)
+            qk = qkv[:, :, : heads + kv_heads].transpose(1, 2)
+            qk = (qk * cos) + (_rotate_half(qk) * sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
         out = paged_attention(attn.layer_idx, q, k, v, batch, attn.scaling)
         hidden = residual + attn.o_proj(out.reshape(1, tokens, -1).contiguous())
         residual = hidden
-        hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        x = layer.post_attention_layernorm(hidden)
+        mlp = layer.mlp
+        gate_up_proj = getattr(mlp, GATE_UP_NAME, None)
+        if gate_up_proj is None:
+            hidden = residual + mlp(x)
+        else:
+            gate_up = gate_up_proj(x)
+            width = gate_up.shape[-1] // 2
+            hidden = residual + mlp.down_proj(mlp.act_fn(gate_up[..., :width]) * gate_up[..., width:])
     hidden = inner.norm(hidden)
     return model.lm_head(hidden if keep is None else hidden[:, keep, :])[0]

@@ -17,6 +17,7 @@ from fitserve.server.engine.compile_mode import CompileMode
 from fitserve.server.engine.compiled_decode import CompiledDecode, DecodeBuckets, DecodeRow, resolve_mode
 from fitserve.server.engine.config import EngineConfig
 from fitserve.server.engine.cpu_linear import packable_dtypes, prepack_linears
+from fitserve.server.engine.joined_projections import join_llama_projections
 from fitserve.server.engine.kv_cache import (
     BATCH_KWARG,
     DecodeGroup,
@@ -95,6 +96,16 @@ class ModelRunner:
             layer_devices(self.model, self.shape.num_layers, self.device),  # several GPUs: KV beside its layer
         )
         self.oom_inject_steps = frozenset(config.oom_inject_steps)
+        self.direct_forward = config.direct_forward and supports_direct_forward(self.model)
+        if self.direct_forward and config.join_projections:  # before packing: the joined weights are packed once
+            joined = join_llama_projections(self.model)
+            logger.info(
+                "joined projections: %d q/k/v and gate/up groups joined, %d left separate, %.1f MiB of checkpoint "
+                "file pages given back",
+                joined.joined,
+                joined.kept,
+                joined.released_bytes / 2**20,
+            )
         if config.prepack_cpu_linears and self.device.type == "cpu" and self.dtype in packable_dtypes():
             packed = prepack_linears(self.model, shared_copy_bytes=config.spare_bytes)
             logger.info(
@@ -112,7 +123,6 @@ class ModelRunner:
             self.dtype,
             self.cache.nbytes / 2**20,
         )
-        self.direct_forward = config.direct_forward and supports_direct_forward(self.model)
         logger.info("model forward: %s", "direct Llama layer loop" if self.direct_forward else "transformers")
         num_cache_devices = len({t.device for t in self.cache.k})
         self.compile_mode = resolve_mode(config.compile_mode, self.device, num_cache_devices)

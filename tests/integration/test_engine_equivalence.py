@@ -211,12 +211,13 @@ def test_engine_equals_generate_token_for_token(
     )
     record_property("near_tie_divergences", near_ties)
     assert not diffs, "\n".join(diffs)
-    # fp32 runs on oneDNN-prepacked Linears (all 211, the tied lm_head too) while the reference ran plain sgemm;
-    # NF4 here has fp32 dense layers, so its one plain Linear (lm_head) is packed; bitsandbytes' 4-bit ones are not;
+    # fp32 runs on oneDNN-prepacked Linears (121: each of the 30 layers' q/k/v and gate/up joined, so 4 a layer, and
+    # the tied lm_head) while the reference ran plain sgemm over 7 separate Linears a layer; NF4 here has fp32 dense
+    # layers, so its one plain Linear (lm_head) is packed; bitsandbytes' 4-bit ones are neither packed nor joined;
     # bf16 is packed where the CPU has native bf16 (bit-identical to `F.linear` there)
     import torch
 
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert packed == {Precision.FP32: 211, Precision.NF4: 1, Precision.BF16: 211 if native_bf16 else 0}[precision]
+    assert packed == {Precision.FP32: 121, Precision.NF4: 1, Precision.BF16: 121 if native_bf16 else 0}[precision]
     assert total == 16 and exact + near_ties == total
     assert cached_tokens >= 16 * 4, "prefix-cache hits are part of what this test checks"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fitserve.server.engine.config import EngineConfig
+from fitserve.server.engine.joined_projections import QKV_NAME
 from fitserve.server.engine.llama_forward import supports_direct_forward
 from fitserve.server.engine.runner import ModelRunner
 from fitserve.server.engine.scheduler import Scheduler, Sequence
@@ -21,13 +22,14 @@ def load_tiny(tiny_model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()
 
 
-def engine_config(direct: bool) -> EngineConfig:
+def engine_config(direct: bool, join: bool = True) -> EngineConfig:
     return EngineConfig(
         served_model_name="tiny",
         max_model_len=512,
         kv_capacity_tokens=2048,
         max_prefill_tokens=48,  # long prompts prefill in chunks on top of their cached context
         direct_forward=direct,
+        join_projections=join,
     )
 
 
@@ -43,13 +45,17 @@ def workload(seed: int) -> list[Sequence]:
     return seqs
 
 
+@pytest.mark.parametrize("join", [True, False], ids=["joined", "separate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_direct_logits_equal_transformers_bit_for_bit(tiny_model_dir: Path, dtype: torch.dtype) -> None:
-    """Prefills (whole, chunked, on a cached prefix) and decodes (batched attention) step by step, both ways."""
+def test_direct_logits_equal_transformers_bit_for_bit(tiny_model_dir: Path, dtype: torch.dtype, join: bool) -> None:
+    """Prefills (whole, chunked, on a cached prefix) and decodes (batched attention) step by step, both ways; the
+    direct loop with its projections joined (the default) or separate, transformers on an untouched model."""
     sides = []
     for direct in (True, False):
-        runner = ModelRunner(load_tiny(tiny_model_dir, dtype), engine_config(direct))
+        runner = ModelRunner(load_tiny(tiny_model_dir, dtype), engine_config(direct, join))
         assert runner.direct_forward is direct
+        layers = runner.model.model.layers
+        assert all(hasattr(layer.self_attn, QKV_NAME) is (direct and join) for layer in layers)
         sides.append((runner, Scheduler(runner.config), workload(seed=3)))
     steps = 0
     while any(sched.has_work for _, sched, _ in sides) or steps == 0:
