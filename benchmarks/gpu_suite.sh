@@ -47,10 +47,11 @@ print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() els
     tests/unit/test_compiled_decode.py
   TAIL=14 step decode_step_bf16 240 "$PY" benchmarks/decode_step.py --device "$DEVICE" --dtype bf16 --model-dir "$MODEL_DIR" \
     --compile-modes off,eager,cuda-graphs --batch-sizes "$BATCHES" --steps 20 --out "$OUT/decode_step_bf16.json"
-  # the direct Llama layer loop vs transformers' model(...) on the eager path (host overhead is what a GPU step is)
-  TAIL=8 step decode_step_forwards 120 "$PY" benchmarks/decode_step.py --device "$DEVICE" --dtype bf16 \
-    --model-dir "$MODEL_DIR" --compile-modes off --forwards direct,transformers --batch-sizes 1,16 --steps 20 \
-    --out "$OUT/decode_step_forwards.json"
+  # the direct Llama layer loop (projections joined, then separate) vs transformers' model(...) on the eager path
+  # (host overhead is what a GPU step is)
+  TAIL=10 step decode_step_forwards 150 "$PY" benchmarks/decode_step.py --device "$DEVICE" --dtype bf16 \
+    --model-dir "$MODEL_DIR" --compile-modes off --forwards direct,direct-separate,transformers \
+    --batch-sizes 1,16 --steps 20 --out "$OUT/decode_step_forwards.json"
   TAIL=16 step engine_bf16 150 "$PY" benchmarks/engine_throughput.py --device "$DEVICE" --dtype bf16 \
     --model-dir "$MODEL_DIR" --batch-sizes "$BATCHES" --max-tokens "$TOKENS" $HF_CB --compile-modes off,cuda-graphs \
     --out "$OUT/engine_bf16.json"
