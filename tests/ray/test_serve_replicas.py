@@ -189,6 +189,59 @@ def test_a_burst_of_long_requests_is_split_over_both_replicas(server: ScaleOutSe
     assert sum(split) == 8 and len(split) == 2 and split[0] >= 3, (before, after, gauges)
 
 
+def test_prometheus_scrapes_both_replicas_with_distinct_labels(
+    server: ScaleOutServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A real Prometheus, given the ingress's http_sd endpoint, scrapes each replica's ledger under its own label
+    within 30 s of its start.
+
+    It runs while both replicas are up (right after the burst), with steady load: an idle replica is removed after
+    the downscale delay, and when this test ran after the replica kill, the pair had sat idle long enough for the
+    autoscaler to remove one before Prometheus had scraped both (once in CI). The load keeps both wanted.
+    """
+    workdir = tmp_path_factory.mktemp("prometheus-ray")
+    config = {
+        "global": {"scrape_interval": "2s", "scrape_timeout": "2s"},  # replicas answer /metrics under load
+        "scrape_configs": [
+            {
+                "job_name": "fitserve-replicas",
+                "http_sd_configs": [{"url": f"{server.url}/metrics/targets", "refresh_interval": "2s"}],
+            },
+            {"job_name": "fitserve-ingress", "static_configs": [{"targets": [server.url.removeprefix("http://")]}]},
+        ],
+    }
+    url, process, log_path = start_prometheus(workdir, config)
+    seen: set[str] = set()
+
+    def query(expression: str) -> list[dict]:
+        try:
+            result = httpx.get(f"{url}/api/v1/query", params={"query": expression}, timeout=5)
+        except httpx.HTTPError:  # Prometheus still starting
+            return []
+        return result.json()["data"]["result"] if result.status_code == 200 else []
+
+    def both_replicas_seen() -> bool:
+        labels = {series["metric"].get("replica") for series in query("fitserve_memory_budget_bytes")}
+        if len(labels) == 2 and None not in labels:
+            seen.update(labels)  # type: ignore[arg-type]
+        return bool(seen)
+
+    try:
+        seen_after_s, errors = asyncio.run(keep_busy(server, 20, both_replicas_seen, limit_s=30))
+        diagnosis = (targets(server), autoscaler_events(server), query("up"))
+        assert seen_after_s is not None, f"Prometheus never saw both replicas at once: {diagnosis}"
+        assert errors == 0
+        print(f"\nPrometheus saw both replicas {sorted(seen)} {seen_after_s:.1f} s after it started")
+        # the ingress is its own scrape target: its first scrape may come after the replicas'
+        wait_for(lambda: query("fitserve_router_decisions_total"), 30, "router decisions to reach Prometheus")
+    except BaseException:
+        print(log_path.read_text()[-3000:])
+        raise
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_killing_a_replica_mid_load_fails_only_its_requests_and_ray_replaces_it(server: ScaleOutServer) -> None:
     replicas = server.processes_named("ServeReplica:fitserve:EngineReplica")
     assert len(replicas) == 2, replicas
@@ -237,58 +290,6 @@ def test_killing_a_replica_mid_load_fails_only_its_requests_and_ray_replaces_it(
     wait_for(new_replica_serves, max(1.0, 60 - (time.monotonic() - killed_at)), "the new replica to serve")
     print(f"replacement serving {time.monotonic() - killed_at:.1f} s after the kill")
     server.remember_descendants()
-
-
-def test_prometheus_scrapes_both_replicas_with_distinct_labels(
-    server: ScaleOutServer, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """A real Prometheus, given the ingress's http_sd endpoint, scrapes each replica's ledger under its own label.
-
-    Steady load runs while it waits: an idle replica is removed after the downscale delay, and the replacement
-    in the test before may have left the pair idle long enough that the autoscaler removes one mid-wait (it did
-    once in CI). The load keeps both replicas wanted; the next test sees the idle removal once the load stops.
-    """
-    workdir = tmp_path_factory.mktemp("prometheus-ray")
-    config = {
-        "global": {"scrape_interval": "2s", "scrape_timeout": "2s"},  # replicas answer /metrics under load
-        "scrape_configs": [
-            {
-                "job_name": "fitserve-replicas",
-                "http_sd_configs": [{"url": f"{server.url}/metrics/targets", "refresh_interval": "2s"}],
-            },
-            {"job_name": "fitserve-ingress", "static_configs": [{"targets": [server.url.removeprefix("http://")]}]},
-        ],
-    }
-    url, process, log_path = start_prometheus(workdir, config)
-    seen: set[str] = set()
-
-    def query(expression: str) -> list[dict]:
-        try:
-            result = httpx.get(f"{url}/api/v1/query", params={"query": expression}, timeout=5)
-        except httpx.HTTPError:  # Prometheus still starting
-            return []
-        return result.json()["data"]["result"] if result.status_code == 200 else []
-
-    def both_replicas_seen() -> bool:
-        labels = {series["metric"].get("replica") for series in query("fitserve_memory_budget_bytes")}
-        if len(labels) == 2 and None not in labels:
-            seen.update(labels)  # type: ignore[arg-type]
-        return bool(seen)
-
-    try:
-        seen_after_s, errors = asyncio.run(keep_busy(server, 20, both_replicas_seen, limit_s=60))
-        diagnosis = (targets(server), autoscaler_events(server), query("up"))
-        assert seen_after_s is not None, f"Prometheus never saw both replicas at once: {diagnosis}"
-        assert errors == 0
-        print(f"\nPrometheus saw both replicas {sorted(seen)} {seen_after_s:.1f} s after it started")
-        # the ingress is its own scrape target: its first scrape may come after the replicas'
-        wait_for(lambda: query("fitserve_router_decisions_total"), 30, "router decisions to reach Prometheus")
-    except BaseException:
-        print(log_path.read_text()[-3000:])
-        raise
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_an_idle_replica_is_removed(server: ScaleOutServer) -> None:
