@@ -1,12 +1,17 @@
 """Token sampling on a [batch, vocab] logits tensor: penalties, logit bias, temperature, top-k/top-p, seeds,
 logprobs.
 
-Everything is vectorised over the vocabulary; the only Python loops run over the rows of the batch (one per
-sequence that samples this step). Greedy rows without penalties or bias take a single `argmax`.
+Everything is vectorised over the vocabulary and the batch; the only Python loop draws one uniform number per
+sampling row from that row's own generator. Greedy rows without penalties or bias take a single `argmax`.
+
+Random rows are drawn by inverse transform (`draw_tokens`): each row's cumulative probabilities, searched for one
+uniform number scaled to the row's total. `torch.multinomial`, called row by row, took 1.0 ms a row over the
+default model's 49,152 tokens on the 2-core VM (20 ms for 16 rows: as much as a decode step); this takes 0.06 ms
+for one row and 0.4 ms for 16.
 
 One row never fails another: a row whose logits are not finite after penalties, bias and temperature (NaN or
-+-inf) is reported as a `SampleFailure` and never reaches `torch.multinomial`; and when sampling the batch raises
-anyway, `sample_sequences` samples each row alone so that only the row that raises fails.
++-inf) is reported as a `SampleFailure` and its draw is discarded; and when sampling the batch raises anyway,
+`sample_sequences` samples each row alone so that only the row that raises fails.
 """
 
 from __future__ import annotations
@@ -64,21 +69,46 @@ def apply_penalties(
     return logits
 
 
+# top-k/top-p look at each row's best tokens first: a full sort of the default model's 49,152 logits took 3.5 ms a row
+# on the 2-core VM, `topk(1024)` 0.3 ms. A row whose top-k or nucleus ends inside them needs nothing more.
+FILTER_CANDIDATES = 1024
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top-k and nucleus top-p; always keeps the best token.
 
     top_k: [B] long (vocab size = no limit); top_p: [B] float (1.0 = no limit). Returns a new tensor.
+
+    Each row's `FILTER_CANDIDATES` best tokens are filtered first; the rows whose kept set does not provably end
+    among them (a top-k beyond them, and less than top-p of the mass in them) are filtered over their whole
+    sorted vocabulary (`_filter_sorted`). Both give the same kept set.
     """
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    candidates = min(vocab, FILTER_CANDIDATES)
+    values, idx = logits.topk(candidates, dim=-1)  # each row's best tokens, best first
+    probs = logits.softmax(dim=-1).gather(-1, idx)
+    out = torch.full_like(logits, float("-inf")).scatter_(-1, idx, _mask_ranked(values, probs, top_k, top_p))
+    unresolved = ((top_k > candidates) & (probs.sum(dim=-1) <= top_p)).nonzero().flatten()
+    if unresolved.numel():
+        out[unresolved] = _filter_sorted(logits[unresolved], top_k[unresolved], top_p[unresolved])
+    return out
+
+
+def _mask_ranked(values: torch.Tensor, probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`values` [B, n] ranked best first, with their probabilities `probs` (of the whole row), masked to -inf
+    beyond each row's top-k and where the mass strictly above a token exceeds its top-p; rank 0 always stays."""
+    ranks = torch.arange(values.shape[-1], device=values.device).unsqueeze(0)
     drop = ranks >= top_k.unsqueeze(1)
-    probs = sorted_logits.softmax(dim=-1)
-    cum_before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token
-    drop |= cum_before > top_p.unsqueeze(1)
+    drop |= (probs.cumsum(dim=-1) - probs) > top_p.unsqueeze(1)  # probability mass strictly above each token
     drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+    return values.masked_fill(drop, float("-inf"))
+
+
+def _filter_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`apply_top_k_top_p` over each row's whole vocabulary, sorted."""
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    masked = _mask_ranked(sorted_logits, sorted_logits.softmax(dim=-1), top_k, top_p)
+    return torch.empty_like(logits).scatter_(-1, sorted_idx, masked)
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: Sequence[tuple[tuple[int, float], ...]]) -> torch.Tensor:
@@ -99,6 +129,16 @@ def _needs_filter(p: SamplingParams, vocab: int) -> bool:
 def _non_finite_rows(rows: torch.Tensor) -> list[int]:
     """Indices of the rows of a [B, V] tensor holding a NaN or an infinity."""
     return (~torch.isfinite(rows).all(dim=-1)).nonzero().flatten().tolist()
+
+
+def draw_tokens(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token id per row of `probs` [R, V] (non-negative rows), row r drawn with `generators[r]` (None: torch's
+    default generator): the first token whose cumulative probability exceeds a uniform number in [0, row total).
+    Tokens of probability 0 (filtered out by top-k/top-p) are never drawn."""
+    cdf = probs.cumsum(dim=-1)
+    uniform = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+    targets = (uniform * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, targets, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
 
 def sample(
@@ -141,10 +181,10 @@ def sample(
             top_k = torch.tensor([min(params[i].top_k or vocab, vocab) for i in random_rows], device=dev)
             top_p = torch.tensor([params[i].top_p for i in random_rows], device=dev)
             sub = apply_top_k_top_p(sub, top_k, top_p)
-        probs = sub.softmax(dim=-1)
-        for j, i in enumerate(random_rows):
-            if i not in failed:
-                chosen[i] = torch.multinomial(probs[j], 1, generator=generators[i]).item()
+        drawn = draw_tokens(sub.softmax(dim=-1), [generators[i] for i in random_rows])
+        keep = [j for j, i in enumerate(random_rows) if i not in failed]
+        if keep:
+            chosen[[random_rows[j] for j in keep]] = drawn[keep]
 
     tokens = chosen.tolist()
     if not want_logprobs:

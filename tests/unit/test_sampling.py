@@ -7,9 +7,12 @@ import math
 import torch
 
 from fitserve.server.engine.sampling import (
+    FILTER_CANDIDATES,
+    _filter_sorted,
     apply_logit_bias,
     apply_penalties,
     apply_top_k_top_p,
+    draw_tokens,
     make_generator,
     sample,
     sample_sequences,
@@ -32,7 +35,7 @@ def test_greedy_is_argmax() -> None:
 
 
 def test_seed_makes_sampling_reproducible() -> None:
-    logits = logits_batch(rows=1)
+    logits = logits_batch(rows=1) / 3  # unit-scale logits: no token takes most of the mass
     params = [SamplingParams(max_tokens=1, temperature=1.0, seed=1234)]
 
     def draw(seed: int | None) -> list[int]:
@@ -42,6 +45,26 @@ def test_seed_makes_sampling_reproducible() -> None:
     assert draw(1234) == draw(1234)
     assert draw(1234) != draw(4321)
     assert len(set(draw(1234))) > 1  # it really samples
+
+
+def test_draws_follow_the_probabilities_and_never_pick_a_zero() -> None:
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0]).repeat(20_000, 1)
+    gen = make_generator(7)
+    counts = torch.bincount(draw_tokens(probs, [gen] * len(probs)), minlength=5) / len(probs)
+    assert counts[4] == 0
+    assert torch.allclose(counts[:4], torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015), counts
+    # rows need not be normalised: a row scaled by 3 draws the same way
+    assert torch.equal(
+        draw_tokens(probs[:50] * 3, [make_generator(1)] * 50), draw_tokens(probs[:50], [make_generator(1)] * 50)
+    )
+
+
+def test_a_rows_draw_depends_only_on_its_own_generator() -> None:
+    """A seeded row draws the same token alone or beside other rows (and whatever those rows' generators are)."""
+    probs = logits_batch(rows=3, seed=5).softmax(-1)
+    alone = draw_tokens(probs[1:2], [make_generator(99)])
+    beside = draw_tokens(probs, [make_generator(None), make_generator(99), make_generator(3)])
+    assert beside[1] == alone[0]
 
 
 def test_top_k_keeps_exactly_k_best() -> None:
@@ -60,6 +83,21 @@ def test_top_p_keeps_smallest_nucleus() -> None:
     assert torch.isfinite(masked).tolist() == [[True, True, False, False]]
     masked = apply_top_k_top_p(logits, torch.tensor([4]), torch.tensor([0.1]))
     assert torch.isfinite(masked).tolist() == [[True, False, False, False]]  # always keeps the best token
+
+
+def test_filtering_the_best_candidates_first_keeps_what_a_full_sort_keeps() -> None:
+    """Rows whose top-k / nucleus ends among the first FILTER_CANDIDATES tokens (peaked logits, small k) and rows
+    where it does not (flat logits, p near 1) both keep exactly the tokens the whole-vocabulary sort keeps."""
+    vocab = 3 * FILTER_CANDIDATES
+    gen = torch.Generator().manual_seed(11)
+    scales = torch.tensor([6.0, 6.0, 0.05, 0.05, 1.0, 0.05])
+    logits = torch.randn(len(scales), vocab, generator=gen) * scales.unsqueeze(1)
+    top_k = torch.tensor([vocab, 40, vocab, vocab, 2 * FILTER_CANDIDATES, 2000])
+    top_p = torch.tensor([0.9, 1.0, 0.95, 0.3, 0.999, 1.0])
+    filtered = apply_top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(filtered, _filter_sorted(logits, top_k, top_p))
+    kept = torch.isfinite(filtered).sum(dim=-1)
+    assert kept[1] == 40 and (kept[[2, 4, 5]] > FILTER_CANDIDATES).all()  # both paths ran
 
 
 def test_sampling_respects_top_k() -> None:
