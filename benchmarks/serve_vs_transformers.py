@@ -207,6 +207,15 @@ def stop_server(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
             proc.wait(timeout=10)
 
 
+def request_extras(args: argparse.Namespace) -> dict[str, object]:
+    """Sampling fields every request carries: the temperature (0: greedy), and `ignore_eos` when asked for (fitserve
+    and llama-server take it), so that sampled runs still produce `--max-tokens` tokens a request."""
+    extras: dict[str, object] = {"temperature": args.temperature}
+    if args.ignore_eos:
+        extras["ignore_eos"] = True
+    return extras
+
+
 async def drive(base_url: str, model: str, args: argparse.Namespace) -> tuple[list[LevelResult], float]:
     """Warm up, then one closed-loop level per concurrency; returns the levels and the warm-up seconds."""
     workload = Workload(
@@ -215,7 +224,7 @@ async def drive(base_url: str, model: str, args: argparse.Namespace) -> tuple[li
         seed=args.seed,
     )
     async with OpenAIClient(
-        base_url, model or None, stream=True, request_timeout_s=args.request_timeout, extra_body={"temperature": 0.0}
+        base_url, model or None, stream=True, request_timeout_s=args.request_timeout, extra_body=request_extras(args)
     ) as client:
         await client.resolve_model()
         for attempt in range(1, args.warmup_attempts + 1):  # the first request of a fresh server may fail
@@ -311,6 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which to run, in order: fitserve, transformers, llama-server",
     )
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--ignore-eos", action="store_true", help="ask for --max-tokens tokens a request (not transformers)")
     p.add_argument("--prompt-words", type=int, default=64)
     p.add_argument("--requests-per-level", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="requests per level are at least rounds x concurrency")
@@ -413,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "seed": args.seed,
             "repeats": args.repeats,
-            "temperature": 0.0,
+            "temperature": args.temperature,
+            "ignore_eos": args.ignore_eos,
             "stream": True,
         },
         "servers": {},
