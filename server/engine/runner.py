@@ -99,6 +99,8 @@ class ModelRunner:
         self.direct_forward = config.direct_forward and supports_direct_forward(self.model)
         if self.direct_forward and config.join_projections:  # before packing: the joined weights are packed once
             joined = join_llama_projections(self.model)
+            if self.device.type == "cuda":  # the parts' freed blocks would stay reserved by the caching allocator
+                torch.cuda.empty_cache()
             logger.info(
                 "joined projections: %d q/k/v and gate/up groups joined, %d left separate, %.1f MiB of checkpoint "
                 "file pages given back",

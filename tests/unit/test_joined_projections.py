@@ -98,3 +98,20 @@ def test_a_joined_model_gives_the_same_logits_through_model_call(tiny_model_dir:
     assert torch.equal(before, after)
     again = join_llama_projections(model)  # idempotent
     assert again.joined == 0 and all(hasattr(layer.self_attn, QKV_NAME) for layer in layers)
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_the_slices_follow_the_joined_module_when_packing_replaces_it(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fitserve.server.engine.cpu_linear import prepack_linears
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(100, 40000, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        join_llama_projections(model)
+        prepack_linears(model)
+        after = model(input_ids=ids).logits
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, PackedLinear)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # oneDNN rounds unlike sgemm in the last bits
