@@ -220,11 +220,17 @@ class TorchWeightOnlyHandler(SchemeHandler):
 
 class TorchInt8Handler(TorchWeightOnlyHandler):
     """torch weight-only INT8 on CPU: int8 weight (1 byte) + one scale per output row in the compute dtype (both
-    buffers, so inside the footprint); `_weight_int8pack_mm` dequantizes in registers, no per-matmul copy."""
+    buffers, so inside the footprint); `_weight_int8pack_mm` dequantizes in registers for a few rows, and from
+    `INT8_DENSE_MATMUL_MIN_ROWS` rows (prefill) one Linear's weight is converted to 16 bits for the call."""
 
     def linear_footprint_bytes(self, linear: LinearShape, dense_dtype: DType) -> int:
         bias = _bias_bytes(linear, dense_dtype)
         return linear.numel + linear.out_features * dense_dtype.bytes + bias
+
+    def largest_dequant_bytes(self, linears: list[LinearShape], compute_dtype: DType) -> int:
+        """The 16-bit copy of the widest weight a prefill matmul converts: twice the largest Linear, because the
+        engine joins a Llama layer's two largest (gate and up projections) into one (joined_projections.py)."""
+        return 2 * max((lin.numel for lin in linears), default=0) * compute_dtype.bytes
 
     def convert_loaded(self, model: Any, should_convert: Callable[[str], bool], compute_dtype: DType) -> str | None:
         from fitserve.quant.weight_only import WeightOnlyScheme, quantize_linears

@@ -5,7 +5,8 @@ by a module that keeps only the quantized weight and its scales (the dense weigh
 quantized, so the peak is one dense Linear more than the quantized model):
 
 - `Int8WeightOnlyLinear`: per-output-channel symmetric int8 (`scale = max|w_row| / 127`), run by
-  `torch.ops.aten._weight_int8pack_mm` (int8 weight [out, in], scales [out] in the activation dtype).
+  `torch.ops.aten._weight_int8pack_mm` (int8 weight [out, in], scales [out] in the activation dtype) for up to 23
+  rows, and as one 16-bit matmul over the weight converted for the call from 24 rows up (prefill, big batches).
 - `Int4WeightOnlyLinear`: groupwise asymmetric int4 along the input dimension (one scale and one zero per
   `group_size` weights of a row; `w ~ (q - 8) x scale + zero`, q in 0..15; the "tinygemm" layout), packed by
   `torch.ops.aten._convert_weight_to_int4pack_for_cpu` and run by `torch.ops.aten._weight_int4pack_mm_for_cpu`.
@@ -34,6 +35,14 @@ INT4_MID = 8  # q - 8 centres the 0..15 codes
 # packed int4 rows concatenate exactly (row blocks) only in groups of this many rows: measured on torch 2.13's CPU
 # packing, widths of 64k joined bit for bit, 32-row parts did not (tests/unit/test_weight_only.py checks it)
 INT4_JOIN_ROW_MULTIPLE = 64
+# `_weight_int8pack_mm` costs time in proportion to the rows (one pass over the weight per row): on the default model's
+# shapes on the 2-core VM it ties with converting the int8 weight to 16 bits and running one 16-bit matmul at 16 rows,
+# and is 1.2-1.4x slower at 24 rows, 2x at 90 (2.2 vs 1.1 ms) and 512 (12.4 vs 5.7 ms: prefill). From this many rows
+# the 16-bit matmul runs. Integer codes up to 128 are exact in bf16/fp16, but the product is rounded to 16 bits
+# before the scale multiply (the kernel rounds once): perplexity of the default model +3.60% vs bf16 instead of +3.27%
+# (benchmarks/perplexity.py; an fp32 matmul that would round once is slower than the kernel here). The converted
+# copy is a transient of one Linear (the plan counts the largest).
+INT8_DENSE_MATMUL_MIN_ROWS = 24
 
 
 class WeightOnlyScheme(enum.StrEnum):
@@ -153,6 +162,8 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
         return shell
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if x2d.shape[0] >= INT8_DENSE_MATMUL_MIN_ROWS:  # the same (x @ q.T) x scales, through a 16-bit matmul
+            return torch.nn.functional.linear(x2d, self.weight_int8.to(x2d.dtype)) * self.scales
         return torch.ops.aten._weight_int8pack_mm(x2d, self.weight_int8, self.scales)
 
     def extra_repr(self) -> str:

@@ -10,6 +10,7 @@ import torch
 from fitserve.quant.estimate import build_shape, linear_conversion_rule, weights_bytes
 from fitserve.quant.schemes import DType, KernelBackend, Precision
 from fitserve.quant.weight_only import (
+    INT8_DENSE_MATMUL_MIN_ROWS,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
     WeightOnlyScheme,
@@ -52,14 +53,17 @@ def test_int4_quantization_round_trips_within_half_a_step() -> None:
     assert ((dequantize_int4(q, scales_and_zeros, 32) - weight).abs() <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("rows", [5, INT8_DENSE_MATMUL_MIN_ROWS + 3], ids=["kernel", "16-bit matmul"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_matches_the_dense_layer(dtype: torch.dtype, bias: bool) -> None:
+def test_int8_linear_matches_the_dense_layer(dtype: torch.dtype, bias: bool, rows: int) -> None:
+    """Below INT8_DENSE_MATMUL_MIN_ROWS rows `_weight_int8pack_mm` runs, from there a 16-bit matmul: both compute
+    the same product."""
     linear = make_linear(bias=bias)
-    x = torch.randn(2, 5, 128)
+    x = torch.randn(2, rows, 128)
     module = Int8WeightOnlyLinear(linear, dtype)
     out = module(x)
-    assert out.shape == (2, 5, 96) and out.dtype is dtype
+    assert out.shape == (2, rows, 96) and out.dtype is dtype
     assert relative_error(out, linear(x)) < 0.02
     # exactly the op on the dequantized weight (up to the activation dtype's rounding)
     q, scales = quantize_int8(linear.weight)
