@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fitserve.quant.weight_only import Int4WeightOnlyLinear, Int8WeightOnlyLinear
-from fitserve.server.engine.cpu_linear import PackedLinear, onednn_linear_available
+from fitserve.server.engine.cpu_linear import PackedLinear
 from fitserve.server.engine.joined_projections import (
     GATE_UP_NAME,
     QKV_NAME,
@@ -63,7 +63,6 @@ def test_joining_quantized_parts_is_quantizing_the_joined_weight(kind: str) -> N
         assert torch.equal(buffer, getattr(joined, name)), name
 
 
-@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
 def test_packing_the_joined_linear_equals_packing_each_part() -> None:
     parts = linears(WIDTHS, torch.float32)
     joined = join_linears(parts)
@@ -100,7 +99,6 @@ def test_a_joined_model_gives_the_same_logits_through_model_call(tiny_model_dir:
     assert again.joined == 0 and all(hasattr(layer.self_attn, QKV_NAME) for layer in layers)
 
 
-@pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN")
 def test_the_slices_follow_the_joined_module_when_packing_replaces_it(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
