@@ -5,7 +5,9 @@ glibc keeps freed memory in its arenas, so the process's RSS only grows: after a
 server would keep the burst's peak forever, eating the headroom the memory plan promised.
 
 * `trim_free_heap` asks glibc to return every free page (`malloc_trim(0)`); the engine calls it when it goes
-  idle after work.
+  idle after work, the CPU load after it, and torch's weight-only quantizer after each Linear it converts (its
+  temporaries, freed below live quantized buffers, otherwise piled up: the INT8 load of the default model peaked
+  ~150-190 MiB higher in about one start in three, over the served budget).
 * `use_one_heap_arena` makes every thread allocate from the main arena. By default glibc gives each thread that
   allocates its own arena, and trimming gives back far less of those: measured on the default model's tokenizer,
   two 1 MiB prompts tokenised on two pool threads left RSS 68 MiB higher after `malloc_trim` (the same work on

@@ -7,7 +7,6 @@ parameters), and device memory before and after.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 
 from fitserve.quant.budget import DeviceMemory, format_bytes, read_device_memory
 from fitserve.quant.estimate import linear_conversion_rule
+from fitserve.quant.heap import trim_free_heap
 from fitserve.quant.mapped_files import in_ranges, mapped_file_ranges
 from fitserve.quant.plan import Plan
 from fitserve.quant.schemes import KernelBackend, Precision, SchemeHandler, handler_for
@@ -222,12 +222,10 @@ def release_free_heap() -> None:
     (default model, INT8: RSS +679 MiB after load, +467 MiB after trimming, of which ~300 MiB is shared,
     reclaimable file pages). A no-op where glibc is absent.
     """
-    import ctypes
     import gc
 
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_free_heap()
 
 
 def release_checkpoint_pages(model: Any) -> int:

@@ -27,6 +27,7 @@ from typing import Self
 
 import torch
 
+from fitserve.quant.heap import trim_free_heap
 from fitserve.quant.int4_layout import DEFAULT_INT4_GROUP_SIZE, int4_fits
 from fitserve.quant.mapped_files import drop_file_pages, mapped_file_ranges
 
@@ -256,5 +257,6 @@ def quantize_linears(
             setattr(parent, child, replacement)
             del linear
             released += drop_file_pages(address, nbytes, ranges)
+            trim_free_heap()  # the quantizer's temporaries, freed below the buffers just kept (quant/heap.py)
             converted += 1
     return QuantizeReport(converted, kept, released)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import uvicorn
 
+from fitserve.quant.heap import use_one_heap_arena
 from fitserve.server.app import BuiltEngine, create_app
-from fitserve.server.engine.heap import use_one_heap_arena
 from fitserve.server.routes.deps import ServerState
 from fitserve.server.settings import Settings
 
@@ -294,7 +294,7 @@ def run(settings: Settings) -> int:
     """
     if settings.log_level is not None:
         logging.getLogger().setLevel(settings.log_level.value)
-    use_one_heap_arena()  # before any thread allocates: freed memory can then be trimmed (engine/heap.py)
+    use_one_heap_arena()  # before any thread allocates: freed memory can then be trimmed (quant/heap.py)
     try:
         planned = plan_serving(settings)
     except StartupError as error:

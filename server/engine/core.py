@@ -16,8 +16,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from fitserve.quant.heap import trim_free_heap
 from fitserve.server.engine.bridge import Delivery, RequestBridge
-from fitserve.server.engine.heap import trim_free_heap
 from fitserve.server.engine.output import OutputProcessor
 from fitserve.server.engine.runner import ModelRunner, is_oom
 from fitserve.server.engine.scheduler import ScheduledBatch, ScheduledChunk, Scheduler, Sequence

@@ -366,7 +366,7 @@ def test_engine_trims_the_heap_once_when_it_goes_idle_after_work(tiny, monkeypat
 def test_trim_free_heap_runs_on_glibc() -> None:
     import platform
 
-    from fitserve.server.engine.heap import trim_free_heap
+    from fitserve.quant.heap import trim_free_heap
 
     assert trim_free_heap() is (platform.libc_ver()[0] == "glibc")
 
@@ -385,7 +385,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 import psutil
 from transformers import AutoTokenizer
-from fitserve.server.engine.heap import trim_free_heap, use_one_heap_arena
+from fitserve.quant.heap import trim_free_heap, use_one_heap_arena
 if sys.argv[2] == "one":
     assert use_one_heap_arena()
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
