@@ -152,6 +152,19 @@ class Plan:
     quant_backend: KernelBackend | None = None  # kernels of a quantized precision (torch / bitsandbytes)
     attention_scratch_bytes: int = 0  # part of the overhead: one layer's transient attention memory
 
+    def with_runtime_bytes(self, extra_bytes: int, note: str) -> Plan:
+        """This plan with `extra_bytes` of its spare budget counted as runtime overhead, for a choice made once the
+        precision is known (a compiled decode step on CPU), and `note` added to the reason."""
+        if not 0 <= extra_bytes <= self.spare_bytes:
+            raise ValueError(f"{extra_bytes} bytes do not fit in the plan's {self.spare_bytes} spare bytes")
+        return replace(
+            self,
+            overhead_bytes=self.overhead_bytes + extra_bytes,
+            total_bytes=self.total_bytes + extra_bytes,
+            spare_bytes=self.spare_bytes - extra_bytes,
+            reason=f"{self.reason}; {note}" if note else self.reason,
+        )
+
     @property
     def kv_capacity_blocks(self) -> int:
         """KV cache blocks the engine hands to sequences (the capacity is always whole blocks)."""

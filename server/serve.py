@@ -18,7 +18,7 @@ import math
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -27,6 +27,7 @@ import uvicorn
 
 from fitserve.quant.heap import use_one_heap_arena
 from fitserve.server.app import BuiltEngine, create_app
+from fitserve.server.engine.compile_mode import CompileChoice, CompileMode, choose_cpu_compile
 from fitserve.server.routes.deps import ServerState
 from fitserve.server.settings import Settings
 
@@ -57,6 +58,7 @@ class PlannedServing:
     model_dir: Path
     served_model_name: str
     plan: Plan
+    compile: CompileChoice = field(default_factory=lambda: CompileChoice(CompileMode.AUTO))  # the decode step's mode
 
 
 @dataclass
@@ -125,6 +127,7 @@ def plan_serving(settings: Settings) -> PlannedServing:
     from fitserve.quant.load import measure_cpu_runtime_bytes
     from fitserve.quant.model_store import FetchError, ModelNotFoundError, resolve_model
     from fitserve.quant.plan import NothingFitsError, PlanRequest, make_plan
+    from fitserve.quant.schemes import KernelBackend
     from fitserve.server.engine.compile_mode import compile_runtime_bytes
 
     try:
@@ -137,9 +140,15 @@ def plan_serving(settings: Settings) -> PlannedServing:
         plan = make_plan(PlanRequest(model=model_dir, **options))
     except (ModelNotFoundError, FetchError, NothingFitsError, ValueError) as error:
         raise StartupError(str(error)) from error
+    compile_choice = CompileChoice(settings.compile_mode)  # on a GPU the runner resolves AUTO (CUDA graphs)
+    if plan.device == "cpu":  # AUTO is decided here, with the precision and the spare budget known
+        torch_weight_only = plan.quant_backend is KernelBackend.TORCH
+        compile_choice = choose_cpu_compile(settings.compile_mode, torch_weight_only, plan.spare_bytes)
+        if settings.compile_mode is CompileMode.AUTO:  # an explicit mode's bytes were planned above
+            plan = plan.with_runtime_bytes(compile_choice.runtime_bytes, compile_choice.reason)
     logger.info("memory plan for %s:\n%s", model_dir, render_table(plan.to_table()))
     name = settings.served_model_name or Path(model_dir).name
-    return PlannedServing(model_dir=Path(model_dir), served_model_name=name, plan=plan)
+    return PlannedServing(model_dir=Path(model_dir), served_model_name=name, plan=plan, compile=compile_choice)
 
 
 def load_serving(planned: PlannedServing, settings: Settings) -> LoadedServing:
@@ -190,6 +199,9 @@ def engine_config(serving: LoadedServing, settings: Settings) -> EngineConfig:
     config_kwargs: dict[str, Any] = {}
     if settings.max_prefill_tokens is not None:
         config_kwargs["max_prefill_tokens"] = settings.max_prefill_tokens
+    compile_choice = serving.planned.compile
+    if compile_choice.max_compiled_batch_size is not None:
+        config_kwargs["max_compiled_batch_size"] = compile_choice.max_compiled_batch_size
     return EngineConfig(
         served_model_name=serving.planned.served_model_name,
         max_model_len=plan.max_model_len,
@@ -200,7 +212,7 @@ def engine_config(serving: LoadedServing, settings: Settings) -> EngineConfig:
         max_batch_size=settings.max_batch_size
         or default_max_batch_size(plan.kv_capacity_tokens, plan.block_size_tokens),
         max_waiting=settings.max_waiting,
-        compile_mode=settings.compile_mode,
+        compile_mode=compile_choice.mode,
         enable_prefix_caching=settings.enable_prefix_caching,
         oom_inject_steps=settings.oom_inject_steps,
         crash_inject_step=settings.crash_inject_step,
@@ -256,7 +268,7 @@ async def start_engine(serving: LoadedServing, settings: Settings) -> StartedEng
         config.max_batch_size,
         config.max_waiting,
         config.enable_prefix_caching,
-        config.compile_mode.value,
+        settings.compile_mode.value,
         engine.runner.compile_mode.value,
     )
     return StartedEngine(engine=engine, metrics=metrics, close=stop)

@@ -41,8 +41,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     engine.add_argument(
         "--compile-mode",
         choices=[m.value for m in CompileMode],
-        help="decode step: auto (default: CUDA graphs on GPU, off on CPU), off (per-sequence "
-        "eager, bit-exact with model.generate), eager, inductor (torch.compile), cuda-graphs",
+        help="decode step: auto (default: CUDA graphs on GPU; on CPU batch-1 steps compiled for int8/int4 when the "
+        "budget has room, else off), off (eager), eager (fixed-shape, not compiled), inductor (torch.compile, every "
+        "batch size), cuda-graphs",
     )
     engine.add_argument(
         "--no-compile",

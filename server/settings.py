@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     )
     compile_mode: CompileMode = Field(
         CompileMode.AUTO,
-        description="decode step: auto (CUDA graphs on GPU, off on CPU), off, eager, inductor, cuda-graphs",
+        description="decode step: auto (CUDA graphs on GPU; CPU: batch 1 compiled for int8/int4 if it fits, else "
+        "off), off, eager, inductor, cuda-graphs",
     )
     max_waiting: int = Field(256, ge=0, description="queued requests beyond which new ones get 429")
     max_choices_per_request: int = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 
 class CompileMode(enum.StrEnum):
@@ -25,3 +26,52 @@ INDUCTOR_CPU_RUNTIME_BYTES = 512 << 20
 def compile_runtime_bytes(mode: CompileMode, on_cpu: bool) -> int:
     """Process memory the decode step's compilation adds on CPU, for the plan (0 for modes that compile nothing)."""
     return INDUCTOR_CPU_RUNTIME_BYTES if on_cpu and mode is CompileMode.INDUCTOR else 0
+
+
+# AUTO on CPU compiles the decode step only where it was measured to pay and only within the plan's spare memory.
+# Where: torch's weight-only INT8/INT4 kernels at batch 1, where a step is mostly per-op overhead around small
+# matmuls (default model, 2-core VM, `benchmarks/decode_step.py --compile-modes off,inductor --precision P`, medians of
+# 30 steps: INT4 23.7 -> 19.9 ms, INT8 26.9 -> 22.6 ms; docs/benchmarks.md). Bigger batches stay eager (their
+# Python overhead is shared by every row, and each batch bucket is one more ~30 s compile at the first start).
+CPU_AUTO_COMPILED_BATCH_SIZE = 1
+# What compiling that one batch bucket keeps resident on CPU (dynamo's and inductor's state, the compiled kernels),
+# counted in the plan's overhead when AUTO compiles. Measured on the default model in INT4 (cold compile cache,
+# `benchmarks/serve_startup.py`): +135 MiB at /ready and +157 MiB at the peak over `--no-compile`; warm +78 / +102.
+INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES = 192 << 20
+
+
+@dataclass(frozen=True)
+class CompileChoice:
+    """How the decode step will run, decided with the plan: the mode, its largest compiled batch bucket (None: the
+    engine's batch cap), the process memory the plan must count for it, and why."""
+
+    mode: CompileMode
+    max_compiled_batch_size: int | None = None
+    runtime_bytes: int = 0
+    reason: str = ""
+
+
+def choose_cpu_compile(requested: CompileMode, torch_weight_only: bool, spare_bytes: int) -> CompileChoice:
+    """The decode-step mode on CPU for a plan: `requested` unless it is AUTO; AUTO compiles batch-1 decode steps
+    (inductor) when the weights run on torch's weight-only kernels and the plan's spare bytes hold what compiling
+    keeps, else it stays OFF. `spare_bytes` is the budget the plan leaves after everything else."""
+    if requested is not CompileMode.AUTO:
+        return CompileChoice(requested, runtime_bytes=compile_runtime_bytes(requested, on_cpu=True))
+    if not torch_weight_only:
+        return CompileChoice(
+            CompileMode.OFF, reason="decode step eager (compiling measured no faster for this precision on CPU)"
+        )
+    if spare_bytes < INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES:
+        need, have = INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES >> 20, spare_bytes >> 20
+        return CompileChoice(
+            CompileMode.OFF, reason=f"decode step eager (compiling needs {need} MiB, the budget has {have} MiB spare)"
+        )
+    return CompileChoice(
+        CompileMode.INDUCTOR,
+        max_compiled_batch_size=CPU_AUTO_COMPILED_BATCH_SIZE,
+        runtime_bytes=INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES,
+        reason=(
+            f"decode steps of {CPU_AUTO_COMPILED_BATCH_SIZE} sequence compiled (inductor; "
+            f"{INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES >> 20} MiB of the spare budget)"
+        ),
+    )

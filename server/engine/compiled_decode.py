@@ -38,12 +38,13 @@ logger = logging.getLogger(__name__)
 def resolve_mode(mode: CompileMode, device: torch.device, num_cache_devices: int = 1) -> CompileMode:
     """The concrete mode for `device`: AUTO is CUDA graphs on one CUDA device and OFF elsewhere.
 
-    On CPU, measured on the 2-core VM (docs/benchmarks.md, 2026-12-04): inductor serves faster than `off` (bf16 c=1
-    33.0 vs 31.9 tok/s, c=16 240.9 vs 228.9; INT4 c=1 55.5 vs 32.7, INT8 39.9 vs 24.8), but it compiles for ~2 min
-    on the first start (7 batch buckets of the default model; 23-28 s warm, from `$FITSERVE_HOME/compile`) and holds
-    ~400 MiB more (the plan counts it, `compile_runtime_bytes`), so it stays opt-in on CPU. CUDA graphs on a
-    non-CUDA device is a configuration error, and so is capturing one graph over layers (and their KV caches) on
-    `num_cache_devices` > 1 GPUs: a graph is captured on one device's stream; AUTO keeps such a model on OFF.
+    On CPU `fitserve serve` decides AUTO itself, with the plan (`compile_mode.choose_cpu_compile`: batch-1 steps
+    compiled for torch's weight-only INT8/INT4 when the spare budget holds it), and hands the engine a concrete mode;
+    an AUTO that reaches the runner on CPU (an engine built by hand) stays OFF. Compiling every batch bucket
+    (`--compile-mode inductor`) takes minutes at the first start and ~400 MiB on CPU (docs/benchmarks.md). CUDA
+    graphs on a non-CUDA device is a configuration error, and so is capturing one graph over layers (and their KV
+    caches) on `num_cache_devices` > 1 GPUs: a graph is captured on one device's stream; AUTO keeps such a model on
+    OFF.
     """
     if mode is CompileMode.AUTO:
         one_gpu = device.type == "cuda" and num_cache_devices == 1

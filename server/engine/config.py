@@ -56,7 +56,7 @@ class EngineConfig:
     # With the direct loop, each layer's q/k/v and gate/up projections joined into one matmul each, where exact
     # (server/engine/joined_projections.py): 4 matmuls a layer instead of 7.
     join_projections: bool = True
-    # largest decode batch bucket when `max_batch_size` is None (bigger decode steps run eagerly)
+    # largest decode batch bucket (bigger decode steps run eagerly); AUTO on CPU compiles batch 1 only
     max_compiled_batch_size: int = 64
 
     def __post_init__(self) -> None:

@@ -130,8 +130,9 @@ class ModelRunner:
         self.compile_mode = resolve_mode(config.compile_mode, self.device, num_cache_devices)
         self.compiled_decode: CompiledDecode | None = None
         if self.compile_mode is not CompileMode.OFF:
+            largest_batch = min(config.max_batch_size or config.max_compiled_batch_size, config.max_compiled_batch_size)
             buckets = DecodeBuckets.build(
-                config.max_batch_size or config.max_compiled_batch_size,
+                largest_batch,
                 -(-config.max_model_len // self.block_size),
             )
             self.compiled_decode = CompiledDecode(

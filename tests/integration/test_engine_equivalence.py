@@ -221,3 +221,74 @@ def test_engine_equals_generate_token_for_token(
     assert packed == {Precision.FP32: 121, Precision.NF4: 1, Precision.BF16: 121 if native_bf16 else 0}[precision]
     assert total == 16 and exact + near_ties == total
     assert cached_tokens >= 16 * 4, "prefix-cache hits are part of what this test checks"
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_auto_compiled_weight_only_decode_equals_generate(
+    default_model_dir: Path, precision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_property: Any
+) -> None:
+    """What `fitserve serve --precision int8|int4` runs on CPU with room to spare: AUTO compiles the batch-1 decode
+    step (inductor) over torch's weight-only kernels. One request at a time (every decode step is a batch of one, so
+    every step replays the compiled graph) against `model.generate` on the same loaded model, held to the rule
+    above with bf16's margin (these kernels take 16-bit activations)."""
+    from fitserve.server.engine.compile_mode import CompileMode
+    from fitserve.server.engine.engine import Engine
+    from fitserve.server.engine.types import SamplingParams
+    from fitserve.server.serve import engine_config, load_serving, plan_serving, use_compile_cache
+    from fitserve.server.settings import Settings
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))  # a cold cache: this test compiles
+    use_compile_cache()
+    settings = Settings(model=str(default_model_dir), precision=precision, memory_budget="4GiB", max_model_len=1024)
+    planned = plan_serving(settings)
+    assert planned.compile.mode is CompileMode.INDUCTOR and planned.compile.max_compiled_batch_size == 1
+    loaded = load_serving(planned, settings)
+    model, tokenizer = loaded.loaded.model, loaded.loaded.tokenizer
+    requests = make_requests(tokenizer, n=6)
+    expected = [reference(model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
+
+    async def main() -> tuple[list[list[int]], int]:
+        engine = Engine(model, tokenizer, engine_config(loaded, settings))
+        compiled = engine.runner.compiled_decode
+        assert engine.runner.compile_mode is CompileMode.INDUCTOR and compiled is not None
+        assert compiled.buckets.batch_sizes == (1,)
+        replayed = 0
+        run = compiled.run
+
+        def counted(rows):  # type: ignore[no-untyped-def]
+            nonlocal replayed
+            logits = run(rows)
+            replayed += logits is not None
+            return logits
+
+        compiled.run = counted  # type: ignore[method-assign]
+        await engine.start()
+        try:
+            outputs = []
+            for i, (prompt, max_tokens, _) in enumerate(requests):
+                params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+                outputs.append(
+                    [t async for out in engine.generate(prompt, params, f"ind-{i}") for t in out.token_ids_delta]
+                )
+            return outputs, replayed
+        finally:
+            await engine.stop(timeout_s=10)
+
+    got, replayed = asyncio.run(main())
+    assert replayed >= sum(len(g) - 1 for g in got) > 0  # every decode step (the first token comes from prefill)
+    diffs, near_ties = [], 0
+    for i, (r, g, e) in enumerate(zip(requests, got, expected, strict=True)):
+        if g == e:
+            continue
+        why = near_tie_at(model, r[0], e, g, NEAR_TIE_LOGIT_MARGIN[Precision.BF16])
+        if why is None:
+            near_ties += 1
+        else:
+            diffs.append(f"request {i} (prompt {len(r[0])} tokens): {why}; engine {g} != generate {e}")
+    print(
+        f"{precision} auto-compiled: {len(requests) - len(diffs) - near_ties}/{len(requests)} token-identical, "
+        f"{near_ties} near-tie divergences accepted, {replayed} compiled steps"
+    )
+    record_property("near_tie_divergences", near_ties)
+    assert not diffs, "\n".join(diffs)

@@ -195,3 +195,58 @@ def test_inductor_on_cpu_is_planned_with_its_runtime_memory(
     }
     assert overhead[CompileMode.AUTO] == overhead[CompileMode.OFF] == overhead[CompileMode.EAGER]
     assert overhead[CompileMode.INDUCTOR] - overhead[CompileMode.OFF] == INDUCTOR_CPU_RUNTIME_BYTES
+
+
+def test_auto_on_cpu_compiles_batch_one_for_weight_only_kernels_within_the_spare_budget() -> None:
+    from fitserve.server.engine.compile_mode import INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES as ONE
+    from fitserve.server.engine.compile_mode import choose_cpu_compile
+
+    compiled = choose_cpu_compile(CompileMode.AUTO, torch_weight_only=True, spare_bytes=ONE)
+    assert (compiled.mode, compiled.max_compiled_batch_size, compiled.runtime_bytes) == (CompileMode.INDUCTOR, 1, ONE)
+    short = choose_cpu_compile(CompileMode.AUTO, torch_weight_only=True, spare_bytes=ONE - 1)
+    assert (short.mode, short.runtime_bytes) == (CompileMode.OFF, 0) and "spare" in short.reason
+    dense = choose_cpu_compile(CompileMode.AUTO, torch_weight_only=False, spare_bytes=1 << 40)
+    assert (dense.mode, dense.runtime_bytes) == (CompileMode.OFF, 0)
+    # an explicit mode is kept whatever the precision; its bytes were planned before the precision was chosen
+    explicit = choose_cpu_compile(CompileMode.INDUCTOR, torch_weight_only=False, spare_bytes=0)
+    assert (explicit.mode, explicit.max_compiled_batch_size) == (CompileMode.INDUCTOR, None)
+    assert choose_cpu_compile(CompileMode.OFF, torch_weight_only=True, spare_bytes=1 << 40).mode is CompileMode.OFF
+
+
+@pytest.mark.parametrize(("budget", "compiles"), [("4GiB", True), ("0", False)])
+def test_serve_plans_the_auto_compiled_step_in_the_overhead(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: str, compiles: bool
+) -> None:
+    """`--precision int8` on CPU with AUTO: with room to spare the plan moves the compiled step's bytes from spare to
+    overhead and the engine compiles batch 1 only; at a budget without that room the step stays eager."""
+    from fitserve.quant import load
+    from fitserve.server import serve
+    from fitserve.server.engine.compile_mode import INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES as ONE
+    from fitserve.server.settings import Settings
+
+    monkeypatch.setenv("FITSERVE_HOME", str(tmp_path))
+    monkeypatch.setattr(load, "measure_cpu_runtime_bytes", lambda: 300 << 20)
+    monkeypatch.setattr("fitserve.quant.budget.nvidia_driver_present", lambda: False)
+
+    def planned(memory_budget: str, mode: CompileMode) -> serve.PlannedServing:
+        settings = Settings(
+            model=str(tiny_model_dir),
+            memory_budget=memory_budget,
+            max_model_len=128,
+            precision="int8",
+            compile_mode=mode,
+        )
+        return serve.plan_serving(settings)
+
+    eager = planned("4GiB", CompileMode.OFF).plan
+    if not compiles:  # the smallest budget int8 fits in, then a little more: the spare is far below the step's bytes
+        budget = str(eager.total_bytes + (8 << 20))
+    auto = planned(budget, CompileMode.AUTO)
+    if compiles:
+        assert auto.compile.mode is CompileMode.INDUCTOR and auto.compile.max_compiled_batch_size == 1
+        assert auto.plan.overhead_bytes - eager.overhead_bytes == ONE
+        assert auto.plan.spare_bytes == eager.spare_bytes - ONE and auto.plan.total_bytes == eager.total_bytes + ONE
+        assert "compiled (inductor" in auto.plan.reason
+    else:
+        assert auto.compile.mode is CompileMode.OFF and "spare" in auto.plan.reason
+        assert auto.plan.overhead_bytes == planned(budget, CompileMode.OFF).plan.overhead_bytes
