@@ -142,8 +142,11 @@ def plan_serving(settings: Settings) -> PlannedServing:
         raise StartupError(str(error)) from error
     compile_choice = CompileChoice(settings.compile_mode)  # on a GPU the runner resolves AUTO (CUDA graphs)
     if plan.device == "cpu":  # AUTO is decided here, with the precision and the spare budget known
+        from fitserve.server.engine.compiled_decode import cpu_compiler_available
+
         torch_weight_only = plan.quant_backend is KernelBackend.TORCH
-        compile_choice = choose_cpu_compile(settings.compile_mode, torch_weight_only, plan.spare_bytes)
+        compiler = torch_weight_only and settings.compile_mode is CompileMode.AUTO and cpu_compiler_available()
+        compile_choice = choose_cpu_compile(settings.compile_mode, torch_weight_only, plan.spare_bytes, compiler)
         if settings.compile_mode is CompileMode.AUTO:  # an explicit mode's bytes were planned above
             plan = plan.with_runtime_bytes(compile_choice.runtime_bytes, compile_choice.reason)
     logger.info("memory plan for %s:\n%s", model_dir, render_table(plan.to_table()))
@@ -202,6 +205,8 @@ def engine_config(serving: LoadedServing, settings: Settings) -> EngineConfig:
     compile_choice = serving.planned.compile
     if compile_choice.max_compiled_batch_size is not None:
         config_kwargs["max_compiled_batch_size"] = compile_choice.max_compiled_batch_size
+    if compile_choice.fallback_to_eager:
+        config_kwargs["compile_fallback_to_eager"] = True
     return EngineConfig(
         served_model_name=serving.planned.served_model_name,
         max_model_len=plan.max_model_len,

@@ -43,20 +43,27 @@ INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES = 192 << 20
 @dataclass(frozen=True)
 class CompileChoice:
     """How the decode step will run, decided with the plan: the mode, its largest compiled batch bucket (None: the
-    engine's batch cap), the process memory the plan must count for it, and why."""
+    engine's batch cap), the process memory the plan must count for it, why, and whether a failed build may fall
+    back to eager steps."""
 
     mode: CompileMode
     max_compiled_batch_size: int | None = None
     runtime_bytes: int = 0
     reason: str = ""
+    fallback_to_eager: bool = False  # a build failure at start-up runs steps eagerly instead (modes AUTO chose)
 
 
-def choose_cpu_compile(requested: CompileMode, torch_weight_only: bool, spare_bytes: int) -> CompileChoice:
+def choose_cpu_compile(
+    requested: CompileMode, torch_weight_only: bool, spare_bytes: int, compiler_available: bool = True
+) -> CompileChoice:
     """The decode-step mode on CPU for a plan: `requested` unless it is AUTO; AUTO compiles batch-1 decode steps
-    (inductor) when the weights run on torch's weight-only kernels and the plan's spare bytes hold what compiling
-    keeps, else it stays OFF. `spare_bytes` is the budget the plan leaves after everything else."""
+    (inductor) when the weights run on torch's weight-only kernels, inductor has a C++ compiler and the plan's spare
+    bytes hold what compiling keeps, else it stays OFF. `spare_bytes` is the budget the plan leaves after everything
+    else. AUTO's choice falls back to eager if the build fails at start-up anyway (`fallback_to_eager`)."""
     if requested is not CompileMode.AUTO:
         return CompileChoice(requested, runtime_bytes=compile_runtime_bytes(requested, on_cpu=True))
+    if torch_weight_only and not compiler_available:
+        return CompileChoice(CompileMode.OFF, reason="decode step eager (no C++ compiler for torch.compile)")
     if not torch_weight_only:
         return CompileChoice(
             CompileMode.OFF, reason="decode step eager (compiling measured no faster for this precision on CPU)"
@@ -70,6 +77,7 @@ def choose_cpu_compile(requested: CompileMode, torch_weight_only: bool, spare_by
         CompileMode.INDUCTOR,
         max_compiled_batch_size=CPU_AUTO_COMPILED_BATCH_SIZE,
         runtime_bytes=INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES,
+        fallback_to_eager=True,
         reason=(
             f"decode steps of {CPU_AUTO_COMPILED_BATCH_SIZE} sequence compiled (inductor; "
             f"{INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES >> 20} MiB of the spare budget)"

@@ -56,6 +56,18 @@ def resolve_mode(mode: CompileMode, device: torch.device, num_cache_devices: int
     return mode
 
 
+def cpu_compiler_available() -> bool:
+    """True when inductor finds the C++ compiler it builds CPU kernels with (`CXX` or g++/clang++ on PATH); a slim
+    container image has none."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - inductor raises its own error types (InvalidCxxCompiler, RuntimeError)
+        return False
+    return True
+
+
 def _powers_of_two_up_to(limit: int, start: int = 1) -> tuple[int, ...]:
     """start, 2*start, 4*start, ... below `limit`, then `limit` itself."""
     sizes = []

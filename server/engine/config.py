@@ -58,6 +58,9 @@ class EngineConfig:
     join_projections: bool = True
     # largest decode batch bucket (bigger decode steps run eagerly); AUTO on CPU compiles batch 1 only
     max_compiled_batch_size: int = 64
+    # When building the decode step fails at start-up (no C++ compiler, an inductor error), log it and run every step
+    # eagerly (`OFF`) instead of failing: what `fitserve serve` sets when it chose the mode itself (AUTO).
+    compile_fallback_to_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size_tokens <= 0:

@@ -138,8 +138,17 @@ class ModelRunner:
             self.compiled_decode = CompiledDecode(
                 self.model, self.cache, buckets, self.compile_mode, self.device, self.direct_forward
             )
-            self.compiled_decode.warm_up()  # at start-up (serve builds the engine before it listens), not on a request
-        else:
+            try:
+                self.compiled_decode.warm_up()  # at start-up (serve builds the engine before it listens), not later
+            except Exception as error:
+                if not config.compile_fallback_to_eager:
+                    raise
+                first_line = next(iter(str(error).strip().splitlines()), "")
+                mode, kind = self.compile_mode.value, type(error).__name__
+                logger.warning("building the %s decode step failed (%s: %s); steps run eagerly", mode, kind, first_line)
+                logger.debug("decode step build failure", exc_info=True)
+                self.compiled_decode, self.compile_mode = None, CompileMode.OFF
+        if self.compiled_decode is None:
             attention = (
                 "decodes attended in one batched call per layer while the padded gather fits the plan's scratch"
                 if config.batched_decode_attention

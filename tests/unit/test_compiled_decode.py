@@ -205,11 +205,17 @@ def test_auto_on_cpu_compiles_batch_one_for_weight_only_kernels_within_the_spare
     assert (compiled.mode, compiled.max_compiled_batch_size, compiled.runtime_bytes) == (CompileMode.INDUCTOR, 1, ONE)
     short = choose_cpu_compile(CompileMode.AUTO, torch_weight_only=True, spare_bytes=ONE - 1)
     assert (short.mode, short.runtime_bytes) == (CompileMode.OFF, 0) and "spare" in short.reason
+    assert compiled.fallback_to_eager  # a mode AUTO chose may not stop the server from starting
+    no_compiler = choose_cpu_compile(
+        CompileMode.AUTO, torch_weight_only=True, spare_bytes=ONE, compiler_available=False
+    )
+    assert no_compiler.mode is CompileMode.OFF and "compiler" in no_compiler.reason
     dense = choose_cpu_compile(CompileMode.AUTO, torch_weight_only=False, spare_bytes=1 << 40)
     assert (dense.mode, dense.runtime_bytes) == (CompileMode.OFF, 0)
     # an explicit mode is kept whatever the precision; its bytes were planned before the precision was chosen
     explicit = choose_cpu_compile(CompileMode.INDUCTOR, torch_weight_only=False, spare_bytes=0)
     assert (explicit.mode, explicit.max_compiled_batch_size) == (CompileMode.INDUCTOR, None)
+    assert not explicit.fallback_to_eager  # asked for by name: a failed build fails the start
     assert choose_cpu_compile(CompileMode.OFF, torch_weight_only=True, spare_bytes=1 << 40).mode is CompileMode.OFF
 
 
@@ -250,3 +256,36 @@ def test_serve_plans_the_auto_compiled_step_in_the_overhead(
     else:
         assert auto.compile.mode is CompileMode.OFF and "spare" in auto.plan.reason
         assert auto.plan.overhead_bytes == planned(budget, CompileMode.OFF).plan.overhead_bytes
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_failed_decode_step_build_falls_back_to_eager_only_when_allowed(
+    tiny_model, monkeypatch: pytest.MonkeyPatch, fallback: bool
+) -> None:  # type: ignore[no-untyped-def]
+    """A compile that fails at start-up (here: inductor without a C++ compiler, simulated) leaves a server that AUTO
+    configured on eager steps with the same logits; a mode asked for by name fails the start."""
+
+    def no_compiler(self: CompiledDecode) -> None:
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(details)")
+
+    base = dict(served_model_name="tiny", max_model_len=64, kv_capacity_tokens=512, max_batch_size=4)
+    expected = _decode_logits(ModelRunner(tiny_model, EngineConfig(**base)), [[101, 102, 103]], steps=3)  # type: ignore[arg-type]
+    monkeypatch.setattr(CompiledDecode, "warm_up", no_compiler)
+    config = EngineConfig(**base, compile_mode=CompileMode.INDUCTOR, compile_fallback_to_eager=fallback)  # type: ignore[arg-type]
+    if not fallback:
+        with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+            ModelRunner(tiny_model, config)
+        return
+    runner = ModelRunner(tiny_model, config)
+    assert runner.compiled_decode is None and runner.compile_mode is CompileMode.OFF
+    for g, e in zip(_decode_logits(runner, [[101, 102, 103]], steps=3), expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_the_compiler_check_follows_inductors_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor import config as inductor_config
+
+    from fitserve.server.engine.compiled_decode import cpu_compiler_available
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-compiler-fitserve"))
+    assert cpu_compiler_available() is False
