@@ -20,44 +20,21 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 from rich.console import Console
 from rich.table import Table
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from fitserve.loadtest.process_memory import RssSampler  # noqa: E402
+
 MIB = 1 << 20
 DECODE_STEP_LINE = re.compile(r"decode step: (.*)")
-
-
-class RssSampler:
-    """Peak and latest RSS of one process, sampled on a thread every 20 ms."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak_bytes = 0
-        self.last_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.last_bytes = self.process.memory_info().rss
-            except psutil.Error:
-                return
-            self.peak_bytes = max(self.peak_bytes, self.last_bytes)
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        """Stop sampling."""
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 def free_port() -> int:

@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
+from fitserve.loadtest.process_memory import RssSampler
 from tests.live_server import free_port, stop_server
 
 pytestmark = pytest.mark.integration
@@ -42,30 +42,6 @@ def serve_minimum_bytes(precision: str, backend: str) -> int:
     match = re.search(rf"forced precision {precision} needs [\d.]+ \w+ \((\d+) bytes", result.stderr)
     assert match, result.stderr[-2000:]
     return int(match.group(1))
-
-
-class RssSampler:
-    """Samples a process's RSS every 20 ms in a thread; keeps the peak."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak_bytes = max(self.peak_bytes, self.process.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        return self.peak_bytes
 
 
 @contextmanager
