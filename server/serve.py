@@ -140,7 +140,8 @@ def plan_serving(settings: Settings) -> PlannedServing:
         plan = make_plan(PlanRequest(model=model_dir, **options))
     except (ModelNotFoundError, FetchError, NothingFitsError, ValueError) as error:
         raise StartupError(str(error)) from error
-    compile_choice = CompileChoice(settings.compile_mode)  # on a GPU the runner resolves AUTO (CUDA graphs)
+    # on a GPU the runner resolves AUTO (CUDA graphs); a capture that fails at start-up then serves eagerly
+    compile_choice = CompileChoice(settings.compile_mode, fallback_to_eager=settings.compile_mode is CompileMode.AUTO)
     if plan.device == "cpu":  # AUTO is decided here, with the precision and the spare budget known
         from fitserve.server.engine.compiled_decode import cpu_compiler_available
 
