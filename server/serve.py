@@ -27,7 +27,7 @@ import uvicorn
 
 from fitserve.quant.heap import use_one_heap_arena
 from fitserve.server.app import BuiltEngine, create_app
-from fitserve.server.engine.compile_mode import CompileChoice, CompileMode, choose_cpu_compile
+from fitserve.server.engine.compile_mode import CompileChoice, CompileMode, choose_cpu_compile, compile_runtime_bytes
 from fitserve.server.routes.deps import ServerState
 from fitserve.server.settings import Settings
 
@@ -128,7 +128,6 @@ def plan_serving(settings: Settings) -> PlannedServing:
     from fitserve.quant.model_store import FetchError, ModelNotFoundError, resolve_model
     from fitserve.quant.plan import NothingFitsError, PlanRequest, make_plan
     from fitserve.quant.schemes import KernelBackend
-    from fitserve.server.engine.compile_mode import compile_runtime_bytes
 
     try:
         model_dir = resolve_model(settings.model)
@@ -148,8 +147,7 @@ def plan_serving(settings: Settings) -> PlannedServing:
         torch_weight_only = plan.quant_backend is KernelBackend.TORCH
         compiler = torch_weight_only and settings.compile_mode is CompileMode.AUTO and cpu_compiler_available()
         compile_choice = choose_cpu_compile(settings.compile_mode, torch_weight_only, plan.spare_bytes, compiler)
-        if settings.compile_mode is CompileMode.AUTO:  # an explicit mode's bytes were planned above
-            plan = plan.with_runtime_bytes(compile_choice.runtime_bytes, compile_choice.reason)
+        plan = plan.with_runtime_bytes(compile_choice.runtime_bytes, compile_choice.reason)
     logger.info("memory plan for %s:\n%s", model_dir, render_table(plan.to_table()))
     name = settings.served_model_name or Path(model_dir).name
     return PlannedServing(model_dir=Path(model_dir), served_model_name=name, plan=plan, compile=compile_choice)

@@ -48,7 +48,7 @@ class CompileChoice:
 
     mode: CompileMode
     max_compiled_batch_size: int | None = None
-    runtime_bytes: int = 0
+    runtime_bytes: int = 0  # not yet in the plan: moved from its spare budget to its overhead
     reason: str = ""
     fallback_to_eager: bool = False  # a build failure at start-up runs steps eagerly instead (modes AUTO chose)
 
@@ -59,14 +59,16 @@ def choose_cpu_compile(
     """The decode-step mode on CPU for a plan: `requested` unless it is AUTO; AUTO compiles batch-1 decode steps
     (inductor) when the weights run on torch's weight-only kernels, inductor has a C++ compiler and the plan's spare
     bytes hold what compiling keeps, else it stays OFF. `spare_bytes` is the budget the plan leaves after everything
-    else. AUTO's choice falls back to eager if the build fails at start-up anyway (`fallback_to_eager`)."""
+    else. AUTO's choice falls back to eager if the build fails at start-up anyway (`fallback_to_eager`).
+    `runtime_bytes` is what the plan has yet to count: an explicit mode's bytes were planned before the precision was
+    chosen (`compile_runtime_bytes`), so its choice carries none."""
     if requested is not CompileMode.AUTO:
-        return CompileChoice(requested, runtime_bytes=compile_runtime_bytes(requested, on_cpu=True))
+        return CompileChoice(requested)
     if torch_weight_only and not compiler_available:
         return CompileChoice(CompileMode.OFF, reason="decode step eager (no C++ compiler for torch.compile)")
     if not torch_weight_only:
         return CompileChoice(
-            CompileMode.OFF, reason="decode step eager (compiling measured no faster for this precision on CPU)"
+            CompileMode.OFF, reason="decode step eager (on CPU only torch's int8/int4 kernels are compiled)"
         )
     if spare_bytes < INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES:
         need, have = INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES >> 20, spare_bytes >> 20
