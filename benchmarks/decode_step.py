@@ -11,6 +11,8 @@ kernels on CPU).
 
     .venv/bin/python benchmarks/decode_step.py --compile-modes off,eager --batch-sizes 1,4,16 --steps 20
     .venv/bin/python benchmarks/decode_step.py --compile-modes off --forwards direct,direct-separate --precision int4
+    .venv/bin/python benchmarks/decode_step.py --compile-modes off,inductor --batch-sizes 1 --precision bf16 \
+        --keep-dense-linears
 """
 
 from __future__ import annotations
@@ -48,7 +50,12 @@ def prefill(runner: Any, batch: int, prompt_tokens: int, max_tokens: int) -> tup
 
 
 def bench(
-    models: list[Any], variants: list[tuple[str, str]], batch: int, prompt_tokens: int, steps: int
+    models: list[Any],
+    variants: list[tuple[str, str]],
+    batch: int,
+    prompt_tokens: int,
+    steps: int,
+    keep_dense_linears: bool = False,
 ) -> dict[str, list[float]]:
     """Per variant (compile mode, forward), the wall time of each of `steps` decode-only steps (interleaved); each
     variant runs on its own model in `models` (runners change their model in place: packing, joining)."""
@@ -68,7 +75,8 @@ def bench(
             compile_mode=CompileMode(compile_mode),
             direct_forward=forward in FORWARDS_DIRECT,
             join_projections=forward == "direct",
-            spare_bytes=1 << 30,  # room to prepack the tied lm_head, as `fitserve serve` with the default budget
+            spare_bytes=2 << 30,  # room for packed copies, as `fitserve serve` with the default budget
+            keep_dense_cpu_linears=keep_dense_linears and compile_mode != "off",
             device=str(model.device),
         )
         runner = ModelRunner(model, cfg)
@@ -104,6 +112,11 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=90)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--keep-dense-linears",
+        action="store_true",
+        help="compiled variants keep dense weights beside oneDNN's packed ones (`matvec` at batch 1, as AUTO on bf16)",
+    )
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--model-dir", type=Path, default=None, help="default: the cached default model")
@@ -141,7 +154,7 @@ def main() -> None:
 
     def run_all() -> None:  # one thread does all torch work (see docs/engine.md on OpenMP masters)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            times = bench(models, variants, batch, args.prompt_tokens, args.steps)
+            times = bench(models, variants, batch, args.prompt_tokens, args.steps, args.keep_dense_linears)
             base = statistics.median(times[modes[0]])
             for mode in modes:
                 med = statistics.median(times[mode])

@@ -27,7 +27,13 @@ import uvicorn
 
 from fitserve.quant.heap import use_one_heap_arena
 from fitserve.server.app import BuiltEngine, create_app
-from fitserve.server.engine.compile_mode import CompileChoice, CompileMode, choose_cpu_compile, compile_runtime_bytes
+from fitserve.server.engine.compile_mode import (
+    CompileChoice,
+    CompileMode,
+    CpuLinearKernels,
+    choose_cpu_compile,
+    compile_runtime_bytes,
+)
 from fitserve.server.routes.deps import ServerState
 from fitserve.server.settings import Settings
 
@@ -127,7 +133,6 @@ def plan_serving(settings: Settings) -> PlannedServing:
     from fitserve.quant.load import measure_cpu_runtime_bytes
     from fitserve.quant.model_store import FetchError, ModelNotFoundError, resolve_model
     from fitserve.quant.plan import NothingFitsError, PlanRequest, make_plan
-    from fitserve.quant.schemes import KernelBackend
 
     try:
         model_dir = resolve_model(settings.model)
@@ -141,12 +146,19 @@ def plan_serving(settings: Settings) -> PlannedServing:
         raise StartupError(str(error)) from error
     # on a GPU the runner resolves AUTO (CUDA graphs); a capture that fails at start-up then serves eagerly
     compile_choice = CompileChoice(settings.compile_mode, fallback_to_eager=settings.compile_mode is CompileMode.AUTO)
-    if plan.device == "cpu":  # AUTO is decided here, with the precision and the spare budget known
+    if plan.device == "cpu" and plan.precision is not None:  # AUTO is decided here, with the precision and spare known
         from fitserve.server.engine.compiled_decode import cpu_compiler_available
+        from fitserve.server.engine.cpu_linear import cpu_linear_kernels
 
-        torch_weight_only = plan.quant_backend is KernelBackend.TORCH
-        compiler = torch_weight_only and settings.compile_mode is CompileMode.AUTO and cpu_compiler_available()
-        compile_choice = choose_cpu_compile(settings.compile_mode, torch_weight_only, plan.spare_bytes, compiler)
+        kernels = cpu_linear_kernels(plan.precision, plan.quant_backend)
+        compiler = (
+            kernels is not CpuLinearKernels.OTHER
+            and settings.compile_mode is CompileMode.AUTO
+            and cpu_compiler_available()
+        )
+        compile_choice = choose_cpu_compile(
+            settings.compile_mode, kernels, plan.spare_bytes, compiler, dense_weight_bytes=plan.weights_bytes
+        )
         plan = plan.with_runtime_bytes(compile_choice.runtime_bytes, compile_choice.reason)
     logger.info("memory plan for %s:\n%s", model_dir, render_table(plan.to_table()))
     name = settings.served_model_name or Path(model_dir).name
@@ -206,12 +218,15 @@ def engine_config(serving: LoadedServing, settings: Settings) -> EngineConfig:
         config_kwargs["max_compiled_batch_size"] = compile_choice.max_compiled_batch_size
     if compile_choice.fallback_to_eager:
         config_kwargs["compile_fallback_to_eager"] = True
+    if compile_choice.dense_copy_bytes:  # the plan counted packed copies beside the dense weights the step reads
+        config_kwargs["keep_dense_cpu_linears"] = True
     return EngineConfig(
         served_model_name=serving.planned.served_model_name,
         max_model_len=plan.max_model_len,
         kv_capacity_tokens=plan.kv_capacity_tokens,
         block_size_tokens=plan.block_size_tokens,
-        spare_bytes=plan.spare_bytes,  # may hold a prepacked copy of a tied lm_head on CPU
+        # may hold a prepacked copy of a tied lm_head on CPU; plus the copies the compile choice planned
+        spare_bytes=plan.spare_bytes + compile_choice.dense_copy_bytes,
         attention_scratch_bytes=plan.attention_scratch_bytes,  # bounds the batched decode attention's gather
         max_batch_size=settings.max_batch_size
         or default_max_batch_size(plan.kv_capacity_tokens, plan.block_size_tokens),

@@ -45,6 +45,10 @@ class EngineConfig:
     # faster matmuls for decode-sized batches, same memory. A weight shared with another module (tied lm_head)
     # costs an extra copy when packed: packed only within `spare_bytes`.
     prepack_cpu_linears: bool = True
+    # Packed Linears keep their dense weight too, for the compiled one-row decode step's `matvec` (cpu_linear.py):
+    # every packed copy is then extra memory within `spare_bytes`. Set by `fitserve serve` when AUTO compiles a
+    # dense fp32/bf16 model's batch-1 step and the plan counted the copies.
+    keep_dense_cpu_linears: bool = False
     spare_bytes: int = 0  # budget the plan leaves unspent after weights, overhead and the whole KV cache
     # Decode-only steps through a fixed-shape forward compiled (inductor) or captured (CUDA graphs) per bucket at
     # start-up (server/engine/compiled_decode.py); AUTO picks per device, OFF keeps the eager per-sequence path.

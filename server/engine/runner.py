@@ -109,14 +109,17 @@ class ModelRunner:
                 joined.released_bytes / 2**20,
             )
         if config.prepack_cpu_linears and self.device.type == "cpu" and self.dtype in packable_dtypes():
-            packed = prepack_linears(self.model, shared_copy_bytes=config.spare_bytes)
+            packed = prepack_linears(
+                self.model, shared_copy_bytes=config.spare_bytes, keep_dense=config.keep_dense_cpu_linears
+            )
             logger.info(
-                "oneDNN prepacked Linears: %d packed, %d shared weights left as they are, %.1f MiB extra, "
-                "%.1f MiB of checkpoint file pages given back",
+                "oneDNN prepacked Linears: %d packed, %d left unpacked (no room for a copy), %.1f MiB extra, "
+                "%.1f MiB of checkpoint file pages given back%s",
                 packed.packed,
-                packed.skipped_shared,
+                packed.skipped,
                 packed.extra_bytes / 2**20,
                 packed.released_bytes / 2**20,
+                ", dense weights kept for compiled one-row steps" if config.keep_dense_cpu_linears else "",
             )
         logger.info(
             "KV cache: %d blocks x %d tokens, %s, %.1f MiB",

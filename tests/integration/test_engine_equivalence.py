@@ -224,25 +224,31 @@ def test_engine_equals_generate_token_for_token(
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_auto_compiled_weight_only_decode_equals_generate(
+@pytest.mark.parametrize("precision", ["int8", "int4", "bf16", "fp32"])
+def test_auto_compiled_decode_equals_generate(
     default_model_dir: Path, precision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_property: Any
 ) -> None:
-    """What `fitserve serve --precision int8|int4` runs on CPU with room to spare: AUTO compiles the batch-1 decode
-    step (inductor) over torch's weight-only kernels. One request at a time (every decode step is a batch of one, so
-    every step replays the compiled graph) against `model.generate` on the same loaded model, held to the rule
-    above with bf16's margin (these kernels take 16-bit activations)."""
+    """What `fitserve serve --precision P` runs on CPU with room to spare: AUTO compiles the batch-1 decode step
+    (inductor) over torch's weight-only kernels (int8, int4) or as `matvec` reductions over the dense weights kept
+    beside oneDNN's packed ones (bf16, fp32). One request at a time (every decode step is a batch of one, so every
+    step replays the compiled graph) against `model.generate` on the same loaded model, held to the rule above with
+    fp32's margin for fp32 and bf16's for the rest (the weight-only kernels take 16-bit activations)."""
+    import torch
+
     from fitserve.server.engine.compile_mode import CompileMode
     from fitserve.server.engine.engine import Engine
     from fitserve.server.engine.types import SamplingParams
     from fitserve.server.serve import engine_config, load_serving, plan_serving, use_compile_cache
     from fitserve.server.settings import Settings
 
+    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bf16: the plan does not run bf16 on oneDNN, so AUTO compiles nothing")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))  # a cold cache: this test compiles
     use_compile_cache()
     settings = Settings(model=str(default_model_dir), precision=precision, memory_budget="4GiB", max_model_len=1024)
     planned = plan_serving(settings)
     assert planned.compile.mode is CompileMode.INDUCTOR and planned.compile.max_compiled_batch_size == 1
+    assert (planned.compile.dense_copy_bytes > 0) is (precision in ("bf16", "fp32"))
     loaded = load_serving(planned, settings)
     model, tokenizer = loaded.loaded.model, loaded.loaded.tokenizer
     requests = make_requests(tokenizer, n=6)
@@ -281,7 +287,8 @@ def test_auto_compiled_weight_only_decode_equals_generate(
     for i, (r, g, e) in enumerate(zip(requests, got, expected, strict=True)):
         if g == e:
             continue
-        why = near_tie_at(model, r[0], e, g, NEAR_TIE_LOGIT_MARGIN[Precision.BF16])
+        margin = NEAR_TIE_LOGIT_MARGIN[Precision.FP32 if precision == "fp32" else Precision.BF16]
+        why = near_tie_at(model, r[0], e, g, margin)
         if why is None:
             near_ties += 1
         else:

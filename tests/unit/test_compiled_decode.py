@@ -178,7 +178,8 @@ def test_inductor_on_cpu_is_planned_with_its_runtime_memory(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On CPU the budget is the process's memory: compiling the decode step (inductor) holds ~400 MiB more, so the
-    plan counts `INDUCTOR_CPU_RUNTIME_BYTES` in its overhead; modes that compile nothing add nothing."""
+    plan counts `INDUCTOR_CPU_RUNTIME_BYTES` in its overhead; modes that compile nothing add nothing, and AUTO adds
+    exactly what its choice says."""
     from fitserve.quant import load
     from fitserve.server import serve
     from fitserve.server.engine.compile_mode import INDUCTOR_CPU_RUNTIME_BYTES
@@ -187,36 +188,93 @@ def test_inductor_on_cpu_is_planned_with_its_runtime_memory(
     monkeypatch.setenv("FITSERVE_HOME", str(tmp_path))
     monkeypatch.setattr(load, "measure_cpu_runtime_bytes", lambda: 300 << 20)  # the same process state each time
     monkeypatch.setattr("fitserve.quant.budget.nvidia_driver_present", lambda: False)
-    overhead = {
+    planned = {
         mode: serve.plan_serving(
             Settings(model=str(tiny_model_dir), memory_budget="4GiB", max_model_len=128, compile_mode=mode)
-        ).plan.overhead_bytes
+        )
         for mode in (CompileMode.OFF, CompileMode.AUTO, CompileMode.EAGER, CompileMode.INDUCTOR)
     }
-    assert overhead[CompileMode.AUTO] == overhead[CompileMode.OFF] == overhead[CompileMode.EAGER]
+    overhead = {mode: p.plan.overhead_bytes for mode, p in planned.items()}
+    assert overhead[CompileMode.EAGER] == overhead[CompileMode.OFF]
+    assert overhead[CompileMode.AUTO] == overhead[CompileMode.OFF] + planned[CompileMode.AUTO].compile.runtime_bytes
     assert overhead[CompileMode.INDUCTOR] - overhead[CompileMode.OFF] == INDUCTOR_CPU_RUNTIME_BYTES
 
 
 def test_auto_on_cpu_compiles_batch_one_for_weight_only_kernels_within_the_spare_budget() -> None:
     from fitserve.server.engine.compile_mode import INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES as ONE
-    from fitserve.server.engine.compile_mode import choose_cpu_compile
+    from fitserve.server.engine.compile_mode import CpuLinearKernels, choose_cpu_compile
 
-    compiled = choose_cpu_compile(CompileMode.AUTO, torch_weight_only=True, spare_bytes=ONE)
+    weight_only = CpuLinearKernels.WEIGHT_ONLY
+    compiled = choose_cpu_compile(CompileMode.AUTO, weight_only, spare_bytes=ONE, dense_weight_bytes=1 << 30)
     assert (compiled.mode, compiled.max_compiled_batch_size, compiled.runtime_bytes) == (CompileMode.INDUCTOR, 1, ONE)
-    short = choose_cpu_compile(CompileMode.AUTO, torch_weight_only=True, spare_bytes=ONE - 1)
+    assert compiled.dense_copy_bytes == 0  # weight-only kernels read their own buffers: no dense copy
+    short = choose_cpu_compile(CompileMode.AUTO, weight_only, spare_bytes=ONE - 1)
     assert (short.mode, short.runtime_bytes) == (CompileMode.OFF, 0) and "spare" in short.reason
     assert compiled.fallback_to_eager  # a mode AUTO chose may not stop the server from starting
-    no_compiler = choose_cpu_compile(
-        CompileMode.AUTO, torch_weight_only=True, spare_bytes=ONE, compiler_available=False
-    )
+    no_compiler = choose_cpu_compile(CompileMode.AUTO, weight_only, spare_bytes=ONE, compiler_available=False)
     assert no_compiler.mode is CompileMode.OFF and "compiler" in no_compiler.reason
-    dense = choose_cpu_compile(CompileMode.AUTO, torch_weight_only=False, spare_bytes=1 << 40)
-    assert (dense.mode, dense.runtime_bytes) == (CompileMode.OFF, 0)
+    other = choose_cpu_compile(CompileMode.AUTO, CpuLinearKernels.OTHER, spare_bytes=1 << 40)
+    assert (other.mode, other.runtime_bytes) == (CompileMode.OFF, 0)
     # an explicit mode is kept whatever the precision; its bytes were planned before the precision was chosen
-    explicit = choose_cpu_compile(CompileMode.INDUCTOR, torch_weight_only=False, spare_bytes=0)
+    explicit = choose_cpu_compile(CompileMode.INDUCTOR, CpuLinearKernels.OTHER, spare_bytes=0)
     assert (explicit.mode, explicit.max_compiled_batch_size) == (CompileMode.INDUCTOR, None)
     assert not explicit.fallback_to_eager  # asked for by name: a failed build fails the start
-    assert choose_cpu_compile(CompileMode.OFF, torch_weight_only=True, spare_bytes=1 << 40).mode is CompileMode.OFF
+    assert choose_cpu_compile(CompileMode.OFF, weight_only, spare_bytes=1 << 40).mode is CompileMode.OFF
+
+
+def test_auto_on_cpu_compiles_dense_bf16_only_with_room_for_the_dense_copies() -> None:
+    """oneDNN-packed bf16 compiles batch 1 with `matvec` over dense weights kept beside the packed ones: the plan
+    needs the compiled step's bytes plus a copy of the weights, or the step stays eager."""
+    from fitserve.server.engine.compile_mode import INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES as ONE
+    from fitserve.server.engine.compile_mode import CpuLinearKernels, choose_cpu_compile
+
+    weights = 300 << 20
+    dense = CpuLinearKernels.DENSE_PACKED
+    compiled = choose_cpu_compile(CompileMode.AUTO, dense, spare_bytes=ONE + weights, dense_weight_bytes=weights)
+    assert (compiled.mode, compiled.max_compiled_batch_size) == (CompileMode.INDUCTOR, 1)
+    assert (compiled.runtime_bytes, compiled.dense_copy_bytes) == (ONE + weights, weights)
+    assert "dense weights" in compiled.reason and compiled.fallback_to_eager
+    short = choose_cpu_compile(CompileMode.AUTO, dense, spare_bytes=ONE + weights - 1, dense_weight_bytes=weights)
+    assert (short.mode, short.runtime_bytes, short.dense_copy_bytes) == (CompileMode.OFF, 0, 0)
+    explicit = choose_cpu_compile(CompileMode.INDUCTOR, dense, spare_bytes=1 << 40, dense_weight_bytes=weights)
+    assert explicit.dense_copy_bytes == 0  # only AUTO plans the copies
+
+
+def test_serve_keeps_dense_bf16_weights_when_auto_compiles(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fitserve serve --precision bf16` with room to spare on a CPU with native bf16: the plan counts the compiled
+    step and the packed copies, and the engine keeps the dense weights with that much more packing allowance."""
+    from types import SimpleNamespace
+
+    from fitserve.quant import load
+    from fitserve.server import serve
+    from fitserve.server.engine import cpu_linear
+    from fitserve.server.engine.compile_mode import INDUCTOR_CPU_ONE_BUCKET_RUNTIME_BYTES as ONE
+    from fitserve.server.settings import Settings
+
+    monkeypatch.setenv("FITSERVE_HOME", str(tmp_path))
+    monkeypatch.setattr(load, "measure_cpu_runtime_bytes", lambda: 300 << 20)
+    monkeypatch.setattr("fitserve.quant.budget.nvidia_driver_present", lambda: False)
+    monkeypatch.setattr(cpu_linear, "packable_dtypes", lambda: frozenset({torch.float32, torch.bfloat16}))
+    monkeypatch.setattr("fitserve.server.engine.compiled_decode.cpu_compiler_available", lambda: True)
+
+    def planned(mode: CompileMode) -> serve.PlannedServing:
+        settings = Settings(
+            model=str(tiny_model_dir), memory_budget="4GiB", max_model_len=128, precision="bf16", compile_mode=mode
+        )
+        return serve.plan_serving(settings)
+
+    eager, auto = planned(CompileMode.OFF), planned(CompileMode.AUTO)
+    weights = eager.plan.weights_bytes
+    assert auto.compile.mode is CompileMode.INDUCTOR and auto.compile.dense_copy_bytes == weights
+    assert auto.plan.overhead_bytes - eager.plan.overhead_bytes == ONE + weights
+    assert auto.plan.spare_bytes == eager.plan.spare_bytes - ONE - weights
+    settings = Settings(model=str(tiny_model_dir), memory_budget="4GiB", max_model_len=128, precision="bf16")
+    config = serve.engine_config(SimpleNamespace(planned=auto), settings)  # type: ignore[arg-type]
+    assert config.keep_dense_cpu_linears and config.max_compiled_batch_size == 1
+    assert config.spare_bytes == auto.plan.spare_bytes + weights  # the copies' allowance comes back to the packer
+    assert not serve.engine_config(SimpleNamespace(planned=eager), settings).keep_dense_cpu_linears  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("budget", "compiles"), [("4GiB", True), ("0", False)])

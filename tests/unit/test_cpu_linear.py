@@ -43,7 +43,7 @@ def test_tied_weight_is_packed_only_within_the_allowance() -> None:
     with torch.inference_mode():
         expected = model(ids)
     report = prepack_linears(model)
-    assert (report.packed, report.skipped_shared, report.extra_bytes) == (2, 1, 0)
+    assert (report.packed, report.skipped, report.extra_bytes) == (2, 1, 0)
     assert isinstance(model.up, PackedLinear) and isinstance(model.down, PackedLinear)
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.embed.weight
 
@@ -92,5 +92,70 @@ def test_without_onednn_nothing_is_converted(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(cpu_linear, "onednn_linear_available", lambda: False)
     model = TiedLM()
     report = prepack_linears(model, shared_copy_bytes=1 << 30)
-    assert (report.packed, report.skipped_shared, report.extra_bytes) == (0, 0, 0)
+    assert (report.packed, report.skipped, report.extra_bytes) == (0, 0, 0)
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_keep_dense_counts_every_packed_copy_and_keeps_the_originals() -> None:
+    """With `keep_dense` each packed Linear keeps its dense weight (the compiled one-row step reads it), so every
+    packed copy is extra memory within the allowance; beyond it Linears stay dense and nothing is released."""
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    originals = {name: model.get_submodule(name).weight for name in ("up", "down", "lm_head")}
+    copies = sum(w.numel() * w.element_size() for w in originals.values())
+    report = prepack_linears(model, shared_copy_bytes=copies, keep_dense=True)
+    assert (report.packed, report.skipped, report.extra_bytes, report.released_bytes) == (3, 0, copies, 0)
+    for name, weight in originals.items():
+        module = model.get_submodule(name)
+        assert isinstance(module, PackedLinear) and module.dense_weight is not None
+        assert module.dense_weight.data_ptr() == weight.data_ptr()
+
+    tight = TiedLM().eval()
+    up_bytes = tight.up.weight.numel() * tight.up.weight.element_size()
+    report = prepack_linears(tight, shared_copy_bytes=up_bytes, keep_dense=True)
+    assert (report.packed, report.skipped, report.extra_bytes) == (1, 2, up_bytes)
+    assert isinstance(tight.up, PackedLinear) and type(tight.down) is torch.nn.Linear
+
+
+def test_a_packed_shared_weight_keeps_its_dense_original() -> None:
+    """The tied lm_head's original stays for the embedding anyway, so its PackedLinear keeps it for `matvec`."""
+    model = TiedLM().eval()
+    prepack_linears(model, shared_copy_bytes=1 << 30)
+    assert isinstance(model.lm_head, PackedLinear) and model.lm_head.dense_weight is not None
+    assert model.lm_head.dense_weight.data_ptr() == model.embed.weight.data_ptr()
+    assert isinstance(model.up, PackedLinear) and model.up.dense_weight is None
+
+
+@pytest.mark.parametrize(("rows", "uses_matvec"), [(1, True), (5, False)])
+def test_compiled_graph_takes_matvec_for_one_row_with_the_same_result(rows: int, uses_matvec: bool) -> None:
+    """Traced by torch.compile, a PackedLinear that kept its dense weight computes a one-row input with `matvec`
+    (the fused weight-streaming reduction) and more rows with oneDNN, both equal to `nn.Linear` within fp32 error."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    x = torch.randn(rows, 64)
+    targets: list[str] = []
+
+    def capture(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
+        return gm
+
+    torch._dynamo.reset()
+    packed = PackedLinear(linear, keep_dense=True)
+    with torch.inference_mode():
+        expected = linear(x)
+        got = torch.compile(packed, backend=capture, fullgraph=True)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert any("onednn_linear" in target for target in targets) is not uses_matvec
+    assert any("sum" in target for target in targets) is uses_matvec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvec_is_a_linear_of_one_row(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    weight, bias = torch.randn(40, 24).to(dtype), torch.randn(40).to(dtype)
+    x = torch.randn(1, 1, 24).to(dtype)
+    got = cpu_linear.matvec(x, weight, bias)
+    expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).to(dtype)
+    assert got.shape == (1, 1, 40) and got.dtype == dtype
+    tolerance = 1e-5 if dtype is torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
