@@ -24,10 +24,10 @@ peaked at 933 MiB against a 757 MiB budget). Each packed original's file pages a
 its copy exists (`quant/mapped_files.py`), so packing holds one Linear's copy more at most.
 
 A compiled decode step of one sequence reads each weight once for one row: a matrix-vector product, which oneDNN's
-kernels (packed or not) run at 11-19 GB/s on the 2-core AVX512-BF16 VM, against 35 GB/s the memory reads. Written as
-a multiply-and-sum over the dense row-major weight (`matvec`), inductor turns it into one fused, vectorised reduction
-that streams the weight at 20-35 GB/s (bf16 lm_head 1.6 ms instead of 3.9 ms; a decode step of the default model
-22.9 -> 13.9 ms in bf16 and 32.3 -> 18.7 ms in fp32, `benchmarks/decode_step.py`). It needs the dense weight, which
+kernels (packed or not) run at 11-19 GB/s on the 2-core AVX512-BF16 VM, against 35 GB/s the memory reads. As
+`quant.matvec.matvec` over the dense row-major weight, inductor streams the weight at 20-35 GB/s (bf16 lm_head 1.6 ms
+instead of 3.9 ms; a decode step of the default model 22.9 -> 13.9 ms in bf16 and 32.3 -> 18.7 ms in fp32,
+`benchmarks/decode_step.py`). It needs the dense weight, which
 packing replaces, so `prepack_linears` can keep each dense weight beside its packed copy (`keep_dense`): the packed
 copies are then all extra memory, which `fitserve serve` only spends when the plan's spare budget holds it
 (server/engine/compile_mode.py).
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from fitserve.quant.mapped_files import drop_file_pages, mapped_file_ranges
+from fitserve.quant.matvec import matvec
 from fitserve.quant.schemes import KernelBackend, Precision
 from fitserve.server.engine.compile_mode import CpuLinearKernels
 
@@ -68,16 +69,6 @@ def onednn_linear_available() -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
-
-
-def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ W.T + b` for an `x` of one row, as a multiply-and-sum over the dense `weight` [out, in] accumulated in
-    fp32: for torch.compile, which fuses it into one reduction streaming the weight (slow in eager mode)."""
-    row = x.reshape(1, x.shape[-1]).float()
-    out = (weight.float() * row).sum(dim=-1).to(x.dtype)
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class PackedLinear(torch.nn.Module):
