@@ -51,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--long-tokens", type=int, default=192)
     parser.add_argument("--short-tokens", type=int, default=8)
     parser.add_argument("--long-every", type=int, default=3, help="every n-th request is long")
+    parser.add_argument("--prompt-words", type=int, default=24, help="prompt length (words, ~1.3 tokens each)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating memory/default deployments per router")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per request")
     parser.add_argument("--port", type=int, default=8765)
@@ -74,7 +75,9 @@ def app_args(args: argparse.Namespace, router: str) -> dict[str, Any]:
 async def drive(url: str, args: argparse.Namespace) -> list[RequestResult]:
     """Closed loop: `concurrency` workers take the next request until `requests` were sent."""
     items = [
-        WorkItem(i, builtin_prompt(i, 24), args.long_tokens if i % args.long_every == 0 else args.short_tokens)
+        WorkItem(
+            i, builtin_prompt(i, args.prompt_words), args.long_tokens if i % args.long_every == 0 else args.short_tokens
+        )
         for i in range(args.requests)
     ]
     queue: asyncio.Queue[WorkItem] = asyncio.Queue()
