@@ -49,7 +49,7 @@ class EngineConfig:
     # every packed copy is then extra memory within `spare_bytes`. Set by `fitserve serve` when AUTO compiles a
     # dense fp32/bf16 model's batch-1 step and the plan counted the copies.
     keep_dense_cpu_linears: bool = False
-    spare_bytes: int = 0  # budget the plan leaves unspent after weights, overhead and the whole KV cache
+    spare_bytes: int = 0  # what packing may spend on copies: the plan's spare (+ the copies a compile choice counted)
     # Decode-only steps through a fixed-shape forward compiled (inductor) or captured (CUDA graphs) per bucket at
     # start-up (server/engine/compiled_decode.py); AUTO picks per device, OFF keeps the eager per-sequence path.
     compile_mode: CompileMode = CompileMode.OFF
