@@ -5,11 +5,11 @@ row-major weight, torch.compile (inductor) turns each product into one fused, ve
 weight at close to memory bandwidth (bf16 on the 2-core AVX512-BF16 VM: 20-35 GB/s, where oneDNN's kernels reach
 11-19 GB/s). In eager mode the same code is slow (it materialises the upcast weight): only call it while compiling.
 
-The input row goes through `materialize`, an opaque op, first: left to itself inductor inlines the ops that produce
+The input row is realised into a buffer first (inductor's `prims.inductor_force_stride_order`, whose lowering
+requires a realised input and which costs nothing at run time): left to itself inductor inlines the ops that produce
 the row (an RMSNorm, the SiLU gate) into the reduction's loop and recomputes them for every output feature (a bf16
-3072 x 576 product after an RMSNorm: 170 us inlined, 151 us after the barrier; the default model's bf16 step 13.8 and
-14.5 ms without it, 13.5 and 13.0 ms with it, runs alternating). Each call of the op costs ~13 us of Python
-dispatch (121 a step), which a C++ op would save.
+3072 x 576 product after an RMSNorm: 162 us inlined, 121 us realised; an opaque Python custom op as the barrier gave
+134 us and cost ~13 us of dispatch per call, 121 calls a step).
 
 Tried and not used: the same reduction over torch's per-row int8 weights (`(q.float() * x).sum(-1) * scales`)
 streams a lone 3072 x 576 weight at 14-16 GB/s against `_weight_int8pack_mm`'s 14 GB/s, but inside the default
@@ -21,19 +21,17 @@ from __future__ import annotations
 import torch
 
 
-@torch.library.custom_op("fitserve::materialize", mutates_args=())
-def materialize(x: torch.Tensor) -> torch.Tensor:
-    """A copy of `x`; opaque to torch.compile, so the graph computes `x` once into a buffer before its users."""
-    return x.clone()
-
-
-@materialize.register_fake
-def _materialize_shape(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 def _row(x: torch.Tensor) -> torch.Tensor:
-    return materialize(x.reshape(1, x.shape[-1]).float())
+    """`x` as one fp32 row, computed into its own buffer before the product reads it (inductor's stride-forcing prim
+    realises its input; where this torch has no such prim the row is left to inductor)."""
+    row = x.reshape(1, x.shape[-1]).float()
+    try:
+        import torch._inductor.inductor_prims
+
+        force_stride_order = torch.ops.prims.inductor_force_stride_order
+    except (ImportError, AttributeError):
+        return row
+    return force_stride_order(row, row.stride())
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
