@@ -32,7 +32,7 @@ def compile_runtime_bytes(mode: CompileMode, on_cpu: bool) -> int:
 # Where: batch 1, where a step is mostly per-op overhead around matrix-vector products. With torch's weight-only
 # INT8/INT4 kernels inductor fuses the ops around them (default model, 2-core VM, `benchmarks/decode_step.py
 # --compile-modes off,inductor --precision P`, medians of 30 steps: INT4 23.7 -> 19.9 ms, INT8 26.9 -> 22.6 ms); with
-# dense weights it also streams each weight through its own fused reduction (`cpu_linear.matvec`; `--dtype D
+# dense weights it also streams each weight through its own fused reduction (`quant.matvec.matvec`; `--dtype D
 # --keep-dense-linears`: bf16 22.9 -> 13.9 ms, fp32 32.3 -> 18.7 ms; docs/benchmarks.md). Bigger batches stay
 # eager (their Python overhead is shared by every row, and each batch bucket is one more ~30 s compile at the first
 # start).
