@@ -23,15 +23,12 @@ import torch
 
 def _row(x: torch.Tensor) -> torch.Tensor:
     """`x` as one fp32 row, computed into its own buffer before the product reads it (inductor's stride-forcing prim
-    realises its input; where this torch has no such prim the row is left to inductor)."""
-    row = x.reshape(1, x.shape[-1]).float()
-    try:
-        import torch._inductor.inductor_prims
+    realises its input). A torch without the prim fails the build, which the runner reports (and AUTO then serves
+    eagerly) rather than compiling a slower step silently."""
+    import torch._inductor.inductor_prims  # registers prims.inductor_force_stride_order (imported here: ~1 s)
 
-        force_stride_order = torch.ops.prims.inductor_force_stride_order
-    except (ImportError, AttributeError):
-        return row
-    return force_stride_order(row, row.stride())
+    row = x.reshape(1, x.shape[-1]).float()
+    return torch.ops.prims.inductor_force_stride_order(row, row.stride())
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

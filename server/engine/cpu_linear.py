@@ -129,7 +129,7 @@ class PackReport:
 
     packed: int  # Linears converted
     skipped: int  # Linears left alone: their copy did not fit the allowance (a shared weight, or keep_dense)
-    extra_bytes: int  # bytes of packed copies of shared weights (the originals stay)
+    extra_bytes: int  # bytes of packed copies whose originals stay (shared weights; every one with keep_dense)
     released_bytes: int = 0  # file pages of packed originals that viewed the mapped checkpoint, given back
 
 
