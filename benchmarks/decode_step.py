@@ -149,10 +149,10 @@ def main() -> None:
         if f.strip()
     ]
     modes = [variant_label(v) for v in variants]
-    models = [load_model() for _ in variants]
     rows: list[dict[str, Any]] = []
 
-    def run_all() -> None:  # one thread does all torch work (see docs/engine.md on OpenMP masters)
+    def run_all() -> None:  # one thread does all torch work, loading included (docs/engine.md on OpenMP masters)
+        models = [load_model() for _ in variants]
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             times = bench(models, variants, batch, args.prompt_tokens, args.steps, args.keep_dense_linears)
             base = statistics.median(times[modes[0]])

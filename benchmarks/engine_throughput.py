@@ -89,8 +89,10 @@ def bench_engine(
     prepack: bool = True,
     pack_shared: bool = False,
     compile_mode: str = "off",
+    config_overrides: dict[str, Any] | None = None,
 ) -> Result:
-    """Run `batch` requests through a fresh Engine on the model's device and time them."""
+    """Run `batch` requests through a fresh Engine on the model's device and time them; `config_overrides` are
+    further `EngineConfig` fields (those `fitserve serve` derives from its plan, for example)."""
     from fitserve.server.engine.compile_mode import CompileMode
     from fitserve.server.engine.config import EngineConfig
     from fitserve.server.engine.engine import Engine
@@ -98,7 +100,7 @@ def bench_engine(
     from fitserve.server.serve import run_in_short_lived_thread
 
     sink = _Sink()
-    cfg = EngineConfig(
+    fields: dict[str, Any] = dict(
         served_model_name="bench",
         max_model_len=max(512, prompt_tokens + max_tokens),
         max_batch_size=batch,
@@ -110,6 +112,7 @@ def bench_engine(
         spare_bytes=2**40 if pack_shared else 0,
         device=str(model.device),
     )
+    cfg = EngineConfig(**(fields | (config_overrides or {})))
     prompts = [[100 + (7 * i + j) % 20000 for j in range(prompt_tokens)] for i in range(batch)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 

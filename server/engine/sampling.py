@@ -2,7 +2,9 @@
 logprobs.
 
 Everything is vectorised over the vocabulary and the batch; the only Python loop draws one uniform number per
-sampling row from that row's own generator. Greedy rows without penalties or bias take a single `argmax`.
+sampling row from that row's own generator. Greedy rows without penalties or bias take a single `max` over the
+vocabulary: it returns the argmax's index (the first of equal maxima, as documented) and, on bf16 logits, takes 45 us
+for the default model's 49,152 tokens where `argmax` takes 177 us on the 2-core VM (fp32: 43 us both).
 
 Random rows are drawn by inverse transform (`draw_tokens`): each row's cumulative probabilities, searched for one
 uniform number scaled to the row's total. `torch.multinomial`, called row by row, took 1.0 ms a row over the
@@ -159,7 +161,7 @@ def sample(
     biased = any(p.logit_bias for p in params)
     want_logprobs = any(p.logprobs is not None for p in params)
     if greedy_only and not penalised and not biased and not want_logprobs:
-        return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
+        return [SampledToken(t) for t in logits.max(dim=-1).indices.tolist()]
 
     raw = logits.float()
     work = raw.clone() if penalised or biased else raw

@@ -34,6 +34,18 @@ def test_greedy_is_argmax() -> None:
     assert [s.token_id for s in out] == logits.argmax(-1).tolist()
 
 
+def test_greedy_bf16_ties_take_the_first_index_like_argmax() -> None:
+    # bf16 logits tie often; greedy must pick what `argmax` (and `model.generate`) picks: the first maximal index
+    vocab = 49_152  # the default model's: long enough for the vectorised reduction paths
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    logits[0, [7, 300, 40_000]] = 50.0
+    logits[1, [12_345, 2]] = 50.0
+    logits[2, -1] = 50.0
+    params = [SamplingParams(max_tokens=1, temperature=0)] * 3
+    out = sample(logits, params, [()] * 3, [None] * 3)
+    assert [s.token_id for s in out] == [7, 2, vocab - 1] == logits.argmax(-1).tolist()
+
+
 def test_seed_makes_sampling_reproducible() -> None:
     logits = logits_batch(rows=1) / 3  # unit-scale logits: no token takes most of the mass
     params = [SamplingParams(max_tokens=1, temperature=1.0, seed=1234)]
