@@ -11,9 +11,12 @@ the row (an RMSNorm, the SiLU gate) into the reduction's loop and recomputes the
 3072 x 576 product after an RMSNorm: 162 us inlined, 121 us realised; an opaque Python custom op as the barrier gave
 134 us and cost ~13 us of dispatch per call, 121 calls a step).
 
-Tried and not used: the same reduction over torch's per-row int8 weights (`(q.float() * x).sum(-1) * scales`)
-streams a lone 3072 x 576 weight at 14-16 GB/s against `_weight_int8pack_mm`'s 14 GB/s, but inside the default
-model's compiled INT8 step it made the step slower (25-32 ms against 23.9 ms), so INT8 keeps torch's kernel.
+`matvec_int8` is the same reduction over torch's per-row int8 weights (`(q.float() * x).sum(-1) * scales`): over a
+98304 x 576 weight on the 2-core VM it reads 33 G weights/s where `_weight_int8pack_mm` reads 17.7 (one thread: 17
+and 8.4), and the default model's compiled INT8 step fell from 13.1 to 9.5-9.9 ms with it (`benchmarks/decode_step.py
+--compile-modes off,inductor --precision int8 --batch-sizes 1`). An earlier trial had found it slower in the step
+(25-32 vs 23.9 ms): that benchmark then loaded its models on its main thread, which halves every compiled step (see
+docs/benchmarks.md, 2026-12-05), and was not comparing like with like.
 """
 
 from __future__ import annotations
@@ -37,3 +40,10 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def matvec_int8(x: torch.Tensor, weight_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`x @ (W_int8 x scales).T` for an `x` of one row over a per-output-channel int8 weight [out, in]: the products
+    accumulated in fp32, scaled, then rounded once to `x`'s dtype (as `aten._weight_int8pack_mm` rounds)."""
+    out = ((weight_int8.float() * _row(x)).sum(dim=-1) * scales.float()).to(x.dtype)
+    return out.reshape(*x.shape[:-1], weight_int8.shape[0])

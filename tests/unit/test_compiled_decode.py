@@ -340,10 +340,13 @@ def test_a_failed_decode_step_build_falls_back_to_eager_only_when_allowed(
         torch.testing.assert_close(g, e)
 
 
-def test_the_compiler_check_follows_inductors_search(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_compiler_check_follows_inductors_search() -> None:
     from torch._inductor import config as inductor_config
 
     from fitserve.server.engine.compiled_decode import cpu_compiler_available
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-compiler-fitserve"))
-    assert cpu_compiler_available() is False
+    # inductor's own patch: monkeypatch.setattr on its config deletes `cpp.cxx` when it undoes the patch, and every
+    # later compiler check in the session then fails
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-compiler-fitserve")}):
+        assert cpu_compiler_available() is False
+    assert inductor_config.cpp.cxx != (None, "no-such-compiler-fitserve")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fitserve.quant.estimate import build_shape, linear_conversion_rule, weights_bytes
+from fitserve.quant.matvec import matvec_int8
 from fitserve.quant.schemes import DType, KernelBackend, Precision
 from fitserve.quant.weight_only import (
     INT8_DENSE_MATMUL_MIN_ROWS,
@@ -69,6 +70,41 @@ def test_int8_linear_matches_the_dense_layer(dtype: torch.dtype, bias: bool, row
     q, scales = quantize_int8(linear.weight)
     ref = torch.nn.functional.linear(x.to(dtype).float(), q.float() * scales.unsqueeze(1), linear.bias)
     assert relative_error(out, ref) < (0.01 if dtype is torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize(("rows", "streams_int8"), [(1, True), (5, False)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_int8_linear_streams_its_int8_weight_for_one_row(rows: int, streams_int8: bool, bias: bool) -> None:
+    """Traced by torch.compile, a one-row input is computed by `matvec_int8` (a multiply-and-sum over the int8 weight
+    that inductor fuses into one streaming loop) and more rows by `_weight_int8pack_mm`; both give what the eager
+    module (the kernel) gives, within bf16 rounding."""
+    module = Int8WeightOnlyLinear(make_linear(bias=bias), torch.bfloat16)
+    x = torch.randn(1, rows, 128)
+    targets: list[str] = []
+
+    def capture(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
+        return gm
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        expected = module(x)
+        got = torch.compile(module, backend=capture, fullgraph=True)(x)
+    assert got.shape == expected.shape == (1, rows, 96) and got.dtype is torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-3)
+    assert any("_weight_int8pack_mm" in target for target in targets) is not streams_int8
+    assert any("sum" in target for target in targets) is streams_int8
+
+
+def test_matvec_int8_rounds_once_like_the_kernel() -> None:
+    """fp32 products and sum, times the scale, one rounding to bf16: within a bf16 step of the exact result."""
+    linear = make_linear(out_features=200, in_features=576)
+    q, scales = quantize_int8(linear.weight)
+    x = torch.randn(1, 576).to(torch.bfloat16)
+    got = matvec_int8(x, q, scales.to(torch.bfloat16))
+    exact = (x.double() @ q.double().T) * scales.to(torch.bfloat16).double()
+    assert got.shape == (1, 200) and got.dtype is torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-6)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
