@@ -73,30 +73,16 @@ def load(model_dir: Path, precision: str, quant_backend: str) -> Any:
     return load_model(plan_for(model_dir, precision, quant_backend))
 
 
-def serve_compile_choice(plan: Any) -> Any:
-    """The decode-step compile choice `fitserve serve` makes for `plan` with the default `--compile-mode auto`."""
-    from fitserve.server.engine.compile_mode import CompileMode, CpuLinearKernels, choose_cpu_compile
-    from fitserve.server.engine.compiled_decode import cpu_compiler_available
-    from fitserve.server.engine.cpu_linear import cpu_linear_kernels
-
-    kernels = cpu_linear_kernels(plan.precision, plan.quant_backend)
-    compiler = kernels is not CpuLinearKernels.OTHER and cpu_compiler_available()
-    return choose_cpu_compile(CompileMode.AUTO, kernels, plan.spare_bytes, compiler, plan.weights_bytes)
-
-
 def engine_overrides(plan: Any, compile_setting: str) -> dict[str, Any]:
-    """The `EngineConfig` fields `fitserve serve` derives from `plan`'s compile choice (none for eager steps)."""
+    """The `EngineConfig` fields `fitserve serve` derives from `plan`'s compile choice with the default `--compile-mode
+    auto` (none for `off`), with the packer's allowance for the copies that choice keeps."""
+    from fitserve.server.engine.compile_mode import CompileMode
+    from fitserve.server.serve import compile_config_fields, decode_compile_choice
+
     if compile_setting == "off":
         return {}
-    choice = serve_compile_choice(plan)
-    if choice.max_compiled_batch_size is None:  # AUTO leaves this precision's step eager
-        return {}
-    return {
-        "compile_mode": choice.mode,
-        "max_compiled_batch_size": choice.max_compiled_batch_size,
-        "keep_dense_cpu_linears": bool(choice.dense_copy_bytes),
-        "spare_bytes": choice.dense_copy_bytes,  # the packed copies beside the dense weights the step reads
-    }
+    choice = decode_compile_choice(plan, CompileMode.AUTO)
+    return compile_config_fields(choice) | {"spare_bytes": choice.dense_copy_bytes}
 
 
 def main() -> None:

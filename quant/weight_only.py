@@ -32,6 +32,7 @@ import torch
 from fitserve.quant.heap import trim_free_heap
 from fitserve.quant.int4_layout import DEFAULT_INT4_GROUP_SIZE, int4_fits
 from fitserve.quant.mapped_files import drop_file_pages, mapped_file_ranges
+from fitserve.quant.matvec import matvec_int8
 
 INT4_INNER_K_TILES = 1  # the CPU packing's innerKTiles argument (only the CUDA layout uses other values)
 INT4_MID = 8  # q - 8 centres the 0..15 codes
@@ -166,8 +167,6 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         if x2d.shape[0] == 1 and torch.compiler.is_compiling():
-            from fitserve.quant.matvec import matvec_int8
-
             return matvec_int8(x2d, self.weight_int8, self.scales)
         if x2d.shape[0] >= INT8_DENSE_MATMUL_MIN_ROWS:  # the same (x @ q.T) x scales, through a 16-bit matmul
             return torch.nn.functional.linear(x2d, self.weight_int8.to(x2d.dtype)) * self.scales

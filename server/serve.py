@@ -127,6 +127,32 @@ class StartupError(Exception):
     """The model cannot be planned; the message says why."""
 
 
+def decode_compile_choice(plan: Plan, requested: CompileMode) -> CompileChoice:
+    """The decode-step compile choice for `plan`: on CPU, AUTO is decided here, with the precision and the spare
+    known (`choose_cpu_compile`); on a GPU the runner resolves AUTO (CUDA graphs), and a capture that fails at
+    start-up then serves eagerly."""
+    if plan.device != "cpu" or plan.precision is None:
+        return CompileChoice(requested, fallback_to_eager=requested is CompileMode.AUTO)
+    from fitserve.server.engine.compiled_decode import cpu_compiler_available
+    from fitserve.server.engine.cpu_linear import cpu_linear_kernels
+
+    kernels = cpu_linear_kernels(plan.precision, plan.quant_backend)
+    compiler = kernels is not CpuLinearKernels.OTHER and requested is CompileMode.AUTO and cpu_compiler_available()
+    return choose_cpu_compile(requested, kernels, plan.spare_bytes, compiler, dense_weight_bytes=plan.weights_bytes)
+
+
+def compile_config_fields(choice: CompileChoice) -> dict[str, Any]:
+    """The `EngineConfig` fields a compile choice sets (the packer's allowance for its copies is the caller's)."""
+    fields: dict[str, Any] = {"compile_mode": choice.mode}
+    if choice.max_compiled_batch_size is not None:
+        fields["max_compiled_batch_size"] = choice.max_compiled_batch_size
+    if choice.fallback_to_eager:
+        fields["compile_fallback_to_eager"] = True
+    if choice.dense_copy_bytes:  # the plan counted packed copies beside the dense weights the step reads
+        fields["keep_dense_cpu_linears"] = True
+    return fields
+
+
 def plan_serving(settings: Settings) -> PlannedServing:
     """Resolve the model and plan its precision within the budget (fast; raises StartupError)."""
     from fitserve.quant.budget import nvidia_driver_present, parse_size
@@ -144,21 +170,8 @@ def plan_serving(settings: Settings) -> PlannedServing:
         plan = make_plan(PlanRequest(model=model_dir, **options))
     except (ModelNotFoundError, FetchError, NothingFitsError, ValueError) as error:
         raise StartupError(str(error)) from error
-    # on a GPU the runner resolves AUTO (CUDA graphs); a capture that fails at start-up then serves eagerly
-    compile_choice = CompileChoice(settings.compile_mode, fallback_to_eager=settings.compile_mode is CompileMode.AUTO)
-    if plan.device == "cpu" and plan.precision is not None:  # AUTO is decided here, with the precision and spare known
-        from fitserve.server.engine.compiled_decode import cpu_compiler_available
-        from fitserve.server.engine.cpu_linear import cpu_linear_kernels
-
-        kernels = cpu_linear_kernels(plan.precision, plan.quant_backend)
-        compiler = (
-            kernels is not CpuLinearKernels.OTHER
-            and settings.compile_mode is CompileMode.AUTO
-            and cpu_compiler_available()
-        )
-        compile_choice = choose_cpu_compile(
-            settings.compile_mode, kernels, plan.spare_bytes, compiler, dense_weight_bytes=plan.weights_bytes
-        )
+    compile_choice = decode_compile_choice(plan, settings.compile_mode)
+    if plan.device == "cpu" and plan.precision is not None:
         plan = plan.with_runtime_bytes(compile_choice.runtime_bytes, compile_choice.reason)
     logger.info("memory plan for %s:\n%s", model_dir, render_table(plan.to_table()))
     name = settings.served_model_name or Path(model_dir).name
@@ -214,12 +227,7 @@ def engine_config(serving: LoadedServing, settings: Settings) -> EngineConfig:
     if settings.max_prefill_tokens is not None:
         config_kwargs["max_prefill_tokens"] = settings.max_prefill_tokens
     compile_choice = serving.planned.compile
-    if compile_choice.max_compiled_batch_size is not None:
-        config_kwargs["max_compiled_batch_size"] = compile_choice.max_compiled_batch_size
-    if compile_choice.fallback_to_eager:
-        config_kwargs["compile_fallback_to_eager"] = True
-    if compile_choice.dense_copy_bytes:  # the plan counted packed copies beside the dense weights the step reads
-        config_kwargs["keep_dense_cpu_linears"] = True
+    config_kwargs |= compile_config_fields(compile_choice)
     return EngineConfig(
         served_model_name=serving.planned.served_model_name,
         max_model_len=plan.max_model_len,
@@ -231,7 +239,6 @@ def engine_config(serving: LoadedServing, settings: Settings) -> EngineConfig:
         max_batch_size=settings.max_batch_size
         or default_max_batch_size(plan.kv_capacity_tokens, plan.block_size_tokens),
         max_waiting=settings.max_waiting,
-        compile_mode=compile_choice.mode,
         enable_prefix_caching=settings.enable_prefix_caching,
         oom_inject_steps=settings.oom_inject_steps,
         crash_inject_step=settings.crash_inject_step,
