@@ -24,14 +24,20 @@ from __future__ import annotations
 import torch
 
 
-def _row(x: torch.Tensor) -> torch.Tensor:
-    """`x` as one fp32 row, computed into its own buffer before the product reads it (inductor's stride-forcing prim
-    realises its input). A torch without the prim fails the build, which the runner reports (and AUTO then serves
-    eagerly) rather than compiling a slower step silently."""
+def realized_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32, computed into its own buffer before a reduction reads it (inductor's stride-forcing prim realises
+    its input), so that inductor does not recompute `x`'s producers inside the reduction's loop. A torch without the
+    prim fails the build, which the runner reports (and AUTO then serves eagerly) rather than compiling a slower step
+    silently. For compiled graphs only (eagerly it is a copy)."""
     import torch._inductor.inductor_prims  # registers prims.inductor_force_stride_order (imported here: ~1 s)
 
-    row = x.reshape(1, x.shape[-1]).float()
-    return torch.ops.prims.inductor_force_stride_order(row, row.stride())
+    out = x.float().contiguous()
+    return torch.ops.prims.inductor_force_stride_order(out, out.stride())
+
+
+def _row(x: torch.Tensor) -> torch.Tensor:
+    """`x` as one realised fp32 row."""
+    return realized_fp32(x.reshape(1, x.shape[-1]))
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
