@@ -52,7 +52,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--short-tokens", type=int, default=8)
     parser.add_argument("--long-every", type=int, default=3, help="every n-th request is long")
     parser.add_argument("--prompt-words", type=int, default=24, help="prompt length (words, ~1.3 tokens each)")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating memory/default deployments per router")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating deployments per router")
+    parser.add_argument(
+        "--routers",
+        type=lambda text: text.split(","),
+        default=["memory", "default"],
+        help="memory (fitserve's, as configured by default), memory-hold (with late binding: router_max_hold_s 30), "
+        "default (Ray Serve's)",
+    )
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per request")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", type=Path, default=Path("bench-out/ray_router.json"))
@@ -69,7 +76,9 @@ def app_args(args: argparse.Namespace, router: str) -> dict[str, Any]:
     if args.model:
         settings["model"] = args.model
     replica_settings = [{"max_kv_tokens": tokens} for tokens in args.replica_max_kv_tokens or ()]
-    return {"settings": settings, "num_replicas": 2, "router": router, "replica_settings": replica_settings}
+    hold = {"router_max_hold_s": 30.0} if router == "memory-hold" else {}
+    kind = "memory" if router.startswith("memory") else router
+    return {"settings": settings, "num_replicas": 2, "router": kind, "replica_settings": replica_settings, **hold}
 
 
 async def drive(url: str, args: argparse.Namespace) -> list[RequestResult]:
@@ -139,9 +148,9 @@ def main() -> int:
 
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        runs: dict[str, list[dict[str, Any]]] = {"memory": [], "default": []}
+        runs: dict[str, list[dict[str, Any]]] = {router: [] for router in args.routers}
         for _ in range(args.rounds):
-            for router in ("memory", "default"):
+            for router in args.routers:
                 runs[router].append(run_one(args, router))
     finally:
         serve.shutdown()
@@ -151,9 +160,10 @@ def main() -> int:
         return statistics.median(run[key] for run in runs[router])
 
     comparison = {
-        "p95_memory_over_default": median("memory", "p95_s") / median("default", "p95_s"),
-        "throughput_memory_over_default": median("memory", "output_tokens_per_s")
-        / median("default", "output_tokens_per_s"),
+        f"{key}_{router}_over_default": median(router, field) / median("default", field)
+        for router in args.routers
+        if router != "default" and "default" in runs
+        for key, field in (("p95", "p95_s"), ("throughput", "output_tokens_per_s"))
     }
     report = {
         "args": {k: str(v) for k, v in vars(args).items()},

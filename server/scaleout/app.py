@@ -54,6 +54,7 @@ def router_config(config: ScaleoutConfig) -> RequestRouterConfig:
     }
     if config.router is RouterKind.MEMORY:
         kwargs["request_router_class"] = ROUTER_CLASS
+        kwargs["request_router_kwargs"] = {"max_hold_s": config.router_max_hold_s}
     return RequestRouterConfig(**kwargs)
 
 

@@ -51,6 +51,13 @@ class ScaleoutConfig(BaseModel):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica; a fraction plans inside that share")
     max_ongoing_requests: int = Field(default=256, ge=1, description="requests Serve sends one replica at once")
     routing_stats_period_s: float = Field(default=1.0, gt=0, description="how often replicas report their KV state")
+    router_max_hold_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="late binding: the memory-aware router holds a request while no replica has its KV tokens free, "
+        "up to this long, in one queue for all replicas; 0 (default) sends every request at once (measured no better "
+        "on CPU replicas sharing cores, docs/scaling.md)",
+    )
     replica_settings: list[dict[str, Any]] = Field(
         default_factory=list,
         description="per-replica Settings overrides (e.g. memory_budget), by Serve replica rank modulo the list",

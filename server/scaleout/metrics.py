@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -40,6 +40,18 @@ class RouterMetrics:
             "fitserve_router_in_flight_requests",
             "Requests the router sent to each replica and has not yet seen finish.",
             ("replica",),
+            registry=self.registry,
+        )
+
+        self.held = Gauge(
+            "fitserve_router_held_requests",
+            "Requests the router is holding because no replica has their KV tokens free (late binding).",
+            registry=self.registry,
+        )
+        self.hold_seconds = Histogram(
+            "fitserve_router_hold_seconds",
+            "How long requests were held for KV room before being routed (0 for requests that found room).",
+            buckets=(0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
             registry=self.registry,
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -16,6 +17,8 @@ from fitserve.server.scaleout.autoscale import KV_USAGE_METRIC, WAITING_METRIC, 
 from fitserve.server.scaleout.config import DIRECTORY_NAMESPACE
 
 logger = logging.getLogger(__name__)
+
+HELD_AT_ROUTER = "router"  # the waiting entry for requests queued at the handle (held by the router)
 
 
 class KvAutoscalingPolicy:
@@ -31,6 +34,9 @@ class KvAutoscalingPolicy:
         metrics = ctx.aggregated_metrics or {}
         kv_usage = {str(replica): float(value) for replica, value in (metrics.get(KV_USAGE_METRIC) or {}).items()}
         waiting = {str(replica): float(value) for replica, value in (metrics.get(WAITING_METRIC) or {}).items()}
+        held = held_at_router(ctx)
+        if held:  # requests the memory-aware router holds while no replica has KV room wait too
+            waiting[HELD_AT_ROUTER] = held
         now = ctx.current_time if ctx.current_time is not None else time.time()
         decision = self._autoscaler.decide(now, ctx.target_num_replicas, kv_usage, waiting)
         if decision.event is not None:
@@ -50,3 +56,13 @@ class KvAutoscalingPolicy:
                 self._directory.record_decision.remote(str(event), target)
             else:
                 self._directory.record_target.remote(target)
+
+
+def held_at_router(ctx: Any) -> float:
+    """Whole requests queued at the deployment's handles over the look-back window (Serve's
+    `total_queued_requests`: the memory-aware router's held requests, plus momentary routing that rounds to 0)."""
+    try:
+        queued = float(ctx.total_queued_requests or 0.0)
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+    return float(math.floor(queued))

@@ -77,6 +77,8 @@ class RoutingDecision:
     ranked: list[Hashable]
     scores: dict[Hashable, float]
     by_affinity: bool = False
+    has_room: bool = True  # some replica has the request's KV tokens free now
+    could_fit: bool = True  # the request is no larger than the largest replica's capacity
 
 
 @dataclass
@@ -135,7 +137,8 @@ class RoutingPolicy:
         if by_affinity:
             ordered.remove(owner)
             ordered.insert(0, owner)
-        return RoutingDecision(ordered, scores, by_affinity)
+        has_room = any(fits.values())
+        return RoutingDecision(ordered, scores, by_affinity, has_room, request_tokens <= max(capacity.values()))
 
     def _score(self, replica: Hashable, load: ReplicaLoad | None, default_capacity: int) -> float:
         """Free KV tokens left for a new request on `replica`: its stats, corrected by what this router saw since.
