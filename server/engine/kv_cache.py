@@ -166,8 +166,8 @@ def _reduced_decode_attention(
 
     Only for compiled steps: inductor fuses the block-table gather into the reductions (no gathered copy of the
     context) and runs a layer's attention as a few fused loops instead of two gathers and an SDPA call. The default
-    model's 30 layers in bf16 on the 2-core VM: 1.16 -> 0.55 ms at batch 1 over 128 keys, 47 -> 31 ms at batch 16
-    over 512 (`benchmarks/attention_decode.py`). Eagerly it would materialise [n, KVH, G, L, D] products: SDPA there.
+    model's 30 layers in bf16 on the 2-core VM: 1.21 -> 0.57 ms at batch 1 over 128 keys, 49.9 -> 24.0 ms at batch
+    16 over 512 (`benchmarks/attention_decode.py`). Eagerly it would materialise [n, KVH, G, L, D] products: SDPA there.
     """
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     # realised first: inductor would otherwise recompute the query's RoPE inside the loop over keys (batch 16 over

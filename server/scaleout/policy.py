@@ -61,8 +61,4 @@ class KvAutoscalingPolicy:
 def held_at_router(ctx: Any) -> float:
     """Whole requests queued at the deployment's handles over the look-back window (Serve's
     `total_queued_requests`: the memory-aware router's held requests, plus momentary routing that rounds to 0)."""
-    try:
-        queued = float(ctx.total_queued_requests or 0.0)
-    except (AttributeError, TypeError, ValueError):
-        return 0.0
-    return float(math.floor(queued))
+    return float(math.floor(ctx.total_queued_requests or 0.0))

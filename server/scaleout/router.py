@@ -39,6 +39,7 @@ class MemoryAwareRouter(RequestRouter):
         self._policy = RoutingPolicy(tie_fraction=float(kwargs.get("tie_fraction", 0.02)))
         self._waiter = RoomWaiter(max_hold_s=float(kwargs.get("max_hold_s", DEFAULT_MAX_HOLD_S)))
         self._metrics = router_metrics()
+        self._metrics.held.set_function(lambda: self._waiter.held)  # read at scrape time
         self._by_affinity: dict[str, bool] = {}  # internal request id -> the last ranking was an affinity tie-break
 
     async def choose_replicas(
@@ -95,9 +96,7 @@ class MemoryAwareRouter(RequestRouter):
             latest = self._rank(replicas, request)
             return latest[0]
 
-        self._metrics.held.set(self._waiter.held + 1)
         _, held_s = await self._waiter.hold(rank)  # `latest`: the last ranking made (before holding, if none since)
-        self._metrics.held.set(self._waiter.held)
         self._metrics.hold_seconds.observe(held_s)
         return latest
 
