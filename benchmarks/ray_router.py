@@ -1,10 +1,12 @@
 """Ray Serve routers side by side: fitserve's memory-aware router vs Ray Serve's default (power of two choices).
 
 One local, loopback-only Ray instance; the same two-replica application is deployed with each router in turn
-(alternating, `--rounds` times), and each deployment gets the same closed-loop load: `--concurrency` clients,
-a mix of long (`--long-tokens`) and short (`--short-tokens`) completions with ignore_eos, `--requests` per run.
-Long requests hold many KV tokens for a long time; a queue-length router cannot tell them from short ones.
-Prints p50/p95 latency, output tokens/s and 5xx per router (medians over rounds) and writes a JSON file.
+(alternating, `--rounds` times), and each deployment gets the same load: a mix of long (`--long-tokens`) and short
+(`--short-tokens`) completions with ignore_eos, `--requests` per run, sent either by `--concurrency` clients in a
+closed loop or, with `--rate`, as Poisson arrivals (open loop, as real users arrive: a replica that falls behind
+keeps being sent work, where a closed loop would slow its own clients down). Long requests hold many KV tokens for a
+long time; a queue-length router cannot tell them from short ones. The load is driven by `fitserve loadtest`'s level
+runner. Prints p50/p95 latency, output tokens/s and 5xx per router (medians over rounds) and writes a JSON file.
 
     .venv-ray/bin/python benchmarks/ray_router.py --requests 48 --concurrency 12 --out bench-out/ray_router.json
 
@@ -16,20 +18,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import platform
 import statistics
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from fitserve.loadtest.client import OpenAIClient, RequestResult  # noqa: E402
-from fitserve.loadtest.workload import Endpoint, WorkItem, builtin_prompt  # noqa: E402
+from fitserve.loadtest.client import OpenAIClient  # noqa: E402
+from fitserve.loadtest.sweep import LevelResult, LevelRunner, LevelSpec  # noqa: E402
+from fitserve.loadtest.verdict import Objectives  # noqa: E402
+from fitserve.loadtest.workload import Endpoint, LengthSpec, WorkItem, Workload, builtin_prompt  # noqa: E402
 from fitserve.server.scaleout.launch import start_local_ray  # noqa: E402
 
 
@@ -47,7 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--requests", type=int, default=48, help="requests per run (bounded)")
-    parser.add_argument("--concurrency", type=int, default=12)
+    parser.add_argument("--concurrency", type=int, default=12, help="closed loop: clients sending one at a time")
+    parser.add_argument("--rate", type=float, default=None, help="open loop instead: Poisson arrivals at R req/s")
     parser.add_argument("--long-tokens", type=int, default=192)
     parser.add_argument("--short-tokens", type=int, default=8)
     parser.add_argument("--long-every", type=int, default=3, help="every n-th request is long")
@@ -81,43 +84,47 @@ def app_args(args: argparse.Namespace, router: str) -> dict[str, Any]:
     return {"settings": settings, "num_replicas": 2, "router": kind, "replica_settings": replica_settings, **hold}
 
 
-async def drive(url: str, args: argparse.Namespace) -> list[RequestResult]:
-    """Closed loop: `concurrency` workers take the next request until `requests` were sent."""
-    items = [
-        WorkItem(
-            i, builtin_prompt(i, args.prompt_words), args.long_tokens if i % args.long_every == 0 else args.short_tokens
+class MixedWorkload(Workload):
+    """Every `long_every`-th request asks for `long_tokens`, the others for `short_tokens`; fixed prompt length."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(
+            LengthSpec(args.short_tokens, args.long_tokens), LengthSpec(args.prompt_words, args.prompt_words)
         )
-        for i in range(args.requests)
-    ]
-    queue: asyncio.Queue[WorkItem] = asyncio.Queue()
-    for item in items:
-        queue.put_nowait(item)
-    results: list[RequestResult] = []
+        self.long_every, self.long_tokens, self.short_tokens = args.long_every, args.long_tokens, args.short_tokens
+
+    def item(self, index: int) -> WorkItem:
+        """Request `index`: the same prompt and length for every router."""
+        long = index % self.long_every == 0
+        max_tokens = self.long_tokens if long else self.short_tokens
+        return WorkItem(index, builtin_prompt(index, self.prompt_words.low), max_tokens)
+
+
+async def drive(url: str, args: argparse.Namespace, requests: int) -> LevelResult:
+    """`requests` requests, closed loop at `--concurrency` or open loop at `--rate`."""
+    if args.rate is not None:
+        spec = LevelSpec(requests, args.timeout_s, rate_rps=args.rate)
+    else:
+        spec = LevelSpec(requests, args.timeout_s, concurrency=args.concurrency)
     async with OpenAIClient(
         url, None, Endpoint.COMPLETIONS, extra_body={"ignore_eos": True}, request_timeout_s=args.timeout_s
     ) as client:
         await client.resolve_model()
-
-        async def worker() -> None:
-            while not queue.empty():
-                results.append(await client.send(queue.get_nowait()))
-
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-    return results
+        return await LevelRunner(client, MixedWorkload(args), Objectives()).run(spec)
 
 
-def summarise(results: list[RequestResult], wall_s: float) -> dict[str, Any]:
-    latencies = sorted(r.e2e_s for r in results if r.ok and r.e2e_s is not None)
-    p95_index = max(0, math.ceil(0.95 * len(latencies)) - 1)
+def summarise(level: LevelResult) -> dict[str, Any]:
+    """The figures compared across routers."""
     return {
-        "requests": len(results),
-        "ok": sum(r.ok for r in results),
-        "server_errors_5xx": sum(1 for r in results if (r.status_code or 0) >= 500),
-        "failures": dict(Counter(r.failure_key for r in results if not r.ok)),
-        "p50_s": statistics.median(latencies) if latencies else None,
-        "p95_s": latencies[p95_index] if latencies else None,
-        "output_tokens_per_s": sum(r.output_tokens for r in results) / wall_s,
-        "wall_s": wall_s,
+        "requests": level.ok + level.failed_requests,
+        "ok": level.ok,
+        "server_errors_5xx": sum(n for key, n in level.failures.items() if key.isdigit() and int(key) >= 500),
+        "failures": level.failures,
+        "p50_s": level.e2e.p50,
+        "p95_s": level.e2e.p95,
+        "ttft_p95_s": level.ttft.p95,
+        "output_tokens_per_s": level.output_tokens_per_s,
+        "wall_s": level.duration_s,
     }
 
 
@@ -130,10 +137,8 @@ def run_one(args: argparse.Namespace, router: str) -> dict[str, Any]:
     serve.run(build_app(app_args(args, router)), name="fitserve", route_prefix="/")
     deployed_s = time.monotonic() - deploy_start
     url = f"http://127.0.0.1:{args.port}"
-    asyncio.run(drive(url, argparse.Namespace(**{**vars(args), "requests": 4})))  # warm-up
-    started = time.monotonic()
-    results = asyncio.run(drive(url, args))
-    summary = summarise(results, time.monotonic() - started)
+    asyncio.run(drive(url, argparse.Namespace(**{**vars(args), "rate": None}), 4))  # warm-up, closed loop
+    summary = summarise(asyncio.run(drive(url, args, args.requests)))
     summary["deploy_s"] = deployed_s
     serve.delete("fitserve")
     print(f"{router:>8}: {json.dumps(summary)}", flush=True)
@@ -163,7 +168,7 @@ def main() -> int:
         f"{key}_{router}_over_default": median(router, field) / median("default", field)
         for router in args.routers
         if router != "default" and "default" in runs
-        for key, field in (("p95", "p95_s"), ("throughput", "output_tokens_per_s"))
+        for key, field in (("p95", "p95_s"), ("ttft_p95", "ttft_p95_s"), ("throughput", "output_tokens_per_s"))
     }
     report = {
         "args": {k: str(v) for k, v in vars(args).items()},
