@@ -12,7 +12,7 @@ class CompileMode(enum.StrEnum):
     AUTO = "auto"
     OFF = "off"  # the eager packed path (decodes batched per layer while their gather fits the plan)
     EAGER = "eager"  # the fixed-shape bucketed decode forward (one attention call per layer), not compiled
-    INDUCTOR = "inductor"  # torch.compile, one graph per batch-size bucket
+    INDUCTOR = "inductor"  # torch.compile: one graph for batch 1, one (dynamic batch) for the larger buckets
     CUDA_GRAPHS = "cuda-graphs"  # explicit CUDA graph capture per (batch, context) bucket (CUDA devices only)
 
 
@@ -34,8 +34,9 @@ def compile_runtime_bytes(mode: CompileMode, on_cpu: bool) -> int:
 # --compile-modes off,inductor --precision P`, medians of 30 steps: INT4 23.7 -> 19.9 ms, INT8 26.9 -> 22.6 ms); with
 # dense weights it also streams each weight through its own fused reduction (`quant.matvec.matvec`; `--dtype D
 # --keep-dense-linears`: bf16 22.9 -> 13.9 ms, fp32 32.3 -> 18.7 ms; docs/benchmarks.md). Bigger batches stay
-# eager (their Python overhead is shared by every row, and each batch bucket is one more ~30 s compile at the first
-# start).
+# eager: their Python overhead is shared by every row, and compiling them is a second graph (dynamic in the batch
+# size) to build at start-up: `--compile-mode inductor` builds all 15 default buckets in 113 s cold / 16 s warm
+# (bf16 batch 16 step 40.8 -> 27.6 ms, `CompiledDecode._compile`); AUTO has not been measured end to end with it.
 CPU_AUTO_COMPILED_BATCH_SIZE = 1
 # What compiling that one batch bucket keeps resident on CPU (dynamo's and inductor's state, the compiled kernels),
 # counted in the plan's overhead when AUTO compiles. Measured on the default model in INT4 (cold compile cache,

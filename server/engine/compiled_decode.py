@@ -7,7 +7,8 @@ the slot each new K/V goes to, block tables padded with the cache's scratch bloc
 step overwrites in place. The forward over those tensors is the stock HF model with one batched paged attention
 call per layer (`kv_cache.DecodeGroup`), so a bucket's forward always sees the same shapes and addresses:
 
-- `CompileMode.INDUCTOR`: `torch.compile` (inductor) of that forward, one static graph per bucket (CPU or GPU);
+- `CompileMode.INDUCTOR`: `torch.compile` (inductor) of that forward: one graph for batch 1 and one, dynamic in
+  the batch and context sizes, for every larger bucket (CPU or GPU);
 - `CompileMode.CUDA_GRAPHS`: the forward captured once per bucket with `torch.cuda.CUDAGraph` into one shared
   memory pool, largest bucket first, and replayed (GPU only);
 - `CompileMode.EAGER`: the same fixed-shape forward, run as it is (nothing to compile);
@@ -129,6 +130,16 @@ class StaticDecodeInputs:
         self.block_tables = torch.full((batch, context_blocks), cache.scratch_block, dtype=torch.long, device=device)
         self.context_lens = torch.ones((batch,), dtype=torch.long, device=device)
 
+    def batch_dims(self) -> tuple[tuple[torch.Tensor, int], ...]:
+        """Each input tensor with the dimension that runs over the bucket's rows (its batch)."""
+        return (
+            (self.input_ids, 1),
+            (self.position_ids, 1),
+            (self.slot_mapping, 0),
+            (self.block_tables, 0),
+            (self.context_lens, 0),
+        )
+
     def host_values(self, rows: Sequence[DecodeRow]) -> dict[str, torch.Tensor]:
         """The padded CPU tensors `fill` copies in: padding rows decode token 0 at position 0 in the scratch block
         (they write the scratch slot and attend to it alone)."""
@@ -164,7 +175,7 @@ def decode_forward(
 ) -> torch.Tensor:
     """The fixed-shape decode forward: logits [batch, vocab] for every row of the bucket (padding included), through
     the direct Llama layer loop when `direct` (server/engine/llama_forward.py), else `model(...)`."""
-    group = DecodeGroup(inputs.batch, inputs.block_tables, inputs.context_lens)
+    group = DecodeGroup(inputs.block_tables.shape[0], inputs.block_tables, inputs.context_lens)  # symbolic when dynamic
     meta = PackedBatch(cache, inputs.slot_mapping, [], group)
     if direct:
         return direct_logits(model, inputs.input_ids, inputs.position_ids, None, meta)
@@ -270,15 +281,23 @@ class CompiledDecode:
     def _compile(self, inputs: StaticDecodeInputs) -> Callable[[], torch.Tensor]:
         """torch.compile the forward and run it once to build this bucket's graph.
 
-        The batch size is static (one graph per batch bucket); the context width is marked dynamic, so the context
-        buckets of one batch size share a graph (compiling every pair cost minutes per graph on a 2-core CPU).
+        Two graphs serve every bucket: batch 1 has its own (its Linears are matrix-vector products), and every larger
+        batch bucket shares one with the batch dimension marked dynamic; the context width is dynamic in both. With
+        one static graph per batch size, `--compile-mode inductor` built the default model's 15 buckets (batch 1-16
+        x 3 context widths, bf16) in 149 s cold and 133 s again with the compile cache warm, on the 2-core VM; as two
+        graphs in 113 s cold, 100 s at the next start, then 16 s, with the same batch-16 step (27.5-27.7 vs 27.6-28.2
+        ms; `benchmarks/decode_step.py --compile-modes off,inductor --precision bf16 --keep-dense-linears
+        --batch-sizes 16`).
         """
         if self._compiled is None:
-            # every batch bucket is one more graph of the same function: keep dynamo from falling back to eager
+            # batch 1 and the other batch sizes are two graphs of the same function: keep dynamo from falling back
             limit = len(self.buckets.batch_sizes) + len(self.buckets.context_blocks) + 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
             self._compiled = torch.compile(decode_forward)
         torch._dynamo.maybe_mark_dynamic(inputs.block_tables, 1)
+        if inputs.batch > 1:
+            for tensor, dim in inputs.batch_dims():
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
         compiled = self._compiled
         model, cache, direct = self.model, self.cache, self.direct_forward
         compiled(model, cache, inputs, direct)  # compiles this bucket's graph

@@ -116,6 +116,7 @@ def test_compiled_decode_matches_the_eager_runner(tiny_model, mode: CompileMode,
     base = dict(served_model_name="tiny", max_model_len=64, kv_capacity_tokens=512, max_batch_size=4)
     eager = ModelRunner(tiny_model, EngineConfig(**base, prepack_cpu_linears=prepack))  # type: ignore[arg-type]
     expected = _decode_logits(eager, prompts, steps=10)
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = ModelRunner(
         tiny_model,
         EngineConfig(**base, prepack_cpu_linears=prepack, compile_mode=mode),  # type: ignore[arg-type]
@@ -123,6 +124,8 @@ def test_compiled_decode_matches_the_eager_runner(tiny_model, mode: CompileMode,
     assert compiled.compiled_decode is not None and compiled.compile_mode is mode
     if mode is not CompileMode.EAGER:  # every bucket was built at construction: no request compiles
         assert set(compiled.compiled_decode._runners) == {(1, 4), (2, 4), (4, 4)}
+        # batch 1 is one graph, batches 2 and 4 share the other (batch dimension dynamic)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 2
     got = _decode_logits(compiled, prompts, steps=10)
     assert len(got) == len(expected) == 10
     for g, e in zip(got, expected, strict=True):
