@@ -7,6 +7,7 @@ parameters), and device memory before and after.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 
 from fitserve.quant.budget import DeviceMemory, format_bytes, read_device_memory
 from fitserve.quant.estimate import linear_conversion_rule
-from fitserve.quant.heap import trim_free_heap
+from fitserve.quant.heap import trim_free_heap, trimming_free_heap
 from fitserve.quant.mapped_files import in_ranges, mapped_file_ranges
 from fitserve.quant.plan import Plan
 from fitserve.quant.schemes import KernelBackend, Precision, SchemeHandler, handler_for
@@ -264,7 +265,8 @@ def load_model(plan: Plan, trust_remote_code: bool = False) -> LoadedModel:
         _quiet_int8_cast_warning()
     before = read_device_memory(plan.device)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(plan.model_path, trust_remote_code=trust_remote_code, **kwargs)
+    with trimming_free_heap() if plan.device == "cpu" else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(plan.model_path, trust_remote_code=trust_remote_code, **kwargs)
     model.eval()
     converted = _handler(plan).convert_loaded(model, linear_conversion_rule(model), plan.compute_dtype)
     if converted:
